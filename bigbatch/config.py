@@ -1,0 +1,345 @@
+"""The recipe tree: small frozen dataclasses composed into one `Recipe`, with command-line overrides.
+
+Each number has one home here. The DeepSpeed JSON that a run hands to DeepSpeed is *generated* from this tree plus the
+`ds_configs/` fragments it names (see `bigbatch.dsconfig`), never written by hand with a second copy of a number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """Bad user input: one sentence naming the key, the value and the fix. The CLI turns it into exit code 2."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Model shape; built from a transformers config (`bigbatch.model`), never from downloaded weights."""
+
+    arch: str = "bert"  # bert (masked LM) | gpt2 (causal LM)
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 256
+    max_position: int = 512
+    dropout: float = 0.1
+    # Embedding rows are padded to a multiple of this (tensor-core friendly GEMMs); 1 disables it.
+    pad_vocab_to_multiple: int = 8
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from, how it is tokenized and cut into training sequences."""
+
+    # Local files or directories (.txt, .jsonl, .parquet), `hf:<dataset name>` on the hub, or `builtin:python-docs`
+    # (English documentation text that ships inside Python itself: on every machine, no download).
+    sources: tuple[str, ...] = ("builtin:python-docs",)
+    # A SentencePiece model file; empty means: train one on the corpus at the start of the run (rank 0).
+    tokenizer: str = ""
+    vocab_size: int = 2000  # used when the tokenizer is trained here
+    seq_len: int = 64
+    mlm_probability: float = 0.15
+    eval_fraction: float = 0.02  # share of documents held out for evaluation
+    eval_samples: int = 1024  # held-out sequences scored at each evaluation
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer and its learning rate rule. `lr` is the LR at `base_batch`; `lr_rule` carries it to the run's batch."""
+
+    type: str = "lamb"  # lamb | lars | adamw
+    lr: float = 1e-3
+    lr_rule: str = "none"  # none | linear | sqrt
+    base_batch: int = 0  # the batch `lr` was tuned at; 0 means the run's own global batch (no scaling)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # global norm; 0 disables. Always written to the DeepSpeed JSON (its default is 1.0).
+    max_coeff: float = 10.0  # LAMB trust-ratio clamp
+    min_coeff: float = 0.01
+    momentum: float = 0.9  # LARS
+    trust_coefficient: float = 0.001  # LARS
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Linear warmup, then decay to `min_lr_ratio * lr` at the last step."""
+
+    steps: int = 60
+    warmup: float = 0.1  # a fraction (< 1) of `steps`, or a number of samples (>= 1): scales with the batch
+    decay: str = "poly"  # poly | cosine | constant
+    power: float = 1.0  # poly decay power; 1 is linear, the BERT LAMB recipes use 0.5
+    min_lr_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """global_batch = micro_batch x grad_accum x data-parallel world. Give global_batch and one of the other two."""
+
+    global_batch: int = 4096
+    micro_batch: int = 0  # 0: solved from global_batch and grad_accum
+    grad_accum: int = 0  # 0: solved from global_batch and micro_batch
+
+
+@dataclass(frozen=True)
+class DeepSpeedSection:
+    """The DeepSpeed JSON fragments this recipe composes, merged in order (names are looked up in ds_configs/)."""
+
+    configs: tuple[str, ...] = ("zero1.json", "fp32.json")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end of the run
+    keep_last: int = 2
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 1234
+    eval_every: int = 10  # steps; the first evaluation is at step 0, before any update
+    log_every: int = 1
+    trust_ratio_every: int = 10  # steps between trust-ratio records in metrics.jsonl; 0 disables
+    runs_root: str = "runs"  # default run directory: <runs_root>/<recipe>-<time>
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "recipe"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Recipe":
+        """Checks that need no other file; raises ConfigError on the first problem."""
+        _choice("model.arch", self.model.arch, ("bert", "gpt2"))
+        _choice("optimizer.type", self.optimizer.type.lower(), ("lamb", "lars", "adamw"))
+        _choice("optimizer.lr_rule", self.optimizer.lr_rule, ("none", "linear", "sqrt"))
+        _choice("schedule.decay", self.schedule.decay, ("poly", "cosine", "constant"))
+        for key, value in [
+            ("model.hidden_size", self.model.hidden_size),
+            ("model.num_layers", self.model.num_layers),
+            ("model.num_heads", self.model.num_heads),
+            ("model.pad_vocab_to_multiple", self.model.pad_vocab_to_multiple),
+            ("data.seq_len", self.data.seq_len),
+            ("data.vocab_size", self.data.vocab_size),
+            ("schedule.steps", self.schedule.steps),
+            ("batch.global_batch", self.batch.global_batch),
+            ("run.eval_every", self.run.eval_every),
+            ("run.log_every", self.run.log_every),
+            ("checkpoint.keep_last", self.checkpoint.keep_last),
+        ]:
+            if value < 1:
+                raise ConfigError(f"{key}={value} must be a positive integer; set --{key}=<n> with n >= 1.")
+        if self.model.hidden_size % self.model.num_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.model.hidden_size} is not divisible by model.num_heads="
+                f"{self.model.num_heads}; pick a head count that divides the width."
+            )
+        if self.data.seq_len > self.model.max_position:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_position={self.model.max_position}; "
+                f"raise --model.max_position or lower --data.seq_len."
+            )
+        if not 0.0 < self.optimizer.lr:
+            raise ConfigError(f"optimizer.lr={self.optimizer.lr} must be positive.")
+        if self.optimizer.grad_clip < 0:
+            raise ConfigError(f"optimizer.grad_clip={self.optimizer.grad_clip} must be >= 0 (0 disables clipping).")
+        if not 0.0 <= self.data.mlm_probability < 1.0:
+            raise ConfigError(f"data.mlm_probability={self.data.mlm_probability} must lie in [0, 1).")
+        if not 0.0 < self.data.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction={self.data.eval_fraction} must lie in (0, 1).")
+        if self.schedule.warmup < 0:
+            raise ConfigError(f"schedule.warmup={self.schedule.warmup} must be >= 0 (a fraction, or samples).")
+        if not self.data.sources:
+            raise ConfigError("data.sources is empty; name at least one file, directory or `hf:<name>`.")
+        if not self.deepspeed.configs:
+            raise ConfigError("deepspeed.configs is empty; name at least one DeepSpeed JSON, e.g. zero1.json.")
+        return self
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        hint = difflib.get_close_matches(value, allowed, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{extra}; set --{key}=<one of them>.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Overrides: --section.key=value on the tree's own names.
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse_value(key: str, text: str, kind: Any) -> Any:
+    """Turns the text of an override into the field's declared type."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if text.lower() in ("none", "null", ""):
+            return None
+        return _parse_value(key, text, args[0])
+    if origin is tuple:
+        args = typing.get_args(kind)
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_parse_value(key, t, args[0]) for t in items)
+        if len(items) != len(args):
+            raise ConfigError(f"--{key}={text!r} needs {len(args)} comma-separated values.")
+        return tuple(_parse_value(key, t, a) for t, a in zip(items, args))
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind is int:
+            value = float(text)
+            if value != int(value):
+                raise ValueError(text)
+            return int(value)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"--{key}={text!r} is not a valid {kind.__name__}; give e.g. --{key}=1.") from None
+    return text
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    extra = f"; did you mean --{hint[0]}?" if hint else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"unknown recipe key --{key}{extra}")
+
+
+def all_keys(recipe: Recipe) -> list[str]:
+    keys = ["name"]
+    for section in dataclasses.fields(recipe):
+        value = getattr(recipe, section.name)
+        if dataclasses.is_dataclass(value):
+            keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(value)]
+    return keys
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
+    """Returns a new recipe with `{"batch.global_batch": "8192", ...}` applied; unknown keys raise with a hint."""
+    known = all_keys(recipe)
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, text in overrides.items():
+        if key not in known:
+            raise _unknown(key, known)
+        if "." not in key:
+            top[key] = text
+            continue
+        section, name = key.split(".", 1)
+        kind = _field_types(type(getattr(recipe, section)))[name]
+        sections.setdefault(section, {})[name] = _parse_value(key, text, kind)
+    changes = {s: dataclasses.replace(getattr(recipe, s), **v) for s, v in sections.items()}
+    return dataclasses.replace(recipe, **top, **changes)
+
+
+def parse_override_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Splits `--a.b=c` / `--a.b c` overrides from the rest; returns (overrides, leftover args)."""
+    overrides: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--") and "." in arg.split("=", 1)[0] or arg.startswith("--name"):
+            body = arg[2:]
+            if "=" in body:
+                key, value = body.split("=", 1)
+            elif i + 1 < len(args):
+                key, value = body, args[i + 1]
+                i += 1
+            else:
+                raise ConfigError(f"{arg} has no value; write {arg}=<value>.")
+            overrides[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return overrides, rest
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Rebuilds a recipe from `recipe.json` (as written into a run directory); unknown keys raise."""
+    known = all_keys(Recipe())
+    kwargs: dict[str, Any] = {}
+    hints = _field_types(Recipe)
+    for section, value in data.items():
+        if section not in hints:
+            raise _unknown(section, known)
+        if not isinstance(value, dict):
+            kwargs[section] = value
+            continue
+        cls = hints[section]
+        types_ = _field_types(cls)
+        fields: dict[str, Any] = {}
+        for name, v in value.items():
+            if name not in types_:
+                raise _unknown(f"{section}.{name}", known)
+            fields[name] = tuple(v) if isinstance(v, list) else v
+        kwargs[section] = cls(**fields)
+    return Recipe(**kwargs)
+
+
+def load_recipe_file(path: Path) -> Recipe:
+    """A recipe is a Python file defining `RECIPE`, or a `recipe.json` written by an earlier run."""
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"recipe file {path} is not valid JSON ({err}); fix or regenerate it.") from None
+        data = data.get("recipe", data)
+        return recipe_from_dict(data)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bigbatch_recipe_{path.stem}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    recipe = getattr(module, "RECIPE", None)
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(f"recipe file {path} defines no RECIPE = bigbatch.config.Recipe(...); add one.")
+    return recipe
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def find_recipe(name: str) -> Path:
+    """`tiny`, `recipes/tiny.py`, a path to a .py, or a run directory's `recipe.json`."""
+    candidates = [Path(name)]
+    if not name.endswith((".py", ".json")):
+        candidates += [Path("recipes") / f"{name}.py", REPO_ROOT / "recipes" / f"{name}.py"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    shipped = sorted(p.stem for p in (REPO_ROOT / "recipes").glob("*.py"))
+    hint = difflib.get_close_matches(Path(name).stem, shipped, n=1)
+    extra = f"did you mean {hint[0]!r}? " if hint else ""
+    raise ConfigError(f"recipe {name!r} not found; {extra}shipped recipes: {', '.join(shipped)}.")
+
+
+def load_recipe(name: str, overrides: Optional[dict[str, str]] = None) -> Recipe:
+    recipe = load_recipe_file(find_recipe(name))
+    return apply_overrides(recipe, overrides or {}).validate()

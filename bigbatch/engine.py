@@ -1,0 +1,122 @@
+"""`bigbatch.engine.initialize`: `deepspeed.initialize` that understands `"optimizer": {"type": "LAMB" | "LARS"}`.
+
+DeepSpeed lowercases optimizer types and maps "lamb" to its CUDA-only fused Lamb, which (like any client optimizer
+under ZeRO) takes trust ratios over flat partitions. Here any casing of lamb or lars builds bigbatch's optimizer,
+the section is removed from the config DeepSpeed sees, and the optimizer's flat-partition layouts are attached
+after DeepSpeed has built its ZeRO wrapper. Every other key goes to DeepSpeed untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from torch import nn
+
+from bigbatch.config import ConfigError
+from bigbatch.optim import LAMB, LARS
+from bigbatch.optim.layerwise import LayerwiseOptimizer
+from bigbatch.optim.zero import UnsupportedLayout, attach_layouts
+
+OPTIMIZERS = {"lamb": LAMB, "lars": LARS}
+
+
+def _load(config: Union[str, Path, dict[str, Any], None]) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"DeepSpeed config {path} does not exist; give the path of a JSON file.") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}.") from None
+    return copy.deepcopy(dict(config))
+
+
+def build_optimizer(section: dict[str, Any], params: Any) -> LayerwiseOptimizer:
+    """LAMB or LARS from a DeepSpeed-style `{"type": ..., "params": {...}}` section; unknown params name a fix."""
+    kind = str(section.get("type", "")).lower()
+    cls = OPTIMIZERS[kind]
+    kwargs = dict(section.get("params", {}))
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+    for key in kwargs:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            extra = f"did you mean {hint[0]!r}? " if hint else ""
+            raise ConfigError(
+                f"optimizer.params.{key} is not a {cls.__name__} parameter; {extra}allowed: {', '.join(allowed)}."
+            )
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    if cls is LARS and "lr" not in kwargs:
+        raise ConfigError("optimizer.params.lr is missing for LARS; add it to the optimizer section.")
+    return cls(params, **kwargs)
+
+
+def _refuse_offload(config: dict[str, Any]) -> None:
+    zero = config.get("zero_optimization", {}) or {}
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in (None, "none"):
+            raise ConfigError(
+                f"zero_optimization.{key}.device={device!r} is not supported with bigbatch's LAMB/LARS (their "
+                f"exactness under offload is untested); remove {key} or use AdamW."
+            )
+
+
+def initialize(
+    model: Optional[nn.Module] = None,
+    config: Union[str, Path, dict[str, Any], None] = None,
+    model_parameters: Any = None,
+    optimizer: Any = None,
+    **kwargs: Any,
+) -> tuple[Any, Any, Any, Any]:
+    """Drop-in for `deepspeed.initialize`: returns (engine, optimizer, dataloader, lr_scheduler).
+
+    With `"optimizer": {"type": "LAMB" | "LARS", "params": {...}}` in `config`, the optimizer is bigbatch's,
+    built over `model_parameters` (None: `model.parameters()`; param-group dicts such as `param_groups(model, wd)`
+    work too) and exact under ZeRO stages 0-3.
+    """
+    import deepspeed
+
+    cfg = _load(config)
+    section = cfg.get("optimizer")
+    kind = str(section.get("type", "")).lower() if isinstance(section, dict) else ""
+    if kind in OPTIMIZERS:
+        if optimizer is not None:
+            raise ConfigError(
+                "both an optimizer object and config optimizer.type="
+                f"{section.get('type')!r} were given; pass one of them."
+            )
+        if model is None:
+            raise ConfigError("model is required to build bigbatch's LAMB/LARS; pass model=<nn.Module>.")
+        _refuse_offload(cfg)
+        params = model_parameters if model_parameters is not None else model.parameters()
+        optimizer = build_optimizer(section, params)
+        cfg = {k: v for k, v in cfg.items() if k != "optimizer"}
+        cfg["zero_allow_untested_optimizer"] = True
+        model_parameters = None
+    engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
+        model=model, config=cfg, model_parameters=model_parameters, optimizer=optimizer, **kwargs
+    )
+    if isinstance(optimizer, LayerwiseOptimizer):
+        try:
+            attach_layouts(engine.optimizer, optimizer, model)
+        except UnsupportedLayout as err:
+            raise ConfigError(
+                f"bigbatch's {type(optimizer).__name__} does not support DeepSpeed's {err} layout; use ZeRO stages "
+                "0-3 without offload, or a DeepSpeed version bigbatch was tested with (see constraints.txt)."
+            ) from None
+    return engine, ds_optimizer, loader, scheduler
+
+
+def client_optimizer(engine: Any) -> Any:
+    """The optimizer bigbatch built (unwrapping DeepSpeed's ZeRO or fp16 wrapper)."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)

@@ -1,0 +1,127 @@
+"""Shared machinery of the layer-wise (trust-ratio) optimizers: per-parameter norms over flat ZeRO partitions.
+
+Why this exists: DeepSpeed's ZeRO optimizers hand a client optimizer one flat fp32 tensor per group, holding this
+rank's slice of many parameters laid end to end (DeepSpeed issues #88, #490, #1217, #1285). A trust ratio computed
+on that tensor is a ratio over an arbitrary slice of the model, not over a layer. Here every tensor the optimizer
+steps carries a `FlatLayout`: which elements belong to which parameter. Norms are taken per segment, the partial
+squared norms are summed per parameter, and one all-reduce over the data-parallel group gives every rank the whole
+norm of every parameter. `bigbatch.optim.zero` builds the layouts from DeepSpeed's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Which parameter owns which elements of one (possibly flat) tensor.
+
+    names: every parameter whose norm is reduced over this tensor's group (all ranks list the same names in the
+        same order, so the all-reduced vector lines up).
+    segments: (start, numel, index into names) for each run of elements this rank holds; elements outside every
+        segment (alignment padding) are left untouched by norms.
+    group: the process group whose ranks hold the other slices; None when this tensor holds whole parameters.
+    """
+
+    names: tuple[str, ...]
+    segments: tuple[tuple[int, int, int], ...]
+    group: Optional[Any] = None
+
+
+def whole_tensor_layout(tensor: Tensor, name: str) -> FlatLayout:
+    return FlatLayout((name,), ((0, tensor.numel(), 0),), None)
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Base of LAMB and LARS: keeps the layouts and the trust ratios of the last step."""
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        self._layouts: dict[int, FlatLayout] = {}
+        self._last_ratios: dict[tuple[str, ...], Tensor] = {}
+
+    # -- layouts ------------------------------------------------------------------------------------------------------
+    def set_layout(self, tensor: Tensor, layout: FlatLayout) -> None:
+        """Declares which parameters own which elements of `tensor` (called by `bigbatch.optim.zero`)."""
+        end = max((s + n for s, n, _ in layout.segments), default=0)
+        if end > tensor.numel():
+            raise RuntimeError(f"layout reaches element {end} of a tensor with {tensor.numel()} elements")
+        self._layouts[id(tensor)] = layout
+
+    def _layout_of(self, p: Tensor, group: dict[str, Any], group_index: int, j: int) -> FlatLayout:
+        layout = self._layouts.get(id(p))
+        if layout is not None:
+            return layout
+        names = group.get("param_names")
+        name = names[j] if names is not None and len(names) == len(group["params"]) else f"group{group_index}.{j}"
+        return whole_tensor_layout(p, name)
+
+    # -- norms --------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _views(tensors: list[Tensor], layouts: list[FlatLayout]) -> list[Tensor]:
+        """Each segment of each tensor, in (tensor, segment) order."""
+        return [t.view(-1).narrow(0, s, n) for t, lay in zip(tensors, layouts) for s, n, _ in lay.segments]
+
+    @staticmethod
+    def _param_norms(kinds: list[list[Tensor]], layouts: list[FlatLayout]) -> list[Tensor]:
+        """For each layout: a (len(kinds), len(names)) tensor of whole-parameter L2 norms of each kind (w, u, g ...).
+
+        Partial squared norms of the segments are summed per parameter, then all-reduced where a layout has a group:
+        one all-reduce per tensor, carrying every kind at once.
+        """
+        out = []
+        for t_index, lay in enumerate(layouts):
+            ref = kinds[0][t_index]
+            sq = torch.zeros(len(kinds), len(lay.names), dtype=torch.float32, device=ref.device)
+            if lay.segments:
+                index = torch.tensor([i for _, _, i in lay.segments], device=ref.device)
+                for k, tensors in enumerate(kinds):
+                    t = tensors[t_index].view(-1)
+                    views = [t.narrow(0, s, n) for s, n, _ in lay.segments]
+                    norms = torch.stack(torch._foreach_norm(views)).float()
+                    sq[k].index_add_(0, index, norms * norms)
+            if lay.group is not None:
+                dist.all_reduce(sq, group=lay.group)
+            out.append(sq.sqrt())
+        return out
+
+    @staticmethod
+    def _scale_segments(tensors: list[Tensor], layouts: list[FlatLayout], per_param: list[Tensor]) -> None:
+        """Multiplies every segment in place by its parameter's factor (per_param[i][name index])."""
+        views, factors = [], []
+        for t, lay, f in zip(tensors, layouts, per_param):
+            if not lay.segments:
+                continue
+            index = torch.tensor([i for _, _, i in lay.segments], device=f.device)
+            views += [t.view(-1).narrow(0, s, n) for s, n, _ in lay.segments]
+            factors += list(f[index].to(t.dtype).unbind())
+        if views:
+            torch._foreach_mul_(views, factors)
+
+    def _record(self, layouts: list[FlatLayout], ratios: list[Tensor]) -> None:
+        for lay, r in zip(layouts, ratios):
+            self._last_ratios[lay.names] = r.detach()
+
+    def trust_ratios(self) -> dict[str, float]:
+        """{parameter name: trust ratio of the last step}, for parameters whose group adapts."""
+        result: dict[str, float] = {}
+        for names, r in self._last_ratios.items():
+            result.update(zip(names, r.tolist()))
+        return result
+
+    def _group_tensors(self, group: dict[str, Any], group_index: int) -> tuple[list[Tensor], list[FlatLayout]]:
+        params, layouts = [], []
+        for j, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            params.append(p)
+            layouts.append(self._layout_of(p, group, group_index, j))
+        return params, layouts

@@ -78,13 +78,15 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         out = []
         for t_index, lay in enumerate(layouts):
             ref = kinds[0][t_index]
-            sq = torch.zeros(len(kinds), len(lay.names), dtype=torch.float32, device=ref.device)
+            # squared norms accumulate in fp32 at least (fp64 stays fp64)
+            dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+            sq = torch.zeros(len(kinds), len(lay.names), dtype=dtype, device=ref.device)
             if lay.segments:
                 index = torch.tensor([i for _, _, i in lay.segments], device=ref.device)
                 for k, tensors in enumerate(kinds):
                     t = tensors[t_index].view(-1)
                     views = [t.narrow(0, s, n) for s, n, _ in lay.segments]
-                    norms = torch.stack(torch._foreach_norm(views)).float()
+                    norms = torch.stack(torch._foreach_norm(views)).to(dtype)
                     sq[k].index_add_(0, index, norms * norms)
             if lay.group is not None:
                 dist.all_reduce(sq, group=lay.group)

@@ -1,0 +1,87 @@
+"""The `bigbatch` command: `bigbatch train <recipe> [--section.key=value ...] [--run-dir DIR] [--resume|--overwrite]`.
+
+Bad input ends with one sentence on stderr and exit code 2, on every rank, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from bigbatch.config import ConfigError, load_recipe, parse_override_args
+
+EXIT_BAD_INPUT = 2
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bigbatch train",
+        description="Train a recipe. Override any recipe key as --section.key=value, e.g. --batch.global_batch=8192.",
+    )
+    p.add_argument("recipe", help="a shipped recipe name (tiny, ...), a recipes/*.py path, or a run's recipe.json")
+    p.add_argument("--run-dir", type=Path, default=None, help="default: <run.runs_root>/<recipe>-<time>")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace whatever --run-dir holds")
+    return p
+
+
+def cmd_train(args: list[str], recipe_path: Optional[str] = None) -> int:
+    overrides, rest = parse_override_args(args)
+    if recipe_path is not None:
+        rest = [recipe_path, *rest]
+    parser = _train_parser()
+    known, unknown = parser.parse_known_args(rest)
+    if unknown:
+        raise ConfigError(f"unknown argument {unknown[0]!r}; recipe keys look like --batch.global_batch=8192, "
+                          "see `bigbatch train --help`.")
+    recipe = load_recipe(known.recipe, overrides)
+    from bigbatch.train import train
+
+    train(recipe, known.run_dir, resume=known.resume, overwrite=known.overwrite, argv=sys.argv)
+    return 0
+
+
+COMMANDS = {"train": cmd_train}
+
+
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher puts --local_rank=N before the subcommand; LOCAL_RANK in the environment says the same."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = _drop_local_rank(list(sys.argv[1:] if argv is None else argv))
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: bigbatch {" + ",".join(COMMANDS) + "} ...\n\n"
+              "  train   train a recipe on this launch's ranks (see `bigbatch train --help`)")
+        return 0 if argv else EXIT_BAD_INPUT
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"bigbatch: error: unknown command {command!r}; commands: {', '.join(COMMANDS)}.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return COMMANDS[command](rest)
+    except ConfigError as err:
+        print(f"bigbatch: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def run_recipe(recipe_file: str, argv: Optional[list[str]] = None) -> int:
+    """`python recipes/<name>.py [--key=value ...]`: train that recipe in this process (or under a launcher)."""
+    try:
+        return cmd_train(_drop_local_rank(list(sys.argv[1:] if argv is None else argv)), recipe_path=recipe_file)
+    except ConfigError as err:
+        print(f"bigbatch: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT

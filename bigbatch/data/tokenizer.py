@@ -1,0 +1,80 @@
+"""SentencePiece tokenizers: trained on the corpus, with BERT's special tokens at fixed ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bigbatch.config import ConfigError
+
+# Fixed ids so every model trained here agrees on them: [PAD]=0 [UNK]=1 [CLS]=2 (bos) [SEP]=3 (eos, end of document
+# for GPT) [MASK]=4.
+PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
+
+
+def train_tokenizer(docs: list[str], prefix: Path, vocab_size: int, model_type: str = "unigram") -> Path:
+    """Trains SentencePiece on `docs`; writes `<prefix>.model` and `<prefix>.vocab` and returns the model path."""
+    import sentencepiece as spm
+
+    if model_type not in ("unigram", "bpe"):
+        raise ConfigError(f"tokenizer model type {model_type!r} is not one of unigram, bpe.")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    # SentencePiece trains on "sentences": lines, capped in length; long lines are cut rather than dropped.
+    lines = (line[:4000] for d in docs for line in d.splitlines() if line.strip())
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines,
+            model_prefix=str(prefix),
+            vocab_size=vocab_size,
+            model_type=model_type,
+            pad_id=PAD,
+            unk_id=UNK,
+            bos_id=CLS,
+            eos_id=SEP,
+            pad_piece="[PAD]",
+            unk_piece="[UNK]",
+            bos_piece="[CLS]",
+            eos_piece="[SEP]",
+            user_defined_symbols=["[MASK]"],
+            character_coverage=1.0,
+            input_sentence_size=2_000_000,
+            shuffle_input_sentence=True,
+            num_threads=2,
+            minloglevel=2,
+        )
+    except RuntimeError as err:
+        raise ConfigError(f"SentencePiece could not train a {vocab_size}-piece tokenizer on this corpus ({err}); "
+                          "lower --data.vocab_size or add text.") from None
+    return Path(f"{prefix}.model")
+
+
+@dataclass
+class Tokenizer:
+    path: Path
+
+    def __post_init__(self) -> None:
+        import sentencepiece as spm
+
+        if not self.path.is_file():
+            raise ConfigError(f"tokenizer {self.path} does not exist; train one with `bigbatch tokenizer train` "
+                              "or leave --data.tokenizer empty to train one at the start of the run.")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.load(str(self.path))
+        except (OSError, RuntimeError):
+            raise ConfigError(f"tokenizer {self.path} is not a SentencePiece model; point --data.tokenizer at a .model file.") from None
+        expected = {PAD: "[PAD]", CLS: "[CLS]", SEP: "[SEP]", MASK: "[MASK]"}
+        for i, piece in expected.items():
+            if self.sp.id_to_piece(i) != piece:
+                raise ConfigError(f"tokenizer {self.path} has {self.sp.id_to_piece(i)!r} at id {i}, not {piece!r}; "
+                                  "train it with `bigbatch tokenizer train` so the special tokens sit at fixed ids.")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, docs: list[str]) -> list[list[int]]:
+        return self.sp.encode(docs)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)

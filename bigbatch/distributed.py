@@ -1,0 +1,70 @@
+"""Process-group helpers: one process works without a launcher, and the few collectives the loop needs."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_env() -> None:
+    """Without a launcher (`python recipes/tiny.py`) fill in a world of one, so DeepSpeed's init just works."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init() -> tuple[int, int]:
+    """Starts the process group through DeepSpeed (gloo on the CPU, nccl on GPUs); returns (rank, world)."""
+    import deepspeed
+
+    ensure_env()
+    deepspeed.init_distributed(verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mean_across_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().clone().reshape(1)
+    dist.all_reduce(value)
+    return float(value) / dist.get_world_size()
+
+
+def sum_across_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast(obj: Any, src: int = 0) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,102 @@
+"""Builds the resolved DeepSpeed JSON of a run: the recipe's `ds_configs/` fragments, merged, plus the keys the
+recipe owns (batch sizes, optimizer, gradient clipping). The result is written to `<run_dir>/ds_config.json`.
+
+Ownership keeps one source per number: the fragments own ZeRO, precision, activation checkpointing and monitors;
+the recipe owns the batch arithmetic, the optimizer and the clipping norm. A fragment that states a recipe-owned key
+with a different value is refused, naming both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bigbatch.config import REPO_ROOT, ConfigError, Recipe
+from bigbatch.scaling import BatchPlan
+
+DS_CONFIGS = REPO_ROOT / "ds_configs"
+RECIPE_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping", "optimizer", "scheduler")
+
+
+def find_fragment(name: str) -> Path:
+    for candidate in (Path(name), DS_CONFIGS / name, DS_CONFIGS / f"{name}.json"):
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.name for p in DS_CONFIGS.glob("*.json")))
+    raise ConfigError(f"DeepSpeed config {name!r} not found (looked in . and ds_configs/); shipped: {shipped}.")
+
+
+def load_fragment(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}; fix the file.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"DeepSpeed config {path} must hold a JSON object, not {type(data).__name__}.")
+    return data
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any], source: str, origin: dict[str, str], prefix: str = "") -> None:
+    """Deep-merges `extra` into `base`; two fragments giving one key different values is an error naming both."""
+    for key, value in extra.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(base.setdefault(key, {}), dict):
+            merge(base[key], value, source, origin, f"{path}.")
+        elif key in base and base[key] != value:
+            raise ConfigError(
+                f"{path} is {base[key]!r} in {origin.get(path, 'an earlier fragment')} but {value!r} in {source}; "
+                "state it in one fragment only."
+            )
+        else:
+            base[key] = value
+            origin[path] = source
+
+
+def optimizer_section(recipe: Recipe, lr: float) -> dict[str, Any]:
+    o = recipe.optimizer
+    kind = o.type.lower()
+    if kind == "lamb":
+        params = {"lr": lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+                  "max_coeff": o.max_coeff, "min_coeff": o.min_coeff}
+        return {"type": "LAMB", "params": params}
+    if kind == "lars":
+        params = {"lr": lr, "momentum": o.momentum, "weight_decay": o.weight_decay,
+                  "trust_coefficient": o.trust_coefficient}
+        return {"type": "LARS", "params": params}
+    # DeepSpeed's AdamW: torch's implementation, so it runs on every accelerator.
+    return {"type": "AdamW", "params": {"lr": lr, "betas": list(o.betas), "eps": o.eps,
+                                         "weight_decay": o.weight_decay, "torch_adam": True}}
+
+
+def build(recipe: Recipe, plan: BatchPlan, lr: float) -> dict[str, Any]:
+    """The resolved DeepSpeed config for this recipe on `plan.world` ranks."""
+    config: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for name in recipe.deepspeed.configs:
+        path = find_fragment(name)
+        merge(config, load_fragment(path), str(path), origin)
+    owned = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": recipe.optimizer.grad_clip,
+        "optimizer": optimizer_section(recipe, lr),
+    }
+    for key in RECIPE_OWNED:
+        if key in config and (key not in owned or config[key] != owned[key]):
+            where = origin.get(key, "a fragment")
+            if key in ("optimizer", "scheduler"):
+                raise ConfigError(f"{where} sets {key!r}; in bigbatch the recipe owns it: remove it from the JSON "
+                                  f"and set --optimizer.* / --schedule.* instead.")
+            raise ConfigError(f"{where} sets {key}={config[key]!r} but the recipe gives {owned[key]!r}; remove the key "
+                              "from the JSON (the recipe fills it in) or change the recipe's batch/optimizer section.")
+    config.update(owned)
+    config.setdefault("steps_per_print", 10**9)  # bigbatch logs its own metrics every step
+    config.setdefault("wall_clock_breakdown", False)
+    return config
+
+
+def write(config: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(config, indent=2) + "\n")

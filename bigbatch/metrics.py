@@ -1,0 +1,72 @@
+"""metrics.jsonl (one JSON object a line), DeepSpeed's monitors, and loss.png."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) for model FLOPs utilization, by a substring of the device name.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10": 125e12, "L40": 181e12, "V100": 125e12}
+
+
+def device_peak_flops(name: Optional[str]) -> Optional[float]:
+    for key, value in PEAK_FLOPS.items():
+        if name and key in name:
+            return value
+    return None
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl (writer rank) and forwards scalars to DeepSpeed's monitors when enabled."""
+
+    def __init__(self, path: Path, monitor: Any = None, enabled: bool = True) -> None:
+        self.path, self.monitor, self.enabled = path, monitor, enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.monitor is not None and getattr(self.monitor, "enabled", False):
+            x = record.get("samples", record.get("step", 0))
+            events = [(f"bigbatch/{k}", float(v), x) for k, v in record.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "samples")]
+            self.monitor.write_events(events)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(run_dir: Path) -> None:
+    """loss.png: train and eval loss against samples; skipped (overflow) steps marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [(r["samples"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    evals = [(r["samples"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    skipped = [r["samples"] for r in records if r.get("skipped_this_step")]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.2, ms=3)
+    for i, s in enumerate(skipped):
+        ax.axvline(s, color="red", alpha=0.3, lw=0.8, label="skipped step" if i == 0 else None)
+    ax.set_xlabel("samples")
+    ax.set_ylabel("loss")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = run_dir / "loss.png.tmp"
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(run_dir / "loss.png")

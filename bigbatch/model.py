@@ -1,0 +1,95 @@
+"""Models from transformers configs (no weights downloaded), wrapped so that `forward(**batch)` returns the loss."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigbatch.config import ModelConfig
+
+
+def padded_vocab(vocab_size: int, multiple: int) -> int:
+    """Embedding rows rounded up to a multiple (8 by default) so the output GEMM has tensor-core friendly shapes."""
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def hf_config(cfg: ModelConfig, vocab_size: int, pad_id: int) -> Any:
+    """The transformers config of the recipe's model, with the padded vocabulary."""
+    from transformers import AutoConfig
+
+    vocab = padded_vocab(vocab_size, cfg.pad_vocab_to_multiple)
+    if cfg.arch == "bert":
+        return AutoConfig.for_model(
+            "bert",
+            vocab_size=vocab,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=cfg.max_position,
+            hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout,
+            type_vocab_size=2,
+            pad_token_id=pad_id,
+        )
+    return AutoConfig.for_model(
+        "gpt2",
+        vocab_size=vocab,
+        n_embd=cfg.hidden_size,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_heads,
+        n_inner=cfg.intermediate_size,
+        n_positions=cfg.max_position,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        pad_token_id=pad_id,
+    )
+
+
+class MaskedLM(nn.Module):
+    """BertForMaskedLM whose prediction head runs only at the masked positions.
+
+    transformers' head projects every position onto the vocabulary; NVIDIA's BERT pretraining code gathers the
+    ~15% masked positions first, which measured 2.2-2.7x faster per step here. The loss is the same.
+    """
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.hf.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        masked = labels != -100
+        logits = self.hf.cls(hidden[masked])
+        total = F.cross_entropy(logits.float(), labels[masked], reduction="sum")
+        return total / masked.sum().clamp(min=1)
+
+
+class CausalLM(nn.Module):
+    """GPT2LMHeadModel returning its next-token loss."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int) -> nn.Module:
+    """A freshly initialised model (seeded by the caller) whose forward returns the training loss."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    config = hf_config(cfg, vocab_size, pad_id)
+    if cfg.arch == "bert":
+        return MaskedLM(AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa"))
+    return CausalLM(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,85 @@
+"""The run directory: refuse to overwrite, record what ran (env.json), pick a default name."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bigbatch.config import REPO_ROOT, ConfigError
+
+
+def default_run_dir(root: str, recipe_name: str) -> Path:
+    return Path(root) / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def slurm_restart() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def decide_mode(run_dir: Path, resume: bool, overwrite: bool) -> str:
+    """'new', 'resume' or 'overwrite'; an existing run is never replaced unless --overwrite says so.
+
+    Read-only, so every rank can call it before the writer rank touches the directory.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one of them.")
+    holds_run = (run_dir / "recipe.json").exists()
+    if holds_run:
+        if resume or slurm_restart() > 0:
+            return "resume"
+        if overwrite:
+            return "overwrite"
+        raise ConfigError(f"run directory {run_dir} already holds a run (recipe.json); pass --resume to continue it, "
+                          "--overwrite to replace it, or choose another --run-dir.")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if overwrite:
+            return "overwrite"
+        raise ConfigError(f"run directory {run_dir} is not empty and holds no bigbatch run; choose another --run-dir "
+                          "or pass --overwrite to replace its contents.")
+    return "new"
+
+
+def prepare(run_dir: Path, mode: str) -> None:
+    """Writer rank only: create (or, with --overwrite, empty) the directory."""
+    if mode == "overwrite" and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "logs").mkdir(exist_ok=True)
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def environment(argv: list[str], world: int, hostnames: list[str]) -> dict[str, Any]:
+    """What env.json records: code version, library versions, command line, where it ran."""
+    import deepspeed
+    import torch
+    import transformers
+
+    commit = _git("rev-parse", "HEAD")
+    return {
+        "git_commit": commit or None,
+        "git_dirty": bool(_git("status", "--porcelain")) if commit else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "argv": [sys.executable, *argv],
+        "hostnames": hostnames,
+        "world_size": world,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_restart_count": slurm_restart() if "SLURM_RESTART_COUNT" in os.environ else None,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,0 +1,62 @@
+"""The recipe tree: loading shipped recipes, overrides on the tree's own names, unknown keys with a hint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bigbatch.config import ConfigError, Recipe, apply_overrides, load_recipe, parse_override_args, recipe_from_dict
+
+
+def test_tiny_recipe_loads_and_validates():
+    recipe = load_recipe("tiny")
+    assert recipe.name == "tiny"
+    assert recipe.batch.global_batch >= 4096
+    assert recipe.optimizer.type == "lamb"
+    assert recipe.deepspeed.configs == ("zero1.json", "fp32.json")
+
+
+def test_overrides_parse_to_field_types():
+    overrides, rest = parse_override_args(
+        ["tiny", "--batch.global_batch=8192", "--optimizer.lr", "0.01", "--optimizer.betas=0.8,0.95",
+         "--data.sources=a.txt,b.jsonl", "--run-dir", "x"])
+    assert rest == ["tiny", "--run-dir", "x"]
+    recipe = apply_overrides(Recipe(), overrides)
+    assert recipe.batch.global_batch == 8192
+    assert recipe.optimizer.lr == 0.01
+    assert recipe.optimizer.betas == (0.8, 0.95)
+    assert recipe.data.sources == ("a.txt", "b.jsonl")
+
+
+def test_unknown_key_gets_did_you_mean():
+    with pytest.raises(ConfigError, match=r"--batch\.global_batch\?"):
+        apply_overrides(Recipe(), {"batch.global_bach": "1"})
+
+
+def test_bad_value_names_key_and_type():
+    with pytest.raises(ConfigError, match=r"--batch.global_batch='lots' is not a valid int"):
+        apply_overrides(Recipe(), {"batch.global_batch": "lots"})
+    with pytest.raises(ConfigError, match="1.5"):
+        apply_overrides(Recipe(), {"batch.global_batch": "1.5"})
+
+
+def test_validation_names_key_value_and_fix():
+    with pytest.raises(ConfigError, match=r"optimizer.type='lamm'.*did you mean 'lamb'"):
+        load_recipe("tiny", {"optimizer.type": "lamm"})
+    with pytest.raises(ConfigError, match=r"model.hidden_size=65 is not divisible by model.num_heads=2"):
+        load_recipe("tiny", {"model.hidden_size": "65"})
+
+
+def test_unknown_recipe_lists_shipped_ones():
+    with pytest.raises(ConfigError, match=r"did you mean 'tiny'"):
+        load_recipe("tinny")
+
+
+def test_recipe_json_round_trip(tmp_path):
+    recipe = load_recipe("tiny", {"batch.global_batch": "8192"})
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({"recipe": recipe.to_dict(), "resolved": {}}))
+    assert load_recipe(str(path)) == recipe
+    with pytest.raises(ConfigError, match="unknown recipe key --batch.nope"):
+        recipe_from_dict({"batch": {"nope": 1}})

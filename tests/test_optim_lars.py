@@ -1,0 +1,86 @@
+"""LARS against the paper's Algorithm 1 written out element by element (You, Gitman, Ginsburg 2017)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bigbatch.optim import LARS
+
+
+def lars_reference(weights, grads_per_step, lr, momentum=0.9, wd=1e-4, tc=0.001, eps=0.0, adapt=True):
+    w = [list(t) for t in weights]
+    vel = [[0.0] * len(t) for t in w]
+    ratios = []
+    for grads in grads_per_step:
+        ratios = []
+        for i, g in enumerate(grads):
+            w_norm = math.sqrt(sum(x * x for x in w[i]))
+            g_norm = math.sqrt(sum(x * x for x in g))
+            local = tc * w_norm / (g_norm + wd * w_norm + eps) if adapt and w_norm > 0 and g_norm > 0 else 1.0
+            ratios.append(local)
+            for k in range(len(w[i])):
+                vel[i][k] = momentum * vel[i][k] + lr * local * (g[k] + wd * w[i][k])
+                w[i][k] -= vel[i][k]
+    return w, ratios
+
+
+def run_lars(weights, grads_per_step, **kw):
+    params = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in weights]
+    adapt = kw.pop("adapt", True)
+    opt = LARS([{"params": params, "adapt": adapt}], **kw)
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+    return [p.detach().tolist() for p in params], opt
+
+
+def case(seed, shapes=(6, 10, 4), steps=5):
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(n, generator=g, dtype=torch.float64).tolist() for n in shapes]
+    grads = [[torch.randn(n, generator=g, dtype=torch.float64).tolist() for n in shapes] for _ in range(steps)]
+    return weights, grads
+
+
+def close(a, b, tol=1e-12):
+    return all(torch.allclose(torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64), rtol=tol, atol=tol) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(lr=1.0),
+    dict(lr=2.0, momentum=0.5, wd=1e-2, tc=0.02, eps=1e-3),
+    dict(lr=0.1, momentum=0.0, wd=0.0),
+])
+def test_matches_algorithm_1(kw):
+    weights, grads = case(0)
+    expected, ratios = lars_reference(weights, grads, **kw)
+    names = {"wd": "weight_decay", "tc": "trust_coefficient"}
+    got, opt = run_lars(weights, grads, **{names.get(k, k): v for k, v in kw.items()})
+    assert close(got, expected)
+    assert list(opt.trust_ratios().values()) == pytest.approx(ratios, rel=1e-12)
+
+
+def test_zero_weights_or_grads_use_local_lr_one():
+    weights = [[0.0, 0.0, 0.0], [1.0, 2.0]]
+    grads = [[[1.0, -1.0, 0.5], [0.0, 0.0]]] * 3
+    expected, ratios = lars_reference(weights, grads, lr=0.1)
+    got, _ = run_lars(weights, grads, lr=0.1)
+    assert close(got, expected)
+    assert ratios[1] == 1.0
+
+
+def test_group_without_adaptation_is_momentum_sgd():
+    weights, grads = case(1)
+    expected, _ = lars_reference(weights, grads, lr=0.05, adapt=False)
+    got, opt = run_lars(weights, grads, lr=0.05, adapt=False)
+    assert close(got, expected)
+    assert opt.trust_ratios() == {}
+
+
+def test_state_dict_names_momentum_buffer():
+    weights, grads = case(2, steps=1)
+    _, opt = run_lars(weights, grads, lr=0.1)
+    assert set(opt.state_dict()["state"][0]) == {"momentum_buffer"}

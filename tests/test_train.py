@@ -1,0 +1,122 @@
+"""`bigbatch train` in one process: the run directory, refusal to overwrite, resume, bad input (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bigbatch.cli import main
+from bigbatch.metrics import read_metrics
+
+SMALL = ["--schedule.steps=4", "--batch.global_batch=64", "--batch.micro_batch=16", "--run.eval_every=2",
+         "--checkpoint.every_steps=2", "--checkpoint.keep_last=3", "--data.vocab_size=400", "--data.eval_samples=64",
+         "--run.trust_ratio_every=2"]
+METRIC_KEYS = {"step", "samples", "tokens", "lr", "loss", "grad_norm", "loss_scale", "skipped_steps", "samples_per_s",
+               "tokens_per_s"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A few hundred paragraphs of the built-in English text, as a local file source."""
+    from bigbatch.data.corpus import python_docs
+
+    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    path.write_text("\n\n".join(d.replace("\n\n", "\n") for d in python_docs()[:600]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, corpus) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    monitor = root / "monitor.json"
+    monitor.write_text(json.dumps({"csv_monitor": {"enabled": True, "output_path": str(root / "csv"),
+                                                   "job_name": "smoke"}}))
+    run_dir = root / "run"
+    rc = main(["train", "tiny", "--run-dir", str(run_dir), f"--data.sources={corpus}",
+               f"--deepspeed.configs=zero2.json,fp32.json,{monitor}", *SMALL])
+    assert rc == 0
+    return run_dir
+
+
+@pytest.mark.slow
+def test_run_directory_holds_what_ran(finished_run):
+    for name in ("ds_config.json", "recipe.json", "env.json", "metrics.jsonl", "loss.png", "logs/rank0.log",
+                 "checkpoints/latest", "data/tokenizer.model"):
+        assert (finished_run / name).exists(), name
+    ds = json.loads((finished_run / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 1.0
+    resolved = json.loads((finished_run / "recipe.json").read_text())["resolved"]
+    assert resolved["padded_vocab_size"] % 8 == 0 and resolved["padded_vocab_size"] >= resolved["vocab_size"]
+    env = json.loads((finished_run / "env.json").read_text())
+    assert env["world_size"] == 1 and env["torch"] and env["deepspeed"]
+    records = read_metrics(finished_run / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert METRIC_KEYS <= set(steps[-1])
+    assert "eval_loss" in records[0] and records[0]["step"] == 0
+    assert "trust_ratios" in steps[1] and steps[1]["trust_ratios"]
+    assert steps[1]["samples"] == 128 and steps[1]["tokens"] == 128 * 64
+    # the checkpoints of steps 2 and 4, pruned to keep_last
+    assert sorted(p.name for p in (finished_run / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
+
+
+@pytest.mark.slow
+def test_deepspeed_monitor_receives_metrics(finished_run):
+    csv_files = list((finished_run.parent / "csv").rglob("*.csv"))
+    names = {p.name for p in csv_files}
+    assert any("loss" in n for n in names), names
+
+
+@pytest.mark.slow
+def test_second_start_is_refused_then_resume_is_exact(finished_run, capsys):
+    args = ["train", "tiny", "--run-dir", str(finished_run), *SMALL]
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    # Resume from the step-2 checkpoint: steps 3 and 4 must repeat bit for bit (fp32, one process).
+    before = [r for r in read_metrics(finished_run / "metrics.jsonl") if "loss" in r]
+    resumed_dir = finished_run.parent / "resumed"
+    shutil.copytree(finished_run, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "step00000004")
+    (resumed_dir / "checkpoints" / "latest").write_text("step00000002")
+    (resumed_dir / "metrics.jsonl").write_text("")
+    recipe = str(finished_run / "recipe.json")
+    assert main(["train", recipe, "--run-dir", str(resumed_dir), "--resume"]) == 0
+    after = [r for r in read_metrics(resumed_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in after] == [3, 4]
+    assert [r["loss"] for r in after] == [r["loss"] for r in before[2:]]
+    assert after[-1]["eval_loss"] == before[-1]["eval_loss"]
+
+
+def test_missing_data_file_is_one_sentence(tmp_path, capsys):
+    rc = main(["train", "tiny", "--run-dir", str(tmp_path / "r"), "--data.sources=/no/such/corpus.txt"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("bigbatch: error: data source /no/such/corpus.txt does not exist; fix --data.sources or create "
+                   "the file.")
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_key_exit_2_with_hint(capsys):
+    assert main(["train", "tiny", "--optimizer.learning_rate=1"]) == 2
+    assert "unknown recipe key --optimizer.learning_rate" in capsys.readouterr().err
+
+
+def test_indivisible_batch_exit_2(tmp_path, capsys):
+    assert main(["train", "tiny", "--run-dir", str(tmp_path / "r"), "--batch.global_batch=100",
+                 "--batch.micro_batch=64"]) == 2
+    assert "nearest valid: 64 or 128" in capsys.readouterr().err
+
+
+def test_console_script_exit_code():
+    exe = Path(sys.executable).parent / "bigbatch"
+    proc = subprocess.run([str(exe), "train", "tiny", "--batch.global_bach=8"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert "did you mean --batch.global_batch?" in proc.stderr
+    assert "Traceback" not in proc.stderr

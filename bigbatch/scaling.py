@@ -67,7 +67,7 @@ def scaled_lr(opt: OptimizerConfig, global_batch: int) -> tuple[float, str]:
     if opt.lr_rule == "none" or k == 1:
         return opt.lr, f"{opt.lr_rule} rule" if opt.lr_rule == "none" else f"{opt.lr_rule} rule at its base batch"
     factor = k if opt.lr_rule == "linear" else math.sqrt(k)
-    return opt.lr * factor, f"{opt.lr_rule} rule from {opt.lr:g} at batch {base} (x{factor:.4g})"
+    return opt.lr * factor, f"{opt.lr_rule} rule: {opt.lr:g} at batch {base} x{factor:.4g}"
 
 
 def warmup_steps(schedule: ScheduleConfig, global_batch: int) -> int:

@@ -1,0 +1,39 @@
+"""The embedded default, end to end: `make demo`'s command on 2 CPU ranks through the deepspeed launcher.
+
+This is also the 2-rank end-to-end test of `bigbatch train` (one launch, as CI's budget asks).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bigbatch.metrics import read_metrics
+from conftest import deepspeed_launch
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+
+
+def test_demo_trains_and_records_everything(tmp_path):
+    run_dir = tmp_path / "demo run"  # a space in the path must work end to end
+    proc = deepspeed_launch(["--module", "bigbatch", "train", "tiny", "--run-dir", str(run_dir)], world=2,
+                            timeout=1200)
+    out = proc.stdout
+    assert "world 2 | batch 256 x 8 x 2 = 4096" in out and "LAMB lr 0.02 (sqrt rule" in out and "ZeRO 1" in out
+    assert f"done: {run_dir}" in out
+    for name in ("ds_config.json", "recipe.json", "env.json", "metrics.jsonl", "loss.png", "logs/rank0.log",
+                 "logs/rank1.log", "checkpoints/latest"):
+        assert (run_dir / name).exists(), name
+    records = read_metrics(run_dir / "metrics.jsonl")
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert records[0]["step"] == 0 and "loss" not in records[0]  # the first evaluation precedes any update
+    assert evals[-1] <= 0.85 * evals[0], f"held-out loss fell only from {evals[0]:.3f} to {evals[-1]:.3f}"
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 60 and steps[-1]["samples"] == 60 * 4096
+    ratios = [r["trust_ratios"] for r in steps if "trust_ratios" in r]
+    assert ratios and any("encoder.layer.0.attention" in name for name in ratios[-1])
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["world_size"] == 2 and len(env["hostnames"]) == 2
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds["optimizer"]["type"] == "LAMB" and ds["train_batch_size"] == 4096

@@ -70,6 +70,23 @@ def _refuse_offload(config: dict[str, Any]) -> None:
             )
 
 
+def _refuse_16bit_stage0(config: dict[str, Any]) -> None:
+    """Why: in DeepSpeed 0.19 a client optimizer under fp16/bf16 at stage 0 is wrapped in `FP16_UnfusedOptimizer`,
+    which (a) calls the optimizer's `step()` once on zero gradients at start-up (a real LAMB/LARS update: weight decay
+    moves the weights, the step counter advances) and (b) divides gradients by the loss scale that
+    `engine.backward` never applied (it scales only for `ZeROOptimizer`s), so LARS sees gradients 1/scale too small.
+    Measured: trust ratios off by 40% (LAMB) and 130x (LARS). ZeRO-1 holds no more memory than stage 0 and is exact.
+    """
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    for key in ("fp16", "bf16", "bfloat16"):
+        if (config.get(key) or {}).get("enabled", False) and stage == 0:
+            raise ConfigError(
+                f"{key}.enabled=true with bigbatch's LAMB/LARS needs zero_optimization.stage >= 1, not {stage} "
+                "(DeepSpeed's stage-0 16-bit wrapper steps on zero gradients and never scales the loss); "
+                "set zero_optimization.stage to 1, which uses no more memory."
+            )
+
+
 def initialize(
     model: Optional[nn.Module] = None,
     config: Union[str, Path, dict[str, Any], None] = None,
@@ -97,6 +114,7 @@ def initialize(
         if model is None:
             raise ConfigError("model is required to build bigbatch's LAMB/LARS; pass model=<nn.Module>.")
         _refuse_offload(cfg)
+        _refuse_16bit_stage0(cfg)
         params = model_parameters if model_parameters is not None else model.parameters()
         optimizer = build_optimizer(section, params)
         cfg = {k: v for k, v in cfg.items() if k != "optimizer"}

@@ -68,23 +68,25 @@ def assert_close(a, b, tol=1e-12):
     dict(lr=0.05, bias_correction=False),
     dict(lr=0.05, wd=0.0),
 ])
-def test_matches_algorithm_2(kw):
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_matches_algorithm_2(kw, fused):
     weights, grads = random_case(0)
     ref_kw = dict(kw)
     ours_kw = {("weight_decay" if k == "wd" else k): v for k, v in kw.items()}
     expected, ratios = lamb_reference(weights, grads, **ref_kw)
-    got, opt = run_lamb(weights, grads, **ours_kw)
+    got, opt = run_lamb(weights, grads, fused=fused, **ours_kw)
     assert_close(got, expected)
     assert list(opt.trust_ratios().values()) == pytest.approx(ratios, rel=1e-12)
 
 
-def test_clamp_engages_both_ends():
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_clamp_engages_both_ends(fused):
     # Large weights and tiny updates push the ratio above max_coeff; tiny weights push it below min_coeff.
     big, grads = random_case(1, shapes=(5,), scale=1e4)
     small, _ = random_case(2, shapes=(5,), scale=1e-6)
     for weights, bound in ((big, 10.0), (small, 0.01)):
         expected, ratios = lamb_reference(weights, grads, lr=1e-3)
-        got, opt = run_lamb(weights, grads, lr=1e-3)
+        got, opt = run_lamb(weights, grads, fused=fused, lr=1e-3)
         assert_close(got, expected)
         assert ratios[0] == pytest.approx(bound)
         assert list(opt.trust_ratios().values())[0] == pytest.approx(bound)
@@ -98,11 +100,12 @@ def test_unclamped_lamb_equals_optax_form():
     assert max(ratios) > 10.0  # the clamp would have changed this case
 
 
-def test_zero_weights_and_zero_grads_use_ratio_one():
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_zero_weights_and_zero_grads_use_ratio_one(fused):
     weights = [[0.0] * 4, [1.0, -2.0, 3.0]]
     grads = [[[0.5, -0.5, 1.0, 2.0], [0.0, 0.0, 0.0]]] * 3
     expected, ratios = lamb_reference(weights, grads, lr=0.01)
-    got, opt = run_lamb(weights, grads, lr=0.01)
+    got, opt = run_lamb(weights, grads, fused=fused, lr=0.01)
     assert_close(got, expected)
     # zero weights: ratio 1 on the first step; zero gradients with decay: u = wd * w, ratio 1/wd clamped to 10
     assert ratios[1] == pytest.approx(10.0)

@@ -54,20 +54,22 @@ def close(a, b, tol=1e-12):
     dict(lr=2.0, momentum=0.5, wd=1e-2, tc=0.02, eps=1e-3),
     dict(lr=0.1, momentum=0.0, wd=0.0),
 ])
-def test_matches_algorithm_1(kw):
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_matches_algorithm_1(kw, fused):
     weights, grads = case(0)
     expected, ratios = lars_reference(weights, grads, **kw)
     names = {"wd": "weight_decay", "tc": "trust_coefficient"}
-    got, opt = run_lars(weights, grads, **{names.get(k, k): v for k, v in kw.items()})
+    got, opt = run_lars(weights, grads, fused=fused, **{names.get(k, k): v for k, v in kw.items()})
     assert close(got, expected)
     assert list(opt.trust_ratios().values()) == pytest.approx(ratios, rel=1e-12)
 
 
-def test_zero_weights_or_grads_use_local_lr_one():
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_zero_weights_or_grads_use_local_lr_one(fused):
     weights = [[0.0, 0.0, 0.0], [1.0, 2.0]]
     grads = [[[1.0, -1.0, 0.5], [0.0, 0.0]]] * 3
     expected, ratios = lars_reference(weights, grads, lr=0.1)
-    got, _ = run_lars(weights, grads, lr=0.1)
+    got, _ = run_lars(weights, grads, fused=fused, lr=0.1)
     assert close(got, expected)
     assert ratios[1] == 1.0
 

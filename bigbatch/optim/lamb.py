@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+from torch import Tensor
+
 import torch
 
-from bigbatch.optim.layerwise import LayerwiseOptimizer
+from bigbatch.optim.kernels import LAMB_APPLY, LAMB_MOMENTS_AND_NORMS, scalar, use_fused
+from bigbatch.optim.layerwise import FlatLayout, LayerwiseOptimizer
 
 
 class LAMB(LayerwiseOptimizer):
@@ -21,6 +24,8 @@ class LAMB(LayerwiseOptimizer):
     w -= lr * ratio * u. A group with `adapt=False` uses ratio 1 (plain AdamW-style update with decoupled decay).
 
     Moments are named `exp_avg` and `exp_avg_sq`, as in Adam, so DeepSpeed's universal checkpoint converts them.
+    `fused`: True runs adapted groups as two compiled passes (`bigbatch.optim.kernels`), False as foreach ops, None
+    (default) fuses CPU groups of at least 4M elements. Both compute the same update.
     """
 
     def __init__(
@@ -33,6 +38,7 @@ class LAMB(LayerwiseOptimizer):
         bias_correction: bool = True,
         max_coeff: float = 10.0,
         min_coeff: float = 0.01,
+        fused: bool | None = None,
     ) -> None:
         if lr < 0:
             raise ValueError(f"LAMB lr={lr} must be >= 0")
@@ -53,6 +59,7 @@ class LAMB(LayerwiseOptimizer):
             adapt=True,
         )
         super().__init__(params, defaults)
+        self.fused = fused
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -77,6 +84,9 @@ class LAMB(LayerwiseOptimizer):
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
             step = self.state[params[0]]["step"]
+            if group["adapt"] and use_fused(self.fused, params):
+                self._fused_step(group, params, layouts, grads, exp_avgs, exp_avg_sqs, step)
+                continue
 
             torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -98,14 +108,53 @@ class LAMB(LayerwiseOptimizer):
             lr = group["lr"]
             if group["adapt"]:
                 norms = self._param_norms([params, update], layouts)
-                ratios = []
-                for n in norms:
-                    w_norm, u_norm = n[0], n[1]
-                    ratio = (w_norm / u_norm).clamp(group["min_coeff"], group["max_coeff"])
-                    ratios.append(torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio)))
+                ratios = [_trust_ratio(n[0], n[1], group) for n in norms]
                 self._record(layouts, ratios)
                 self._scale_segments(update, layouts, [-lr * r for r in ratios])
                 torch._foreach_add_(params, update)
             else:
                 torch._foreach_add_(params, update, alpha=-lr)
         return loss
+
+    def _fused_step(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        layouts: list[FlatLayout],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        step: int,
+    ) -> None:
+        """The same update in two compiled passes over each segment (see `bigbatch.optim.kernels`)."""
+        beta1, beta2 = group["betas"]
+        bc1 = 1.0 - beta1**step if group["bias_correction"] else 1.0
+        bc2 = 1.0 - beta2**step if group["bias_correction"] else 1.0
+        like = params[0]
+        b1, b2 = (scalar(beta1, like), scalar(1.0 - beta1, like)), (scalar(beta2, like), scalar(1.0 - beta2, like))
+        c, e = scalar(math.sqrt(bc2) / bc1, like), scalar(group["eps"] * math.sqrt(bc2), like)
+        wd = scalar(group["weight_decay"], like)
+        partials = []
+        for p, g, m, v, lay in zip(params, grads, exp_avgs, exp_avg_sqs, layouts):
+            flat = [t.view(-1) for t in (g, m, v, p)]
+            rows = [
+                LAMB_MOMENTS_AND_NORMS(*(t.narrow(0, s, n) for t in flat), *b1, *b2, c, e, wd)
+                for s, n, _ in lay.segments
+            ]
+            # (w^2, u^2) per segment, the order _reduce_squares and _trust_ratio expect
+            partials.append(torch.stack([torch.stack((w2, u2)) for u2, w2 in rows], dim=1) if rows
+                            else torch.zeros(2, 0, device=like.device))
+        norms = self._reduce_squares(partials, layouts)
+        ratios = [_trust_ratio(n[0], n[1], group) for n in norms]
+        self._record(layouts, ratios)
+        lr = group["lr"]
+        for p, m, v, lay, r in zip(params, exp_avgs, exp_avg_sqs, layouts, ratios):
+            flat = [t.view(-1) for t in (m, v, p)]
+            for s, n, i in lay.segments:
+                LAMB_APPLY(*(t.narrow(0, s, n) for t in flat), c, e, wd, lr * r[i])
+
+
+def _trust_ratio(w_norm: Tensor, u_norm: Tensor, group: dict[str, Any]) -> Tensor:
+    """||w|| / ||u|| clamped to [min_coeff, max_coeff]; 1 where either norm is 0 (vectors over parameters)."""
+    ratio = (w_norm / u_norm).clamp(group["min_coeff"], group["max_coeff"])
+    return torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))

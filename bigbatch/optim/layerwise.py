@@ -34,6 +34,11 @@ class FlatLayout:
     group: Optional[Any] = None
 
 
+def _norm_dtype(t: Tensor) -> torch.dtype:
+    """Squared norms accumulate in fp32 at least (fp64 stays fp64)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def whole_tensor_layout(tensor: Tensor, name: str) -> FlatLayout:
     return FlatLayout((name,), ((0, tensor.numel(), 0),), None)
 
@@ -75,19 +80,26 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         Partial squared norms of the segments are summed per parameter, then all-reduced where a layout has a group:
         one all-reduce per tensor, carrying every kind at once.
         """
-        out = []
+        partials = []
         for t_index, lay in enumerate(layouts):
-            ref = kinds[0][t_index]
-            # squared norms accumulate in fp32 at least (fp64 stays fp64)
-            dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
-            sq = torch.zeros(len(kinds), len(lay.names), dtype=dtype, device=ref.device)
+            rows = []
+            for tensors in kinds:
+                t = tensors[t_index].view(-1)
+                views = [t.narrow(0, s, n) for s, n, _ in lay.segments]
+                norms = torch.stack(torch._foreach_norm(views)) if views else t.new_zeros(0)
+                rows.append(norms.to(_norm_dtype(t)) ** 2)
+            partials.append(torch.stack(rows))
+        return LayerwiseOptimizer._reduce_squares(partials, layouts)
+
+    @staticmethod
+    def _reduce_squares(partials: list[Tensor], layouts: list[FlatLayout]) -> list[Tensor]:
+        """partials[i]: (kinds, segments of layout i) squared norms -> (kinds, names) whole-parameter norms."""
+        out = []
+        for sq_seg, lay in zip(partials, layouts):
+            sq = sq_seg.new_zeros(sq_seg.shape[0], len(lay.names))
             if lay.segments:
-                index = torch.tensor([i for _, _, i in lay.segments], device=ref.device)
-                for k, tensors in enumerate(kinds):
-                    t = tensors[t_index].view(-1)
-                    views = [t.narrow(0, s, n) for s, n, _ in lay.segments]
-                    norms = torch.stack(torch._foreach_norm(views)).to(dtype)
-                    sq[k].index_add_(0, index, norms * norms)
+                index = torch.tensor([i for _, _, i in lay.segments], device=sq_seg.device)
+                sq.index_add_(1, index, sq_seg)
             if lay.group is not None:
                 dist.all_reduce(sq, group=lay.group)
             out.append(sq.sqrt())

@@ -12,8 +12,7 @@ DeepSpeed internals relied on (read from DeepSpeed 0.19.8; `check_layouts` fails
   `fp32_partitioned_groups_flat[s]`, the concatenation, in order, of the local shards (`partition_numel()` elements
   each) of the parameters in `fp16_groups[s]`, over `sub_group_process_groups[s]`. On the last rank each shard ends
   in `groups_padding[s][j]` elements of padding that are not zeroed: they must stay out of every norm.
-- fp16 at stage 0 (`runtime/fp16/unfused_optimizer.py`, `FP16_UnfusedOptimizer`): per-parameter fp32 masters
-  `fp32_groups[i][j]` for `fp16_groups[i][j]`; whole tensors, so only their names are needed.
+- fp16/bf16 at stage 0 (`FP16_UnfusedOptimizer`) is refused before this point: see `bigbatch.engine`.
 """
 
 from __future__ import annotations
@@ -98,10 +97,6 @@ def attach_layouts(ds_optimizer: Any, client: LayerwiseOptimizer, model: nn.Modu
                 )
             ordered = tuple(_name(names, p, f"subgroup{s}.{j}") for j, p in enumerate(params))
             client.set_layout(flat, FlatLayout(ordered, tuple(segments), ds_optimizer.sub_group_process_groups[s]))
-    elif kind == "FP16_UnfusedOptimizer":
-        for fp16_group, fp32_group in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups):
-            for p16, p32 in zip(fp16_group, fp32_group):
-                client.set_layout(p32, whole_tensor_layout(p32, _name(names, p16, "param")))
     else:
         raise UnsupportedLayout(kind)
     return kind

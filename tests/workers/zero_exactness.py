@@ -60,7 +60,7 @@ def reference(kind, clip):
     return {n: p.detach().clone() for n, p in model.named_parameters()}, opt.trust_ratios(), max(norms)
 
 
-def distributed(kind, stage, gas, clip, world, rank, naive=False):
+def distributed(kind, stage, gas, clip, world, rank, naive=False, fused=False):
     torch.manual_seed(0)
     model = Net()
     micro = GLOBAL // (gas * world)
@@ -70,7 +70,7 @@ def distributed(kind, stage, gas, clip, world, rank, naive=False):
         "gradient_accumulation_steps": gas,
         "gradient_clipping": clip,
         "zero_optimization": {"stage": stage},
-        "optimizer": {"type": "LAMB" if kind == "lamb" else "lars", "params": OPT_PARAMS[kind]},
+        "optimizer": {"type": "LAMB" if kind == "lamb" else "lars", "params": {**OPT_PARAMS[kind], "fused": fused}},
     }
     engine, *_ = initialize(model=model, config=config, model_parameters=param_groups(model, OPT_PARAMS[kind]["weight_decay"]))
     opt = client_optimizer(engine)
@@ -113,7 +113,19 @@ def main():
                     "stage": stage, "optimizer": kind, "gas": gas, "clip": clip,
                     "deviation": deviation(params, ref_params), "ratio_deviation": ratio_dev,
                     "ratio_names": sorted(ratios), "ref_ratio_names": sorted(ref_ratios), "max_grad_norm": max_norm,
+                    "fused": False,
                 })
+    # The compiled two-pass kernels (bigbatch.optim.kernels) over flat partitions that cut through parameters.
+    for stage in (1, 3):
+        for kind in ("lamb", "lars"):
+            params, ratios = distributed(kind, stage, 2, 1.0, world, rank, fused=True)
+            ref_params, ref_ratios, max_norm = refs[(kind, 1.0)]
+            results.append({
+                "stage": stage, "optimizer": kind, "gas": 2, "clip": 1.0, "fused": True,
+                "deviation": deviation(params, ref_params),
+                "ratio_deviation": max(abs(ratios[n] - r) / abs(r) for n, r in ref_ratios.items()),
+                "ratio_names": sorted(ratios), "ref_ratio_names": sorted(ref_ratios), "max_grad_norm": max_norm,
+            })
     # The same run without layouts must be far off: proves the comparison can fail.
     params, _ = distributed("lamb", 1, 1, 1.0, world, rank, naive=True)
     naive = deviation(params, refs[("lamb", 1.0)][0])

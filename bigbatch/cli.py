@@ -43,7 +43,13 @@ def cmd_train(args: list[str], recipe_path: Optional[str] = None) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train}
+def cmd_check(args: list[str]) -> int:
+    from bigbatch.check import cmd_check as run
+
+    return run(args)
+
+
+COMMANDS = {"train": cmd_train, "check": cmd_check}
 
 
 def _drop_local_rank(argv: list[str]) -> list[str]:
@@ -65,7 +71,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = _drop_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: bigbatch {" + ",".join(COMMANDS) + "} ...\n\n"
-              "  train   train a recipe on this launch's ranks (see `bigbatch train --help`)")
+              "  train   train a recipe on this launch's ranks (see `bigbatch train --help`)\n"
+              "  check   report every problem of a recipe or a DeepSpeed JSON, one sentence each\n")
         return 0 if argv else EXIT_BAD_INPUT
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

@@ -39,10 +39,10 @@ def _load(config: Union[str, Path, dict[str, Any], None]) -> dict[str, Any]:
     return copy.deepcopy(dict(config))
 
 
-def build_optimizer(section: dict[str, Any], params: Any) -> LayerwiseOptimizer:
-    """LAMB or LARS from a DeepSpeed-style `{"type": ..., "params": {...}}` section; unknown params name a fix."""
-    kind = str(section.get("type", "")).lower()
-    cls = OPTIMIZERS[kind]
+def build_optimizer_kwargs(section: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of LAMB or LARS from a DeepSpeed-style `{"type": ..., "params": {...}}` section;
+    an unknown or missing parameter raises ConfigError naming the fix."""
+    cls = OPTIMIZERS[str(section.get("type", "")).lower()]
     kwargs = dict(section.get("params", {}))
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
     for key in kwargs:
@@ -56,7 +56,12 @@ def build_optimizer(section: dict[str, Any], params: Any) -> LayerwiseOptimizer:
         kwargs["betas"] = tuple(kwargs["betas"])
     if cls is LARS and "lr" not in kwargs:
         raise ConfigError("optimizer.params.lr is missing for LARS; add it to the optimizer section.")
-    return cls(params, **kwargs)
+    return kwargs
+
+
+def build_optimizer(section: dict[str, Any], params: Any) -> LayerwiseOptimizer:
+    """LAMB or LARS from a DeepSpeed-style `{"type": ..., "params": {...}}` section."""
+    return OPTIMIZERS[str(section.get("type", "")).lower()](params, **build_optimizer_kwargs(section))
 
 
 def _refuse_offload(config: dict[str, Any]) -> None:

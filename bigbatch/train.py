@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from bigbatch import checkpoint, distributed, dsconfig, rundir
+from bigbatch.check import check_config, raise_on_errors
 from bigbatch.config import Recipe
 from bigbatch.data import TrainingData, prepare
 from bigbatch.data.corpus import check_sources
@@ -198,8 +199,8 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
     plan = solve_batch(recipe.batch.global_batch, world, recipe.batch.micro_batch, recipe.batch.grad_accum)
     lr, rule = scaled_lr(recipe.optimizer, plan.global_batch)
     check_sources(recipe.data.sources)
-    for name in recipe.deepspeed.configs:
-        dsconfig.find_fragment(name)
+    ds_config = dsconfig.build(recipe, plan, lr)
+    raise_on_errors(check_config(ds_config, plan.world), f"recipe {recipe.name}")
     if run_dir is not None:
         mode = rundir.decide_mode(run_dir, resume, overwrite)
 
@@ -217,7 +218,6 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
     torch.manual_seed(recipe.run.seed)
     model = build_model(recipe.model, data.vocab_size, pad_id=0)
     n_params = count_parameters(model)
-    ds_config = dsconfig.build(recipe, plan, lr)
     warmup = warmup_steps(recipe.schedule, plan.global_batch)
     s = recipe.schedule
 

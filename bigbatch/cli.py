@@ -37,9 +37,11 @@ def cmd_train(args: list[str], recipe_path: Optional[str] = None) -> int:
         raise ConfigError(f"unknown argument {unknown[0]!r}; recipe keys look like --batch.global_batch=8192, "
                           "see `bigbatch train --help`.")
     recipe = load_recipe(known.recipe, overrides)
+    from bigbatch.distributed import shutdown
     from bigbatch.train import train
 
     train(recipe, known.run_dir, resume=known.resume, overwrite=known.overwrite, argv=sys.argv)
+    shutdown()
     return 0
 
 

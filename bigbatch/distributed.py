@@ -41,6 +41,14 @@ def init() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def shutdown() -> None:
+    """Tears the process group down before the interpreter exits. Left to interpreter exit, a rank's gloo threads
+    can abort it ("terminate called without an active exception"), which the launcher reports as a failed run."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

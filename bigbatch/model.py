@@ -81,14 +81,31 @@ class CausalLM(nn.Module):
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int) -> nn.Module:
-    """A freshly initialised model (seeded by the caller) whose forward returns the training loss."""
+def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int, checkpointing: bool = False) -> nn.Module:
+    """A freshly initialised model (seeded by the caller) whose forward returns the training loss.
+
+    checkpointing: recompute each transformer layer in the backward pass (transformers' gradient checkpointing,
+    non-reentrant). DeepSpeed's own checkpointing API adds partitioned or CPU-offloaded activations, which serve
+    model parallelism; for data parallelism this is the same recomputation.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     config = hf_config(cfg, vocab_size, pad_id)
     if cfg.arch == "bert":
-        return MaskedLM(AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa"))
-    return CausalLM(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"))
+        hf, wrapper = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa"), MaskedLM
+    else:
+        hf, wrapper = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"), CausalLM
+    if checkpointing:  # transformers 5.x renamed gradient_checkpointing_enable (deprecated, removed in 6)
+        if hasattr(hf, "activation_checkpointing_enable"):
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return wrapper(hf)
+
+
+def wants_checkpointing(ds_config: dict) -> bool:
+    """Activation checkpointing is on when the resolved DeepSpeed JSON has an `activation_checkpointing` section."""
+    return isinstance(ds_config.get("activation_checkpointing"), dict)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -25,7 +25,7 @@ from bigbatch.data import TrainingData, prepare
 from bigbatch.data.corpus import check_sources
 from bigbatch.engine import client_optimizer, initialize
 from bigbatch.metrics import MetricsLog, device_peak_flops, plot_loss
-from bigbatch.model import build_model, count_parameters, padded_vocab
+from bigbatch.model import build_model, count_parameters, padded_vocab, wants_checkpointing
 from bigbatch.optim import param_groups
 from bigbatch.optim.layerwise import LayerwiseOptimizer
 from bigbatch.scaling import BatchPlan, lr_factor, scaled_lr, solve_batch, warmup_steps
@@ -174,7 +174,7 @@ def _banner(recipe: Recipe, plan: BatchPlan, lr: float, rule: str, ds_config: di
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     return (f"bigbatch {recipe.name}: {n_params / 1e6:.2f}M params | world {plan.world} | batch {plan} "
             f"(micro x accum x world) | {recipe.optimizer.type.upper()} lr {lr:.3g} ({rule}) | ZeRO {stage} | "
-            f"{_precision(ds_config)} | run {run_dir}")
+            f"{_precision(ds_config)}{' | act-ckpt' if wants_checkpointing(ds_config) else ''} | run {run_dir}")
 
 
 def _setup_logging(run_dir: Path, rank: int) -> None:
@@ -216,7 +216,7 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
 
     data = prepare(recipe, run_dir / "data", rank == 0, distributed.broadcast, log=_say if rank == 0 else log.info)
     torch.manual_seed(recipe.run.seed)
-    model = build_model(recipe.model, data.vocab_size, pad_id=0)
+    model = build_model(recipe.model, data.vocab_size, pad_id=0, checkpointing=wants_checkpointing(ds_config))
     n_params = count_parameters(model)
     warmup = warmup_steps(recipe.schedule, plan.global_batch)
     s = recipe.schedule

@@ -13,6 +13,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from bigbatch.config import ConfigError
+from bigbatch.distributed import shutdown
 from bigbatch.engine import client_optimizer, initialize
 from bigbatch.optim import param_groups
 from zero_exactness import GLOBAL, OPT_PARAMS, Net, batches, reference
@@ -107,3 +108,4 @@ def reference_steps(kind, steps):
 
 if __name__ == "__main__":
     main()
+    shutdown()

@@ -13,6 +13,7 @@ import deepspeed
 import torch
 from torch import nn
 
+from bigbatch.distributed import shutdown
 from bigbatch.engine import client_optimizer, initialize
 from bigbatch.optim import LAMB, LARS, param_groups
 
@@ -136,3 +137,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    shutdown()

@@ -1,0 +1,103 @@
+"""Worker for tests/test_ds_configs.py: every shipped stage x precision x checkpointing combination of ds_configs/,
+resolved by bigbatch.dsconfig for the tiny recipe, runs 3 steps of a tiny BERT through bigbatch.engine.initialize.
+
+One launch runs the whole matrix; rank 0 writes one JSON result. fp16 on the CPU relies on the test-only accelerator
+patch below (never in the product).
+"""
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from bigbatch import dsconfig
+from bigbatch.config import ConfigError, load_recipe
+from bigbatch.distributed import shutdown
+from bigbatch.engine import initialize
+from bigbatch.model import build_model, wants_checkpointing
+from bigbatch.optim import param_groups
+from bigbatch.scaling import solve_batch
+
+STEPS = 3
+VOCAB, SEQ, MICRO = 96, 16, 4
+
+
+def batch(step, rank):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    ids = torch.randint(5, VOCAB, (MICRO, SEQ), generator=g)
+    labels = torch.full_like(ids, -100)
+    masked = torch.rand(MICRO, SEQ, generator=g) < 0.3
+    masked[:, 0] = True
+    labels[masked] = ids[masked]
+    return ids, torch.ones_like(ids), labels
+
+
+def run(configs, optimizer, world, rank):
+    recipe = load_recipe("tiny", {"deepspeed.configs": ",".join(configs), "optimizer.type": optimizer,
+                                  "model.num_layers": "2", "model.hidden_size": "32", "model.num_heads": "2",
+                                  "model.intermediate_size": "64", "model.dropout": "0.1"})
+    plan = solve_batch(MICRO * world, world, MICRO, 0)
+    ds_config = dsconfig.build(recipe, plan, 1e-3)
+    torch.manual_seed(0)
+    model = build_model(recipe.model, VOCAB, pad_id=0, checkpointing=wants_checkpointing(ds_config))
+    engine, *_ = initialize(model=model, config=ds_config,
+                            model_parameters=param_groups(model, recipe.optimizer.weight_decay))
+    before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    losses = []
+    for step in range(STEPS):
+        ids, mask, labels = batch(step, rank)
+        loss = engine(ids, mask, labels)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        moved = sum(int(not torch.equal(p.detach().float(), before[n])) for n, p in params.items())
+    result = {
+        "configs": list(configs), "optimizer": optimizer, "losses": losses,
+        "finite": all(math.isfinite(x) for x in losses), "moved": moved, "params": len(params),
+        "stage": engine.zero_optimization_stage(), "fp16": engine.fp16_enabled(), "bf16": engine.bfloat16_enabled(),
+        "checkpointing": bool(getattr(model.hf, "is_activation_checkpointing", None)
+                              or getattr(model.hf, "is_gradient_checkpointing", False)),
+        "skipped": engine.skipped_steps, "wrapper": type(engine.optimizer).__name__,
+    }
+    engine.destroy()
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    type(get_accelerator()).is_fp16_supported = lambda self: True  # test only: fp16 on the CPU
+    deepspeed.init_distributed(dist_backend="gloo")
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    stages = sorted(p.name for p in dsconfig.DS_CONFIGS.glob("zero*.json"))
+    precisions = ("fp32.json", "fp16.json", "bf16.json")
+    results = []
+    for stage, precision, ckpt in itertools.product(stages, precisions, (False, True)):
+        configs = [stage, precision] + (["act_ckpt.json"] if ckpt else [])
+        sixteen_stage0 = stage == "zero0.json" and precision != "fp32.json"
+        if sixteen_stage0:  # refused for LAMB/LARS by design; DeepSpeed's AdamW runs it
+            try:
+                run(configs, "lamb", world, rank)
+                refused = None
+            except ConfigError as err:
+                refused = str(err)
+            results.append({"configs": configs, "optimizer": "lamb", "refused": refused})
+        results.append(run(configs, "adamw" if sixteen_stage0 else "lamb", world, rank))
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump({"world": world, "shipped": sorted(p.name for p in dsconfig.DS_CONFIGS.glob("*.json")),
+                       "cases": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
+    shutdown()

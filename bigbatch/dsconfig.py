@@ -98,5 +98,14 @@ def build(recipe: Recipe, plan: BatchPlan, lr: float) -> dict[str, Any]:
     return config
 
 
+def precision(config: dict[str, Any]) -> str:
+    """fp16, bf16 or fp32: the training precision a DeepSpeed config selects."""
+    if (config.get("fp16") or {}).get("enabled"):
+        return "fp16"
+    if (config.get("bf16") or config.get("bfloat16") or {}).get("enabled"):
+        return "bf16"
+    return "fp32"
+
+
 def write(config: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")

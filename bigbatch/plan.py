@@ -1,0 +1,334 @@
+"""The memory planner: `bigbatch plan <recipe> --nodes N --gpus-per-node G --gpu-memory 80GB`.
+
+Bytes per GPU = model states (parameters, gradients, optimizer states, split by the ZeRO stage) + the activations
+of one micro-batch + DeepSpeed's communication buckets + a fixed CUDA allowance. Every count is per GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from bigbatch.config import ConfigError, ModelConfig, Recipe, load_recipe, parse_override_args
+from bigbatch.model import padded_vocab
+
+STAGES = (0, 1, 2, 3)
+PRECISIONS = ("fp32", "fp16", "bf16")
+GiB = 2**30
+# Not from the recipe: ~0.5 GiB of CUDA context and kernel images (lazy loading), ~0.5 GiB of cuBLAS workspaces and
+# NCCL communicator buffers, ~1 GiB for the caching allocator's fragmentation. A magnitude, not a measurement.
+CUDA_ALLOWANCE = 2 * GiB
+# fp32 moments each optimizer keeps per parameter: Adam and LAMB m and v (bigbatch/optim/lamb.py), LARS momentum.
+MOMENTS = {"adamw": 2, "lamb": 2, "lars": 1}
+# Elements saved by the MLP activation per intermediate element: BERT's `gelu` is one ATen op (saves its input);
+# GPT-2's `gelu_new` is written out in Python, 0.5*x*(1+tanh(c*(x+0.044715*x^3))), whose muls and tanh save 4 tensors.
+ACT_SAVES = {"bert": 1, "gpt2": 4}
+
+
+def parse_memory(text: str) -> int:
+    """`80GB` (10^9 bytes), `80GiB` (2^30 bytes) or `80` (GiB) -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(gb|gib)?\s*", text, re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"--gpu-memory={text!r} is not a positive memory size; write it as 80GB, 80GiB or 80 (GiB).")
+    unit = 10**9 if (match.group(2) or "").lower() == "gb" else GiB
+    return int(float(match.group(1)) * unit)
+
+
+def _element_bytes(precision: str) -> int:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+    return 4 if precision == "fp32" else 2
+
+
+def model_state_bytes(num_params: int, stage: int, precision: str, optimizer: str, world: int,
+                      largest_layer_params: int = 0) -> dict[str, int]:
+    """Bytes per GPU of parameters, gradients and optimizer states under ZeRO `stage` on `world` data-parallel GPUs.
+
+    ZeRO paper (Rajbhandari et al. 2020, sec. 3.1 and Fig. 1): mixed-precision Adam holds 2 + 2 + K bytes per
+    parameter, 16-bit weights and gradients plus K = 12 of fp32 master weights, momentum and variance; stage 1
+    partitions the K bytes, stage 2 the gradients too, stage 3 the weights too. LAMB keeps what Adam keeps, LARS one
+    fp32 moment instead of two; fp32 training has 4-byte weights and gradients and no masters. DeepSpeed 0.19 adds:
+    - a 4-byte fp32 gradient partition built for the optimizer step (`single_grad_partition` in stage_1_and_2.py and
+      stage3.py; at stage 0, only the fp16/bf16 wrappers keep fp32 gradients). Its own estimator counts it:
+      estimate_zero2_model_states_mem_needs = 2 + 18/N, "18 = 2_grads_16bit + 4_grads_32bit + 4_params_32bit + 8";
+    - in fp32 at stages 1-2, a "master" partition anyway: stage_1_and_2.py clones it whatever the dtype;
+    - at stage 3, the largest layer's weights and gradients gathered whole (its estimator: 4 x largest_layer_params).
+    Its stage-3 estimator counts 18/N where this counts 20/N = 2 + 2 + 4 + 4 + 8: the 16-bit gradient partition
+    (stage3.py `grad_partitions_flat_buffer`, in the model's dtype by default) is the difference.
+    """
+    if optimizer not in MOMENTS:
+        raise ConfigError(f"optimizer.type={optimizer!r} is not one of {', '.join(MOMENTS)}.")
+    if stage not in STAGES:
+        raise ConfigError(f"zero_optimization.stage={stage} is not one of 0, 1, 2, 3.")
+    w = _element_bytes(precision)
+    half = w == 2
+    part = num_params / world  # one rank's partition
+    master = 4 if half or stage in (1, 2) else 0
+    fp32_grad = 4 if half or stage >= 1 else 0
+    gathered = w * largest_layer_params if stage == 3 else 0
+    params = w * (part if stage == 3 else num_params) + gathered
+    grads = w * (part if stage >= 2 else num_params) + gathered + fp32_grad * (part if stage >= 1 else num_params)
+    optim = (master + 4 * MOMENTS[optimizer]) * (part if stage >= 1 else num_params)
+    return {"params": int(params), "grads": int(grads), "optimizer": int(optim)}
+
+
+def activation_bytes(model_cfg: ModelConfig, vocab_size: int, seq_len: int, micro_batch: int, precision: str,
+                     checkpointing: bool = False, attention: str = "sdpa", mlm_probability: float = 0.15) -> int:
+    """Bytes autograd keeps for the backward pass of one micro-batch (`vocab_size` unpadded, as in the recipe).
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1) count
+    s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit. The terms below are theirs, checked against what bigbatch's
+    BERT and GPT-2 (transformers 5) really save (tests/test_plan.py counts it with saved_tensors_hooks); sizes of
+    ops that keep fp32 whatever the precision (LayerNorm statistics, log-sum-exp, the loss) stay fp32. With
+    checkpointing (transformers' per-layer recomputation) a layer keeps only its input, and one layer at a time is
+    recomputed in full during the backward pass.
+    """
+    if attention not in ("sdpa", "flash_attention_2", "eager"):
+        raise ConfigError(f"attention {attention!r} is not one of sdpa, flash_attention_2, eager.")
+    e = _element_bytes(precision)
+    s, b, h, a = seq_len, micro_batch, model_cfg.hidden_size, model_cfg.num_heads
+    t = s * b  # tokens in the micro-batch
+    vocab = padded_vocab(vocab_size, model_cfg.pad_vocab_to_multiple)
+    gpt = model_cfg.arch == "gpt2"
+    ln = 8 * t  # per LayerNorm: fp32 mean and rstd per token
+    mask = t * h if model_cfg.dropout > 0 else 0  # per dropout: CUDA's native_dropout keeps a 1-byte mask
+
+    def layer() -> int:
+        n = 8 * t * h * e  # Korthikanti's 5 (attention input, q, k, v, output) + 1 (MLP input) + 2 (LN inputs):
+        # BERT (post-LN): input, q, k, v, attention output, LN1 input, LN1 output, LN2 input;
+        # GPT-2 (pre-LN): input, ln_1 output, q, k, v (views of one qkv tensor), attention output, ln_2 in and out.
+        n += t * model_cfg.intermediate_size * e * (ACT_SAVES[model_cfg.arch] + 1)  # activation + 2nd Linear input
+        n += 2 * ln + 2 * mask  # two LayerNorms; dropout after the attention projection and after the MLP
+        if attention == "eager":  # Korthikanti's 5*a*s^2*b: softmax output, then dropout mask and dropped probs
+            n += a * s * s * b * (e + (1 + e if mask else 0))
+        else:  # fused kernels recompute the probabilities (and their dropout mask, from the RNG seed) in backward
+            n += 4 * a * t  # fp32 log-sum-exp per head and token
+        return n
+
+    embeddings = 8 * (t + s) + mask  # int64 token and position ids for the embedding backward; embedding dropout
+    if gpt:  # ln_f input and output and its statistics, fp32 log-probabilities at every position, int64 labels
+        head = 2 * t * h * e + ln + 4 * t * vocab + 8 * t
+    else:
+        embeddings += t * h * e + ln  # BERT's embedding LayerNorm
+        # MaskedLM keeps a bool mask to gather the masked rows, then per row: 4 hidden-sized inputs (transform Linear,
+        # GELU, LayerNorm, decoder), LayerNorm statistics, fp32 log-probabilities (the loss upcasts), an int64 label.
+        m = round(mlm_probability * t)
+        head = t + m * (4 * h * e + 8 + 4 * vocab + 8)
+    L = model_cfg.num_layers
+    if checkpointing:
+        layers = L * t * h * e + layer()
+    else:
+        layers = L * layer()
+    return embeddings + layers + head
+
+
+def logits_grad_bytes(model_cfg: ModelConfig, vocab_size: int, seq_len: int, micro_batch: int,
+                      mlm_probability: float = 0.15) -> int:
+    """The first backward step's transient: nll_loss's and log_softmax's fp32 gradients, each as large as the logits,
+    alive while every activation still is (for GPT-2 at vocabulary 50k this rivals several layers)."""
+    t = seq_len * micro_batch
+    rows = t if model_cfg.arch == "gpt2" else round(mlm_probability * t)
+    return 2 * 4 * rows * padded_vocab(vocab_size, model_cfg.pad_vocab_to_multiple)
+
+
+def buffer_bytes(zero_section: dict[str, Any], stage: int, precision: str, num_params: int) -> int:
+    """DeepSpeed's communication buckets at `stage` (sizes from the resolved JSON, DeepSpeed's defaults otherwise)
+    plus CUDA_ALLOWANCE. allgather_bucket_size is not counted: DeepSpeed 0.19 gathers updated partitions in place,
+    into the flat 16-bit buffer (runtime/utils.py all_gather_dp_groups), so it allocates nothing."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = DeepSpeedZeroConfig(**{**zero_section, "stage": stage})
+    e = _element_bytes(precision)
+    if stage == 0:  # engine.allreduce_gradients flattens gradients into buckets of 5e8 elements
+        buckets = min(500_000_000, num_params)
+    elif stage in (1, 2):  # stage_1_and_2.setup_buckets: torch.empty(reduce_bucket_size), a second with overlap_comm
+        buckets = zero.reduce_bucket_size * (2 if zero.overlap_comm else 1)
+    else:  # stage3: one reduce bucket, and parameters prefetched ahead of the layer being computed
+        buckets = zero.reduce_bucket_size + min(zero.prefetch_bucket_size, num_params)
+    return buckets * e + CUDA_ALLOWANCE
+
+
+def model_size(model_cfg: ModelConfig, vocab_size: int) -> tuple[int, int, str]:
+    """(parameters, largest layer's parameters, attention implementation) of the recipe's model, built on the meta
+    device so no memory is allocated. Tied embeddings count once."""
+    import torch
+
+    from bigbatch.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_cfg, vocab_size, pad_id=0)
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return total, largest, model.hf.config._attn_implementation
+
+
+@dataclass(frozen=True)
+class Row:
+    stage: int
+    precision: str
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    buffers: int
+    total: int
+    fits: bool
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    recipe: str
+    world: int
+    gpu_memory: int
+    num_params: int
+    stage: int  # the recipe's own, from its deepspeed.configs
+    precision: str
+    checkpointing: bool
+    global_batch: int
+    micro_batch: int  # the recipe's; the table is at this micro-batch
+    batch_error: str  # why the recipe's batch does not solve on `world`; empty when it does
+    rows: tuple[Row, ...]
+    largest_fitting: int  # 0: not even micro-batch 1 fits
+    largest_valid: int  # the largest fitting micro-batch that also divides the global batch; 0: none
+    largest_other_checkpointing: int  # the largest fitting micro-batch with checkpointing switched the other way
+
+    @property
+    def own(self) -> Row:
+        return next(r for r in self.rows if (r.stage, r.precision) == (self.stage, self.precision))
+
+    @property
+    def fits(self) -> bool:
+        return self.own.fits and not self.batch_error
+
+
+def plan(recipe: Recipe, nodes: int, gpus_per_node: int, gpu_memory_bytes: int) -> PlanResult:
+    """The memory table of `recipe` on nodes x gpus_per_node GPUs of `gpu_memory_bytes` each."""
+    from bigbatch import dsconfig
+    from bigbatch.model import wants_checkpointing
+    from bigbatch.scaling import BatchPlan, scaled_lr, solve_batch
+
+    for key, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1; give the number of machines and GPUs per machine.")
+    world = nodes * gpus_per_node
+    batch = recipe.batch
+    try:
+        batch_plan, batch_error = solve_batch(batch.global_batch, world, batch.micro_batch, batch.grad_accum), ""
+    except ConfigError as err:
+        micro = batch.micro_batch or max(batch.global_batch // (world * max(batch.grad_accum, 1)), 1)
+        # still tabulated at the recipe's micro-batch; only the fragments of the JSON built from this plan are read
+        batch_plan, batch_error = BatchPlan(micro * world, micro, 1, world), str(err)
+    ds_config = dsconfig.build(recipe, batch_plan, scaled_lr(recipe.optimizer, batch.global_batch)[0])
+    zero_section = ds_config.get("zero_optimization") or {}
+    own_stage, own_precision = int(zero_section.get("stage", 0)), dsconfig.precision(ds_config)
+    checkpointing = wants_checkpointing(ds_config)
+    num_params, largest_layer, attention = model_size(recipe.model, recipe.data.vocab_size)
+    optimizer = recipe.optimizer.type.lower()
+
+    def row(stage: int, precision: str, micro: int, ckpt: bool) -> Row:
+        states = model_state_bytes(num_params, stage, precision, optimizer, world, largest_layer)
+        acts = (activation_bytes(recipe.model, recipe.data.vocab_size, recipe.data.seq_len, micro, precision, ckpt,
+                                 attention, recipe.data.mlm_probability)
+                + logits_grad_bytes(recipe.model, recipe.data.vocab_size, recipe.data.seq_len, micro,
+                                    recipe.data.mlm_probability))
+        buffers = buffer_bytes(zero_section, stage, precision, num_params)
+        total = sum(states.values()) + acts + buffers
+        return Row(stage, precision, states["params"], states["grads"], states["optimizer"], acts, buffers, total,
+                   total <= gpu_memory_bytes)
+
+    def largest(ckpt: bool) -> int:  # activations grow with the micro-batch: bisect on [1, global / world]
+        lo, hi = 0, max(batch.global_batch // world, 1)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if row(own_stage, own_precision, mid, ckpt).fits else (lo, mid - 1)
+        return lo
+
+    def divides(micro: int) -> bool:
+        try:
+            solve_batch(batch.global_batch, world, micro_batch=micro)
+            return True
+        except ConfigError:
+            return False
+
+    rows = tuple(row(st, pr, batch_plan.micro_batch, checkpointing) for st in STAGES for pr in PRECISIONS)
+    fitting = largest(checkpointing)
+    valid = next((m for m in range(fitting, 0, -1) if divides(m)), 0)
+    return PlanResult(recipe.name, world, gpu_memory_bytes, num_params, own_stage, own_precision, checkpointing,
+                      batch.global_batch, batch_plan.micro_batch, batch_error, rows, fitting, valid,
+                      largest(not checkpointing))
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def report(result: PlanResult) -> str:
+    """The table, then what it means for the recipe as written."""
+    r = result
+    head = ("", "stage", "precision", "params", "grads", "optimizer", "activations", "buffers", "total", "fits")
+    lines = [head]
+    for row in r.rows:
+        mark = "*" if (row.stage, row.precision) == (r.stage, r.precision) else ""
+        lines.append((mark, str(row.stage), row.precision, _size(row.params), _size(row.grads), _size(row.optimizer),
+                      _size(row.activations), _size(row.buffers), _size(row.total), "yes" if row.fits else "no"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    table = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
+    ckpt = "with" if r.checkpointing else "without"
+    setting = f"ZeRO-{r.stage} {r.precision} {ckpt} activation checkpointing"
+    out = [f"{r.recipe}: {r.num_params / 1e6:.2f}M parameters on {r.world} GPUs of {_size(r.gpu_memory)}; "
+           f"micro-batch {r.micro_batch}, {_size(CUDA_ALLOWANCE)} of buffers are a fixed CUDA allowance "
+           f"(* = the recipe's own stage and precision).", *table, ""]
+    own = r.own
+    if r.batch_error:
+        out.append(f"{r.recipe} does not run as written on {r.world} GPUs: {r.batch_error}")
+    elif own.fits:
+        out.append(f"{r.recipe} fits as written: {setting} at micro-batch {r.micro_batch} needs {_size(own.total)} "
+                   f"of {_size(r.gpu_memory)} per GPU.")
+    else:
+        out.append(f"{r.recipe} does not fit as written: {setting} at micro-batch {r.micro_batch} needs "
+                   f"{_size(own.total)} per GPU, more than the {_size(r.gpu_memory)} given.")
+
+    def capped(micro: int) -> str:
+        whole = micro == max(r.global_batch // r.world, 1)
+        return f"{micro} (global batch / GPUs: no accumulation)" if whole else str(micro)
+
+    largest = f"The largest micro-batch that fits with {setting} is {capped(r.largest_fitting)}"
+    if not r.largest_fitting:
+        out.append(f"Not even micro-batch 1 fits with {setting}; pick a higher ZeRO stage, 16-bit precision, "
+                   "activation checkpointing or more GPUs.")
+    elif r.largest_valid == r.largest_fitting:
+        out.append(f"{largest}, and it divides the global batch {r.global_batch} on {r.world} GPUs.")
+    else:
+        valid = (f"the largest that does is {r.largest_valid} (--batch.micro_batch={r.largest_valid})"
+                 if r.largest_valid else "no micro-batch that fits does")
+        out.append(f"{largest}, but it does not divide the global batch {r.global_batch} on {r.world} GPUs; {valid}.")
+    other = "without" if r.checkpointing else "with"
+    out.append(f"{other.capitalize()} activation checkpointing the largest micro-batch that fits would be "
+               f"{capped(r.largest_other_checkpointing)}.")
+    return "\n".join(out)
+
+
+def cmd_plan(args: list[str]) -> int:
+    """`bigbatch plan`: prints the table; 0 when the recipe fits as written, 1 when it does not."""
+    overrides, rest = parse_override_args(args)
+    parser = argparse.ArgumentParser(
+        prog="bigbatch plan",
+        description="Memory per GPU of a recipe for each ZeRO stage and precision, and the largest micro-batch "
+                    "that fits. Override any recipe key as --section.key=value.")
+    parser.add_argument("recipe", help="a shipped recipe name (tiny, ...), a recipes/*.py path, or a run's recipe.json")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, required=True)
+    parser.add_argument("--gpu-memory", required=True, help="per GPU: 80GB (10^9 bytes), 80GiB or 80 (GiB)")
+    known, unknown = parser.parse_known_args(rest)
+    if unknown:
+        raise ConfigError(f"unknown argument {unknown[0]!r}; recipe keys look like --batch.global_batch=8192, "
+                          "see `bigbatch plan --help`.")
+    result = plan(load_recipe(known.recipe, overrides), known.nodes, known.gpus_per_node,
+                  parse_memory(known.gpu_memory))
+    print(report(result))
+    return 0 if result.fits else 1

@@ -1,0 +1,242 @@
+"""The memory planner against independent numbers: what autograd saves, DeepSpeed's estimators, the ZeRO paper."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+from bigbatch.config import ConfigError, ModelConfig, load_recipe
+from bigbatch.model import CausalLM, MaskedLM, hf_config
+from bigbatch.plan import (CUDA_ALLOWANCE, activation_bytes, buffer_bytes, cmd_plan, model_size,
+                           logits_grad_bytes, model_state_bytes, parse_memory, plan)
+
+VOCAB = 1000
+SHAPES = [  # arch, hidden, layers, heads, sequence, micro-batch
+    ("bert", 64, 2, 2, 64, 4),
+    ("bert", 128, 3, 4, 128, 2),
+    ("gpt2", 96, 2, 3, 64, 4),
+]
+
+
+def _model(arch, h, layers, heads, seq, *, dropout=0.0, attention="sdpa", attention_dropout=None):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    cfg = ModelConfig(arch=arch, hidden_size=h, num_layers=layers, num_heads=heads, intermediate_size=4 * h,
+                      max_position=seq, dropout=dropout)
+    config = hf_config(cfg, VOCAB, pad_id=0)
+    if attention_dropout is not None:
+        setattr(config, "attention_probs_dropout_prob" if arch == "bert" else "attn_pdrop", attention_dropout)
+    torch.manual_seed(0)
+    if arch == "bert":
+        model = MaskedLM(AutoModelForMaskedLM.from_config(config, attn_implementation=attention))
+    else:
+        model = CausalLM(AutoModelForCausalLM.from_config(config, attn_implementation=attention))
+    assert model.hf.config._attn_implementation == attention
+    return cfg, model.train()
+
+
+def _batch(arch, seq, micro):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, VOCAB, (micro, seq), generator=g)
+    if arch == "gpt2":
+        labels = ids.clone()
+    else:  # exactly round(15%) masked positions, as activation_bytes assumes
+        labels = torch.full_like(ids, -100).view(-1)
+        picked = torch.randperm(ids.numel(), generator=g)[: round(0.15 * ids.numel())]
+        labels[picked] = ids.view(-1)[picked]
+        labels = labels.view_as(ids)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _saved_bytes(model, batch, checkpointing=False):
+    """Bytes autograd keeps after the forward pass, each storage once, parameters left out. With checkpointing, plus
+    the largest one-layer recomputation of the backward pass (when the last layer is recomputed, every other layer's
+    input is still kept: the same sum activation_bytes makes)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def counter(store):
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                store.setdefault(ptr, t.untyped_storage().nbytes())
+            return t
+        return pack
+
+    saved: dict[int, int] = {}
+    with saved_tensors_hooks(counter(saved), lambda t: t):
+        loss = model(**batch)
+    forward = sum(saved.values())
+    if not checkpointing:
+        return forward
+    # Reentrant recomputation calls the layer's forward function, not the module, so a layer's start is marked by
+    # its first submodule (BertLayer.attention, GPT2Block.ln_1).
+    layers = [m for m in model.modules() if type(m).__name__ in ("BertLayer", "GPT2Block")]
+    recomputed: list[dict[int, int]] = []
+    hooks = [next(layer.children()).register_forward_pre_hook(lambda *_: recomputed.append({})) for layer in layers]
+    with saved_tensors_hooks(lambda t: counter(recomputed[-1])(t), lambda t: t):
+        loss.backward()
+    for hook in hooks:
+        hook.remove()
+    assert len(recomputed) == len(layers)
+    return forward + max(sum(r.values()) for r in recomputed)
+
+
+def _check(measured, estimated, what):
+    error = (estimated - measured) / measured
+    assert abs(error) <= 0.15, f"{what}: measured {measured} B, estimated {estimated} B ({error:+.1%})"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-h{s[1]}-L{s[2]}-a{s[3]}-s{s[4]}")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["full", "checkpointed"])
+def test_activation_estimate_matches_saved_tensors(shape, precision, checkpointing):
+    arch, h, layers, heads, seq, micro = shape
+    cfg, model = _model(arch, h, layers, heads, seq)
+    if precision == "bf16":  # DeepSpeed's bf16 mode casts the module's parameters (not autocast); so does this
+        model.to(torch.bfloat16)
+    if checkpointing:  # reentrant, so that the layer inputs are saved where the hooks see them; same memory
+        model.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    measured = _saved_bytes(model, _batch(arch, seq, micro), checkpointing)
+    estimated = activation_bytes(cfg, VOCAB, seq, micro, precision, checkpointing)
+    _check(measured, estimated, f"{shape} {precision} checkpointing={checkpointing}")
+
+
+def test_eager_attention_keeps_the_probabilities():
+    arch, h, layers, heads, seq, micro = SHAPES[0]
+    cfg, model = _model(arch, h, layers, heads, seq, attention="eager")
+    measured = _saved_bytes(model, _batch(arch, seq, micro))
+    _check(measured, activation_bytes(cfg, VOCAB, seq, micro, "fp32", attention="eager"), "eager attention")
+    assert activation_bytes(cfg, VOCAB, seq, micro, "fp32", attention="eager") > activation_bytes(
+        cfg, VOCAB, seq, micro, "fp32")
+
+
+def test_dropout_masks_one_per_dropout_element():
+    """On CUDA, dropout keeps a bool mask (1 byte an element); the CPU kernel keeps its float scaling mask in the
+    input's dtype (4 bytes in fp32). So CPU bytes = estimate + 3 bytes per mask element: the element count is what
+    is checked. Attention dropout is off here because CPU SDPA with dropout falls back to the math kernel, which
+    keeps the probabilities that CUDA's fused kernels recompute."""
+    arch, h, layers, heads, seq, micro = SHAPES[0]
+    cfg, model = _model(arch, h, layers, heads, seq, dropout=0.1, attention_dropout=0.0)
+    without = activation_bytes(dataclasses.replace(cfg, dropout=0.0), VOCAB, seq, micro, "fp32")
+    with_masks = activation_bytes(cfg, VOCAB, seq, micro, "fp32")
+    mask_elements = with_masks - without
+    assert mask_elements == (1 + 2 * layers) * seq * micro * h  # embeddings, then 2 per layer
+    measured = _saved_bytes(model, _batch(arch, seq, micro))
+    _check(measured, with_masks + 3 * mask_elements, "dropout masks as float on CPU")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model states
+
+
+@pytest.mark.parametrize("num_params,nodes,gpus", [(340_000_000, 1, 1), (340_000_000, 1, 8), (340_000_000, 32, 8),
+                                                   (124_439_808, 2, 8)])
+def test_adam_16bit_against_deepspeed_estimators(num_params, nodes, gpus):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    largest = 38_633_472
+    world = nodes * gpus
+    _, ds2 = estimate_zero2_model_states_mem_needs(num_params, gpus, nodes, cpu_offload=False)
+    _, ds3, _ = estimate_zero3_model_states_mem_needs(num_params, largest, gpus, nodes, cpu_offload=False)
+    for precision in ("fp16", "bf16"):
+        assert sum(model_state_bytes(num_params, 2, precision, "adamw", world).values()) == ds2
+        ours3 = sum(model_state_bytes(num_params, 3, precision, "adamw", world, largest).values())
+        # DeepSpeed's stage-3 estimate leaves out the 16-bit gradient partition (stage3.py grad_partitions_flat_buffer)
+        assert ours3 == ds3 + 2 * num_params // world
+
+
+def _zero_paper(P, stage, precision, optimizer, N):
+    """ZeRO paper Fig. 1 for P parameters on N GPUs: (2 + 2 + K)P, 2P + 2P + KP/N, 2P + (2 + K)P/N, (2 + 2 + K)P/N,
+    with the weight and gradient bytes 4 (not 2) in fp32, K = fp32 masters (16-bit only) + 4 bytes per moment,
+    plus what DeepSpeed adds: an fp32 gradient partition for the step (16-bit, or any stage >= 1) and an fp32 clone
+    of the weights at stages 1-2 in fp32 training."""
+    w = 4 if precision == "fp32" else 2
+    moments = {"adamw": 2, "lamb": 2, "lars": 1}[optimizer]
+    K = (4 if w == 2 else 0) + 4 * moments
+    extra = (4 if w == 2 or stage else 0) + (4 if w == 4 and stage in (1, 2) else 0)
+    return {0: (w + w + K + extra) * P,
+            1: w * P + w * P + (K + extra) * P / N,
+            2: w * P + (w + K + extra) * P / N,
+            3: (w + w + K + extra) * P / N}[stage]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb", "lars"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_model_states_against_zero_paper(optimizer, precision, stage):
+    P, N = 1_000_000, 8
+    ours = model_state_bytes(P, stage, precision, optimizer, N)  # largest layer 0: the paper has no gather term
+    assert sum(ours.values()) == _zero_paper(P, stage, precision, optimizer, N)
+    assert ours["params"] == (4 if precision == "fp32" else 2) * (P // N if stage == 3 else P)
+
+
+def test_model_states_bad_optimizer():
+    with pytest.raises(ConfigError, match="optimizer.type='sgd'"):
+        model_state_bytes(10, 1, "fp32", "sgd", 1)
+
+
+def test_buffers_read_bucket_sizes_from_the_json():
+    zero = {"reduce_bucket_size": 50_000_000, "overlap_comm": True}  # two reduce buckets
+    assert buffer_bytes(zero, 2, "bf16", 10**9) == 2 * 50_000_000 * 2 + CUDA_ALLOWANCE
+    assert buffer_bytes(zero, 2, "fp32", 10**9) == 2 * 50_000_000 * 4 + CUDA_ALLOWANCE
+    assert buffer_bytes({"reduce_bucket_size": 1000}, 1, "fp16", 10**9) == 1000 * 2 + CUDA_ALLOWANCE  # DeepSpeed's
+    # default stage-3 prefetch bucket (5e7 elements) counts when the JSON gives none
+    assert buffer_bytes({"reduce_bucket_size": 1000}, 3, "fp16", 10**9) == (1000 + 50_000_000) * 2 + CUDA_ALLOWANCE
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Input and the command
+
+
+@pytest.mark.parametrize("text,expected", [("80GB", 80 * 10**9), ("80GiB", 80 * 2**30), ("80", 80 * 2**30),
+                                           ("40 gb", 40 * 10**9), ("1.5GiB", 3 * 2**29)])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "eighty", "80TB", "80MB", "-1", "0", "GB"])
+def test_parse_memory_bad_input(text):
+    with pytest.raises(ConfigError) as err:
+        parse_memory(text)
+    message = str(err.value)
+    assert repr(text) in message and message.endswith(".") and ". " not in message
+
+
+def test_cmd_plan_tiny_fits_in_a_huge_gpu(capsys):
+    assert cmd_plan(["tiny", "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory", "1000GB"]) == 0
+    out = capsys.readouterr().out
+    assert "stage  precision" in out and out.count("\n") > 12
+    assert "tiny fits as written: ZeRO-1 fp32" in out
+
+
+def test_cmd_plan_tiny_does_not_fit_in_a_tiny_gpu(capsys):
+    assert cmd_plan(["tiny", "--nodes=1", "--gpus-per-node=2", "--gpu-memory=1GB", "--data.seq_len=32"]) == 1
+    out = capsys.readouterr().out
+    assert "stage  precision" in out
+    assert "tiny does not fit as written" in out and "Not even micro-batch 1 fits" in out
+
+
+def test_plan_names_the_largest_micro_batch_that_divides():
+    recipe = load_recipe("tiny")  # global batch 4096, ZeRO-1 fp32
+    m = recipe.model
+    states = sum(model_state_bytes(model_size(m, recipe.data.vocab_size)[0], 1, "fp32", "lamb", 1).values())
+
+    def total(micro):
+        acts = activation_bytes(m, recipe.data.vocab_size, recipe.data.seq_len, micro, "fp32")
+        acts += logits_grad_bytes(m, recipe.data.vocab_size, recipe.data.seq_len, micro)
+        return states + acts + buffer_bytes({"stage": 1, "reduce_bucket_size": 50_000_000}, 1, "fp32", 0)
+
+    result = plan(recipe, 1, 1, total(300))
+    assert (result.largest_fitting, result.largest_valid) == (300, 256)
+    assert result.fits  # the recipe's own micro-batch, 256, is below 300
+
+
+def test_cmd_plan_world_the_global_batch_does_not_divide(capsys):
+    assert cmd_plan(["tiny", "--gpus-per-node=3", "--gpu-memory=1000GB"]) == 1
+    out = capsys.readouterr().out
+    assert "tiny does not run as written on 3 GPUs: batch.global_batch=4096 is not divisible" in out
+    assert "no micro-batch that fits does" in out

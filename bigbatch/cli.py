@@ -37,11 +37,9 @@ def cmd_train(args: list[str], recipe_path: Optional[str] = None) -> int:
         raise ConfigError(f"unknown argument {unknown[0]!r}; recipe keys look like --batch.global_batch=8192, "
                           "see `bigbatch train --help`.")
     recipe = load_recipe(known.recipe, overrides)
-    from bigbatch.distributed import shutdown
     from bigbatch.train import train
 
     train(recipe, known.run_dir, resume=known.resume, overwrite=known.overwrite, argv=sys.argv)
-    shutdown()
     return 0
 
 
@@ -51,7 +49,13 @@ def cmd_check(args: list[str]) -> int:
     return run(args)
 
 
-COMMANDS = {"train": cmd_train, "check": cmd_check}
+def cmd_plan(args: list[str]) -> int:
+    from bigbatch.plan import cmd_plan as run
+
+    return run(args)
+
+
+COMMANDS = {"train": cmd_train, "check": cmd_check, "plan": cmd_plan}
 
 
 def _drop_local_rank(argv: list[str]) -> list[str]:
@@ -69,12 +73,24 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def _as_program(code: int) -> int:
+    """The process is about to exit: tear the process group down first (see `bigbatch.distributed.shutdown`).
+    Only when run as a program: an in-process caller may train again on the same group."""
+    from bigbatch.distributed import shutdown
+
+    shutdown()
+    return code
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = _drop_local_rank(list(sys.argv[1:] if argv is None else argv))
+    if argv is None:
+        return _as_program(main(sys.argv[1:]))
+    argv = _drop_local_rank(list(argv))
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: bigbatch {" + ",".join(COMMANDS) + "} ...\n\n"
               "  train   train a recipe on this launch's ranks (see `bigbatch train --help`)\n"
-              "  check   report every problem of a recipe or a DeepSpeed JSON, one sentence each\n")
+              "  check   report every problem of a recipe or a DeepSpeed JSON, one sentence each\n"
+              "  plan    memory per GPU for each ZeRO stage and precision; the largest micro-batch that fits\n")
         return 0 if argv else EXIT_BAD_INPUT
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
@@ -89,8 +105,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def run_recipe(recipe_file: str, argv: Optional[list[str]] = None) -> int:
     """`python recipes/<name>.py [--key=value ...]`: train that recipe in this process (or under a launcher)."""
+    if argv is None:
+        return _as_program(run_recipe(recipe_file, sys.argv[1:]))
     try:
-        return cmd_train(_drop_local_rank(list(sys.argv[1:] if argv is None else argv)), recipe_path=recipe_file)
+        return cmd_train(_drop_local_rank(list(argv)), recipe_path=recipe_file)
     except ConfigError as err:
         print(f"bigbatch: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -78,7 +78,8 @@ class CausalLM(nn.Module):
         self.hf = hf_model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        # use_cache=False: in training a KV cache only copies k and v, which attention then keeps for the backward
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int, checkpointing: bool = False) -> nn.Module:

@@ -82,11 +82,41 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """global_batch = micro_batch x grad_accum x data-parallel world. Give global_batch and one of the other two."""
+    """global_batch = micro_batch x grad_accum x data-parallel world. Give global_batch and one of the other two.
+
+    Batch ramp (Megatron's --rampup-batch-size start increment samples): the first phase's global batch starts at
+    `ramp_start` and grows by `ramp_increment` each `ramp_samples / ((global_batch - ramp_start) / ramp_increment)`
+    samples until it reaches `global_batch`; the LR follows `optimizer.lr_rule` at each batch. 0 disables it.
+    """
 
     global_batch: int = 4096
     micro_batch: int = 0  # 0: solved from global_batch and grad_accum
     grad_accum: int = 0  # 0: solved from global_batch and micro_batch
+    ramp_start: int = 0
+    ramp_increment: int = 0
+    ramp_samples: int = 0
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """A phase after the first (the first is the recipe's batch, schedule and data.seq_len), as in the LAMB paper's and
+    NVIDIA's BERT seq-128 -> seq-512 switch. It starts with its own warmup at a step boundary, keeps model and
+    optimizer state, and rebuilds the data (packed at `seq_len`), the batch and the schedule.
+    """
+
+    global_batch: int = 4096
+    seq_len: int = 128
+    steps: int = 0  # give steps or samples (steps = ceil(samples / global_batch))
+    samples: int = 0
+    micro_batch: int = 0  # 0: the first phase's micro-batch
+    lr: float = 0.0  # peak LR; 0: optimizer.lr carried from optimizer.base_batch to this batch by optimizer.lr_rule
+    warmup: float = 0.1  # a fraction (< 1) of the phase's steps, or a number of samples (>= 1)
+    decay: str = "poly"  # poly | cosine | constant
+    power: float = 1.0
+    min_lr_ratio: float = 0.0
+
+    def num_steps(self) -> int:
+        return self.steps or -(-self.samples // self.global_batch)
 
 
 @dataclass(frozen=True)
@@ -122,6 +152,7 @@ class Recipe:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    phases: tuple[PhaseConfig, ...] = ()  # phases after the first; override as --phases.1.seq_len=512 (1-based)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,6 +202,29 @@ class Recipe:
             raise ConfigError("data.sources is empty; name at least one file, directory or `hf:<name>`.")
         if not self.deepspeed.configs:
             raise ConfigError("deepspeed.configs is empty; name at least one DeepSpeed JSON, e.g. zero1.json.")
+        for i, ph in enumerate(self.phases, start=1):
+            key = f"phases.{i}"
+            _choice(f"{key}.decay", ph.decay, ("poly", "cosine", "constant"))
+            if ph.global_batch < 1 or ph.seq_len < 1 or ph.micro_batch < 0 or ph.lr < 0 or ph.warmup < 0:
+                raise ConfigError(f"{key} needs global_batch >= 1, seq_len >= 1, micro_batch >= 0, lr >= 0 and "
+                                  f"warmup >= 0; got {ph}.")
+            if (ph.steps > 0) == (ph.samples > 0):
+                raise ConfigError(f"{key} gives steps={ph.steps} and samples={ph.samples}; give exactly one of "
+                                  f"--{key}.steps or --{key}.samples.")
+            if ph.seq_len > self.model.max_position:
+                raise ConfigError(f"{key}.seq_len={ph.seq_len} exceeds model.max_position={self.model.max_position}; "
+                                  f"raise --model.max_position to at least {ph.seq_len}.")
+        b = self.batch
+        if b.ramp_start or b.ramp_increment or b.ramp_samples:
+            if min(b.ramp_start, b.ramp_increment, b.ramp_samples) < 1 or b.ramp_start >= b.global_batch:
+                raise ConfigError(
+                    f"batch ramp ramp_start={b.ramp_start} ramp_increment={b.ramp_increment} "
+                    f"ramp_samples={b.ramp_samples} needs all three >= 1 and ramp_start < global_batch="
+                    f"{b.global_batch}; set all three, or all to 0 to disable the ramp.")
+            if (b.global_batch - b.ramp_start) % b.ramp_increment:
+                raise ConfigError(
+                    f"batch.global_batch={b.global_batch} - batch.ramp_start={b.ramp_start} is not a multiple of "
+                    f"batch.ramp_increment={b.ramp_increment}; the ramp must land on the global batch.")
         return self
 
 
@@ -236,6 +290,8 @@ def all_keys(recipe: Recipe) -> list[str]:
         value = getattr(recipe, section.name)
         if dataclasses.is_dataclass(value):
             keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(value)]
+    for i, _ in enumerate(recipe.phases, start=1):
+        keys += [f"phases.{i}.{f.name}" for f in dataclasses.fields(PhaseConfig)]
     return keys
 
 
@@ -251,10 +307,19 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
             top[key] = text
             continue
         section, name = key.split(".", 1)
-        kind = _field_types(type(getattr(recipe, section)))[name]
-        sections.setdefault(section, {})[name] = _parse_value(key, text, kind)
+        if section == "phases":  # phases.<i>.<field>, 1-based like the phases after the first
+            index, name = name.split(".", 1)
+            kind = _field_types(PhaseConfig)[name]
+        else:
+            kind = _field_types(type(getattr(recipe, section)))[name]
+            index = ""
+        sections.setdefault(section + (f".{index}" if index else ""), {})[name] = _parse_value(key, text, kind)
+    phases = list(recipe.phases)
+    for section in [s for s in sections if s.startswith("phases.")]:
+        i = int(section.split(".")[1]) - 1
+        phases[i] = dataclasses.replace(phases[i], **sections.pop(section))
     changes = {s: dataclasses.replace(getattr(recipe, s), **v) for s, v in sections.items()}
-    return dataclasses.replace(recipe, **top, **changes)
+    return dataclasses.replace(recipe, **top, **changes, phases=tuple(phases))
 
 
 def parse_override_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -288,6 +353,9 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     for section, value in data.items():
         if section not in hints:
             raise _unknown(section, known)
+        if section == "phases":
+            kwargs[section] = tuple(PhaseConfig(**p) for p in value)
+            continue
         if not isinstance(value, dict):
             kwargs[section] = value
             continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from bigbatch.config import ConfigError, OptimizerConfig, ScheduleConfig
+from bigbatch.config import ConfigError, OptimizerConfig, Recipe, ScheduleConfig
 
 
 @dataclass(frozen=True)
@@ -96,3 +96,66 @@ def lr_factor(step: int, total: int, warmup: int, decay: str, power: float = 1.0
     else:
         raise ConfigError(f"schedule.decay={decay!r} is not one of poly, cosine, constant.")
     return min_ratio + (1.0 - min_ratio) * value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The step table: phases and the batch ramp, resolved to one entry per optimizer step.
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything that varies from step to step. `offset`: samples of this phase consumed before this step, i.e. the
+    sampler position where the step's global batch starts."""
+
+    step: int
+    phase: int
+    phase_step: int
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    seq_len: int
+    offset: int
+    lr: float
+
+
+def ramp_batch(consumed: int, start: int, increment: int, ramp_samples: int, target: int) -> int:
+    """The global batch after `consumed` samples under Megatron's ramp: start, +increment every
+    ramp_samples / ((target - start) / increment) samples, capped at target."""
+    increments = (target - start) // increment
+    per_increment = ramp_samples / increments
+    return min(target, start + int(consumed // per_increment) * increment)
+
+
+def plan_steps(recipe: Recipe, world: int) -> list[StepPlan]:
+    """One StepPlan per optimizer step of the whole run (first phase, then `recipe.phases`)."""
+    b, opt = recipe.batch, recipe.optimizer
+    first = solve_batch(b.global_batch, world, b.micro_batch, b.grad_accum)
+    steps: list[StepPlan] = []
+    # The first phase, with the optional ramp (its LR follows the rule at each batch of the ramp).
+    s = recipe.schedule
+    warm = warmup_steps(s, first.global_batch)
+    consumed = 0
+    for k in range(s.steps):
+        batch = first.global_batch
+        if b.ramp_start:
+            batch = ramp_batch(consumed, b.ramp_start, b.ramp_increment, b.ramp_samples, first.global_batch)
+            if batch % (first.micro_batch * world):
+                raise ConfigError(
+                    f"the batch ramp reaches global batch {batch}, not divisible by micro_batch {first.micro_batch} x "
+                    f"world {world} = {first.micro_batch * world}; make batch.ramp_start and batch.ramp_increment "
+                    "multiples of it.")
+        peak, _ = scaled_lr(opt, batch)
+        lr = peak * lr_factor(k, s.steps, warm, s.decay, s.power, s.min_lr_ratio)
+        steps.append(StepPlan(k, 0, k, batch, first.micro_batch, batch // (first.micro_batch * world),
+                              recipe.data.seq_len, consumed, lr))
+        consumed += batch
+    for p, ph in enumerate(recipe.phases, start=1):
+        plan = solve_batch(ph.global_batch, world, ph.micro_batch or first.micro_batch, 0)
+        n = ph.num_steps()
+        warm = warmup_steps(ScheduleConfig(steps=n, warmup=ph.warmup), plan.global_batch)
+        peak = ph.lr or scaled_lr(opt, plan.global_batch)[0]
+        for k in range(n):
+            lr = peak * lr_factor(k, n, warm, ph.decay, ph.power, ph.min_lr_ratio)
+            steps.append(StepPlan(len(steps), p, k, plan.global_batch, plan.micro_batch, plan.grad_accum,
+                                  ph.seq_len, k * plan.global_batch, lr))
+    return steps

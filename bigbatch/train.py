@@ -6,6 +6,7 @@ then `Trainer.fit()` is the loop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from bigbatch.metrics import MetricsLog, device_peak_flops, plot_loss
 from bigbatch.model import build_model, count_parameters, padded_vocab, wants_checkpointing
 from bigbatch.optim import param_groups
 from bigbatch.optim.layerwise import LayerwiseOptimizer
-from bigbatch.scaling import BatchPlan, lr_factor, scaled_lr, solve_batch, warmup_steps
+from bigbatch.scaling import BatchPlan, StepPlan, plan_steps, scaled_lr, solve_batch, warmup_steps
 
 log = logging.getLogger("bigbatch")
 
@@ -43,38 +44,34 @@ def _dropout_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63)
 
 
-def _precision(config: dict[str, Any]) -> str:
-    if config.get("fp16", {}).get("enabled"):
-        return "fp16"
-    if config.get("bf16", {}).get("enabled"):
-        return "bf16"
-    return "fp32"
-
-
 @dataclass
 class Trainer:
     recipe: Recipe
     run_dir: Path
     engine: Any
-    data: TrainingData
-    plan: BatchPlan
+    data: TrainingData  # the data of the phase of `start_step`
+    steps: list[StepPlan]
     rank: int
     world: int
     metrics: MetricsLog
-    total_steps: int
+    load_phase: Callable[[int], TrainingData]  # collective: every rank calls it at a phase change
     start_step: int = 0
-    flops_per_sample: float = 0.0
+    n_params: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.steps)
 
     @property
     def is_writer(self) -> bool:
         return self.rank == 0
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, micro_batch: int) -> dict[str, float]:
         """Held-out loss over the fixed eval set (token-weighted across micro-batches and ranks) and perplexity."""
         self.engine.eval()
         total = count = 0.0
         with torch.no_grad():
-            for batch in self.data.eval_batches(self.rank, self.world, self.plan.micro_batch):
+            for batch in self.data.eval_batches(self.rank, self.world, micro_batch):
                 loss = self.engine(**batch)
                 labels = batch["labels"]
                 n = float((labels != -100).sum()) if self.recipe.model.arch == "bert" else float(labels[:, 1:].numel())
@@ -85,8 +82,11 @@ class Trainer:
         loss = total / max(count, 1.0)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
+    def samples_before(self, step: int) -> int:
+        return sum(sp.global_batch for sp in self.steps[:step])
+
     def save(self, step: int) -> None:
-        state = {"step": step, "samples": step * self.plan.global_batch, "recipe": self.recipe.name}
+        state = {"step": step, "samples": self.samples_before(step), "recipe": self.recipe.name}
         checkpoint.save(self.engine, self.run_dir / "checkpoints", step, state, self.recipe.checkpoint.keep_last,
                         self.is_writer)
 
@@ -97,24 +97,50 @@ class Trainer:
             return tqdm(total=self.total_steps, initial=self.start_step, dynamic_ncols=True, unit="step")
         return None
 
+    def _enter_phase(self, sp: StepPlan) -> None:
+        """At a phase boundary: this phase's data and batch shape; model, optimizer and LR scheduler state stay."""
+        self.data = self.load_phase(sp.phase)
+        if self.is_writer:
+            n = sum(1 for x in self.steps if x.phase == sp.phase)
+            _say(f"phase {sp.phase + 1}/{self.steps[-1].phase + 1} from step {sp.step}: seq {sp.seq_len}, batch "
+                 f"{sp.micro_batch} x {sp.grad_accum} x {self.world} = {sp.global_batch}, {n} steps, "
+                 f"peak lr {max(x.lr for x in self.steps if x.phase == sp.phase):.3g} after its own warmup")
+
+    def _shape_engine(self, sp: StepPlan) -> None:
+        """DeepSpeed keeps the batch shape in its config; a phase or a ramp changes it between steps."""
+        engine = self.engine
+        if engine.train_micro_batch_size_per_gpu() != sp.micro_batch:
+            engine.set_train_micro_batch_size(sp.micro_batch)
+        if engine.train_batch_size() != sp.global_batch:
+            engine.set_train_batch_size(sp.global_batch)
+
     def fit(self) -> dict[str, Any]:
-        r, p = self.recipe, self.plan
+        r = self.recipe
         engine, optimizer = self.engine, client_optimizer(self.engine)
         last: dict[str, Any] = {}
         if self.start_step == 0:
-            first = self.evaluate()
+            first = self.evaluate(self.steps[0].micro_batch)
             self.metrics.write({"step": 0, "samples": 0, "tokens": 0, **first})
             if self.is_writer:
                 _say(f"step 0: eval loss {first['eval_loss']:.4f} (before any update)")
         bar = self._progress()
+        samples = self.samples_before(self.start_step)
+        tokens = sum(sp.global_batch * sp.seq_len for sp in self.steps[: self.start_step])
         for step in range(self.start_step, self.total_steps):
+            sp = self.steps[step]
+            if step > self.start_step and sp.phase != self.steps[step - 1].phase:
+                self._enter_phase(sp)
+            self._shape_engine(sp)
             torch.manual_seed(_dropout_seed(r.run.seed, step, self.rank))
             skipped_before = engine.skipped_steps
             lr_used = float(engine.get_lr()[0])
             started = time.perf_counter()
             losses = []
-            for micro in range(p.grad_accum):
-                positions = self.data.sampler.positions(step, micro, self.rank, p.global_batch, p.world, p.micro_batch)
+            for micro in range(sp.grad_accum):
+                # said explicitly: DeepSpeed's own boundary test counts micro-steps modulo the *current* accumulation,
+                # which goes out of step once a ramp or a phase has changed it
+                engine.set_gradient_accumulation_boundary(micro == sp.grad_accum - 1)
+                positions = self.data.sampler.positions(sp.offset, micro, self.rank, self.world, sp.micro_batch)
                 loss = engine(**self.data.train_batch(positions))
                 engine.backward(loss)
                 engine.step()
@@ -122,12 +148,16 @@ class Trainer:
             loss = distributed.mean_across_ranks(torch.stack(losses).mean())
             elapsed = time.perf_counter() - started
             done = step + 1
-            samples = done * p.global_batch
+            samples += sp.global_batch
+            tokens += sp.global_batch * sp.seq_len
             grad_norm = engine.get_global_grad_norm()
             record: dict[str, Any] = {
                 "step": done,
                 "samples": samples,
-                "tokens": samples * r.data.seq_len,
+                "tokens": tokens,
+                "phase": sp.phase + 1,
+                "global_batch": sp.global_batch,
+                "seq_len": sp.seq_len,
                 "lr": lr_used,
                 "loss": loss,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -135,19 +165,20 @@ class Trainer:
                 "skipped_steps": int(engine.skipped_steps),
                 "skipped_this_step": engine.skipped_steps > skipped_before,
                 "step_time_s": elapsed,
-                "samples_per_s": p.global_batch / elapsed,
-                "tokens_per_s": p.global_batch * r.data.seq_len / elapsed,
+                "samples_per_s": sp.global_batch / elapsed,
+                "tokens_per_s": sp.global_batch * sp.seq_len / elapsed,
             }
             if torch.cuda.is_available():
                 record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 peak = device_peak_flops(torch.cuda.get_device_name(0))
                 if peak:
-                    record["mfu"] = self.flops_per_sample * record["samples_per_s"] / (peak * self.world)
+                    # model FLOPs: 6 N per token, forward + backward (Kaplan et al. 2020)
+                    record["mfu"] = 6.0 * self.n_params * record["tokens_per_s"] / (peak * self.world)
             every = r.run.trust_ratio_every
             if isinstance(optimizer, LayerwiseOptimizer) and every and (done % every == 0 or done == 1):
                 record["trust_ratios"] = optimizer.trust_ratios()
             if done % r.run.eval_every == 0 or done == self.total_steps:
-                record.update(self.evaluate())
+                record.update(self.evaluate(sp.micro_batch))
             self.metrics.write(record)
             last = record
             if r.checkpoint.every_steps and done % r.checkpoint.every_steps == 0 and done != self.total_steps:
@@ -169,12 +200,27 @@ class Trainer:
         return last
 
 
+def _phase_summary(steps: list[StepPlan]) -> list[dict[str, Any]]:
+    """Per phase: first step, steps, batch range, sequence length and peak LR (written to recipe.json)."""
+    out: list[dict[str, Any]] = []
+    for sp in steps:
+        if not out or out[-1]["phase"] != sp.phase + 1:
+            out.append({"phase": sp.phase + 1, "first_step": sp.step, "steps": 0, "seq_len": sp.seq_len,
+                        "min_global_batch": sp.global_batch, "global_batch": sp.global_batch, "peak_lr": sp.lr})
+        ph = out[-1]
+        ph["steps"] += 1
+        ph["min_global_batch"] = min(ph["min_global_batch"], sp.global_batch)
+        ph["global_batch"] = max(ph["global_batch"], sp.global_batch)
+        ph["peak_lr"] = max(ph["peak_lr"], sp.lr)
+    return out
+
+
 def _banner(recipe: Recipe, plan: BatchPlan, lr: float, rule: str, ds_config: dict[str, Any], run_dir: Path,
             n_params: int) -> str:
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     return (f"bigbatch {recipe.name}: {n_params / 1e6:.2f}M params | world {plan.world} | batch {plan} "
             f"(micro x accum x world) | {recipe.optimizer.type.upper()} lr {lr:.3g} ({rule}) | ZeRO {stage} | "
-            f"{_precision(ds_config)}{' | act-ckpt' if wants_checkpointing(ds_config) else ''} | run {run_dir}")
+            f"{dsconfig.precision(ds_config)}{' | act-ckpt' if wants_checkpointing(ds_config) else ''} | run {run_dir}")
 
 
 def _setup_logging(run_dir: Path, rank: int) -> None:
@@ -198,6 +244,7 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
     world = distributed.world_size_from_env()
     plan = solve_batch(recipe.batch.global_batch, world, recipe.batch.micro_batch, recipe.batch.grad_accum)
     lr, rule = scaled_lr(recipe.optimizer, plan.global_batch)
+    steps = plan_steps(recipe, world)
     check_sources(recipe.data.sources)
     ds_config = dsconfig.build(recipe, plan, lr)
     raise_on_errors(check_config(ds_config, plan.world), f"recipe {recipe.name}")
@@ -214,22 +261,36 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
     distributed.barrier()
     _setup_logging(run_dir, rank)
 
-    data = prepare(recipe, run_dir / "data", rank == 0, distributed.broadcast, log=_say if rank == 0 else log.info)
+    say = _say if rank == 0 else log.info
+    data = prepare(recipe, run_dir / "data", rank == 0, distributed.broadcast, log=say)
+
+    def load_phase(phase: int) -> TrainingData:
+        """Phase 0's data, or a later phase's: the same corpus and tokenizer, packed at that phase's length."""
+        if phase == 0:
+            return data
+        ph = recipe.phases[phase - 1]
+        phase_recipe = dataclasses.replace(
+            recipe, data=dataclasses.replace(recipe.data, seq_len=ph.seq_len, tokenizer=str(data.tokenizer.path)),
+            batch=dataclasses.replace(recipe.batch, global_batch=ph.global_batch))
+        return prepare(phase_recipe, run_dir / "data" / f"phase{phase + 1}", rank == 0, distributed.broadcast, log=say)
+
     torch.manual_seed(recipe.run.seed)
     model = build_model(recipe.model, data.vocab_size, pad_id=0, checkpointing=wants_checkpointing(ds_config))
     n_params = count_parameters(model)
     warmup = warmup_steps(recipe.schedule, plan.global_batch)
-    s = recipe.schedule
 
     def schedule(opt: Any) -> Any:
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda k: lr_factor(k, s.steps, warmup, s.decay, s.power, s.min_lr_ratio))
+        # The optimizer's LR is the first phase's peak; the step table holds each step's LR (warmups, decays,
+        # phases, the ramp's rule), so the factor is a lookup.
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: steps[min(k, len(steps) - 1)].lr / lr)
 
     hostnames = distributed.gather_objects(__import__("socket").gethostname())
     if rank == 0:
         dsconfig.write(ds_config, run_dir / "ds_config.json")
         resolved = {"lr": lr, "lr_rule": rule, "world": plan.world, "micro_batch": plan.micro_batch,
                     "grad_accum": plan.grad_accum, "global_batch": plan.global_batch, "warmup_steps": warmup,
+                    "total_steps": len(steps), "total_samples": sum(sp.global_batch for sp in steps),
+                    "phases": _phase_summary(steps),
                     "vocab_size": data.vocab_size,
                     "padded_vocab_size": padded_vocab(data.vocab_size, recipe.model.pad_vocab_to_multiple),
                     "parameters": n_params}
@@ -237,6 +298,12 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
         env = rundir.environment(list(argv or sys.argv), world, hostnames)
         (run_dir / "env.json").write_text(json.dumps(env, indent=1))
         _say(_banner(recipe, plan, lr, rule, ds_config, run_dir, n_params))
+        if len(recipe.phases) or recipe.batch.ramp_start:
+            _say("phases: " + " -> ".join(
+                f"{ph['phase']}: seq {ph['seq_len']}, {ph['steps']} steps at batch "
+                + (f"{ph['min_global_batch']}..{ph['global_batch']}" if ph["min_global_batch"] != ph["global_batch"]
+                   else f"{ph['global_batch']}") + f", peak lr {ph['peak_lr']:.3g}"
+                for ph in resolved["phases"]))
 
     groups = param_groups(model, recipe.optimizer.weight_decay)
     engine, *_ = initialize(model=model, config=ds_config, model_parameters=groups, lr_scheduler=schedule)
@@ -249,11 +316,11 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
                 _say(f"resumed {run_dir} at step {start_step} ({state['samples']} samples)")
         elif rank == 0:
             _say(f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
-    # Model FLOPs per sample: 6 N per token (forward + backward), the standard estimate (Kaplan et al. 2020).
-    flops = 6.0 * n_params * recipe.data.seq_len
-    trainer = Trainer(recipe, run_dir, engine, data, plan, rank, world,
+    if start_step < len(steps) and steps[start_step].phase:
+        data = load_phase(steps[start_step].phase)
+    trainer = Trainer(recipe, run_dir, engine, data, steps, rank, world,
                       MetricsLog(run_dir / "metrics.jsonl", engine.monitor, enabled=rank == 0),
-                      total_steps=recipe.schedule.steps, start_step=start_step, flops_per_sample=flops)
+                      load_phase, start_step=start_step, n_params=n_params)
     last = trainer.fit()
     if rank == 0:
         plot_loss(run_dir)

@@ -53,7 +53,7 @@ def test_sampler_disjoint_full_coverage_and_resume(world, micro):
     def step_indices(step):
         per_rank = []
         for rank in range(world):
-            pos = np.concatenate([sampler.positions(step, m, rank, global_batch, world, micro) for m in range(accum)])
+            pos = np.concatenate([sampler.positions(step * global_batch, m, rank, world, micro) for m in range(accum)])
             per_rank.append(pos)
         return per_rank
 

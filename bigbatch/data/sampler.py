@@ -1,9 +1,10 @@
 """Which sequences each rank reads: a deterministic order counted in samples, disjoint across ranks.
 
-Position p of the run (0, 1, 2, ... over all global batches) is sequence perm_e[p mod N] of epoch e = p // N, where
-perm_e depends only on (seed, e). Step t's global batch is positions [t*G, (t+1)*G); micro-step m of rank r reads
-positions t*G + m*(W*b) + r*b + [0, b). Resuming at step t, or on another world size with the same G, continues the
-same sequence of samples: nothing skipped, nothing repeated.
+Position p of a phase (0, 1, 2, ... over all its global batches) is sequence perm_e[p mod N] of epoch e = p // N,
+where perm_e depends only on (seed, e). A step whose global batch starts at position o (the samples of the phase
+consumed before it: t*G at a fixed batch G, a running sum under a batch ramp) reads positions [o, o + G); micro-step
+m of rank r reads o + m*(W*b) + r*b + [0, b). Resuming at step t, or on another world size with the same batches,
+continues the same sequence of samples: nothing skipped, nothing repeated.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ class GlobalSampler:
             self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
         return self._perms[epoch]
 
-    def positions(self, step: int, micro: int, rank: int, global_batch: int, world: int, micro_batch: int) -> np.ndarray:
-        start = step * global_batch + micro * world * micro_batch + rank * micro_batch
+    def positions(self, offset: int, micro: int, rank: int, world: int, micro_batch: int) -> np.ndarray:
+        """The run positions micro-step `micro` of `rank` reads in the step whose global batch starts at `offset`."""
+        start = offset + micro * world * micro_batch + rank * micro_batch
         return np.arange(start, start + micro_batch, dtype=np.int64)
 
     def indices(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -331,7 +331,7 @@ def check_recipe(name: str, overrides: dict[str, str], world: Optional[int]) -> 
     from bigbatch import dsconfig
     from bigbatch.config import load_recipe
     from bigbatch.data.corpus import check_sources
-    from bigbatch.scaling import scaled_lr, solve_batch
+    from bigbatch.scaling import plan_steps, scaled_lr, solve_batch
 
     out: list[Finding] = []
     recipe = load_recipe(name, overrides)
@@ -344,7 +344,12 @@ def check_recipe(name: str, overrides: dict[str, str], world: Optional[int]) -> 
     if out:
         return out
     b = recipe.batch
-    plan = solve_batch(b.global_batch, world or 1, b.micro_batch, b.grad_accum)
+    world = world or recipe.cluster.nodes * recipe.cluster.gpus_per_node  # the cluster it was planned for
+    try:
+        plan_steps(recipe, world)  # every phase's and every ramp step's batch arithmetic
+    except ConfigError as err:
+        return [Finding("error", str(err))]
+    plan = solve_batch(b.global_batch, world, b.micro_batch, b.grad_accum)
     lr, _ = scaled_lr(recipe.optimizer, plan.global_batch)
     config = dsconfig.build(recipe, plan, lr)
     return check_config(config, plan.world)
@@ -357,7 +362,8 @@ def cmd_check(args: list[str]) -> int:
     overrides, rest = parse_override_args(args)
     p = argparse.ArgumentParser(prog="bigbatch check", description=cmd_check.__doc__)
     p.add_argument("target", help="a DeepSpeed JSON file, or a recipe (name, recipes/*.py, recipe.json)")
-    p.add_argument("--world", type=int, default=None, help="data-parallel ranks; default: any whole number")
+    p.add_argument("--world", type=int, default=None,
+                   help="data-parallel ranks; default: a recipe's cluster, any whole number for a JSON")
     known, unknown = p.parse_known_args(rest)
     if unknown:
         raise ConfigError(f"unknown argument {unknown[0]!r}; see `bigbatch check --help`.")

@@ -24,10 +24,11 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Model shape; built from a transformers config (`bigbatch.model`), never from downloaded weights."""
 
-    arch: str = "bert"  # bert (masked LM) | gpt2 (causal LM)
+    arch: str = "bert"  # bert (masked LM) | gpt2 | llama (causal LM; llama: RMSNorm, rotary, SwiGLU)
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 2
+    num_kv_heads: int = 0  # llama: grouped-query attention heads for k and v; 0 means num_heads
     intermediate_size: int = 256
     max_position: int = 512
     dropout: float = 0.1
@@ -142,6 +143,15 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """The cluster a recipe was planned for: `bigbatch plan <recipe>` and `bigbatch check <recipe>` use it by default."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory: str = "80GB"  # 80GB (1e9 bytes), 80GiB or 80 (GiB)
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "recipe"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -152,6 +162,7 @@ class Recipe:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     phases: tuple[PhaseConfig, ...] = ()  # phases after the first; override as --phases.1.seq_len=512 (1-based)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,7 +170,7 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         """Checks that need no other file; raises ConfigError on the first problem."""
-        _choice("model.arch", self.model.arch, ("bert", "gpt2"))
+        _choice("model.arch", self.model.arch, ("bert", "gpt2", "llama"))
         _choice("optimizer.type", self.optimizer.type.lower(), ("lamb", "lars", "adamw"))
         _choice("optimizer.lr_rule", self.optimizer.lr_rule, ("none", "linear", "sqrt"))
         _choice("schedule.decay", self.schedule.decay, ("poly", "cosine", "constant"))
@@ -175,9 +186,15 @@ class Recipe:
             ("run.eval_every", self.run.eval_every),
             ("run.log_every", self.run.log_every),
             ("checkpoint.keep_last", self.checkpoint.keep_last),
+            ("cluster.nodes", self.cluster.nodes),
+            ("cluster.gpus_per_node", self.cluster.gpus_per_node),
         ]:
             if value < 1:
                 raise ConfigError(f"{key}={value} must be a positive integer; set --{key}=<n> with n >= 1.")
+        kv = self.model.num_kv_heads
+        if kv < 0 or (kv and self.model.num_heads % kv):
+            raise ConfigError(f"model.num_kv_heads={kv} must divide model.num_heads={self.model.num_heads} "
+                              "(0 means as many as num_heads).")
         if self.model.hidden_size % self.model.num_heads:
             raise ConfigError(
                 f"model.hidden_size={self.model.hidden_size} is not divisible by model.num_heads="

@@ -36,6 +36,20 @@ def hf_config(cfg: ModelConfig, vocab_size: int, pad_id: int) -> Any:
             type_vocab_size=2,
             pad_token_id=pad_id,
         )
+    if cfg.arch == "llama":  # RMSNorm, rotary embeddings, SwiGLU MLP, untied output embedding
+        return AutoConfig.for_model(
+            "llama",
+            vocab_size=vocab,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+            intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=cfg.max_position,
+            attention_dropout=cfg.dropout,
+            tie_word_embeddings=False,
+            pad_token_id=pad_id,
+        )
     return AutoConfig.for_model(
         "gpt2",
         vocab_size=vocab,
@@ -71,7 +85,7 @@ class MaskedLM(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """GPT2LMHeadModel returning its next-token loss."""
+    """GPT2LMHeadModel or LlamaForCausalLM returning its next-token loss."""
 
     def __init__(self, hf_model: nn.Module) -> None:
         super().__init__()

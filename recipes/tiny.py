@@ -8,8 +8,8 @@ with LAMB at a global batch of 4,096 sequences on the English documentation text
 
 import sys
 
-from bigbatch.config import (BatchConfig, DataConfig, DeepSpeedSection, ModelConfig, OptimizerConfig, Recipe,
-                             RunConfig, ScheduleConfig)
+from bigbatch.config import (BatchConfig, ClusterConfig, DataConfig, DeepSpeedSection, ModelConfig, OptimizerConfig,
+                             Recipe, RunConfig, ScheduleConfig)
 
 RECIPE = Recipe(
     name="tiny",
@@ -23,6 +23,7 @@ RECIPE = Recipe(
     batch=BatchConfig(global_batch=4096, micro_batch=256),
     deepspeed=DeepSpeedSection(configs=("zero1.json", "fp32.json")),
     run=RunConfig(eval_every=10),
+    cluster=ClusterConfig(nodes=1, gpus_per_node=2, gpu_memory="12GB"),  # 2 CPU ranks on the CI machine
 )
 
 if __name__ == "__main__":

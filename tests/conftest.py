@@ -42,3 +42,13 @@ def _free_port() -> int:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """A few hundred paragraphs of the built-in English text, as a local file source."""
+    from bigbatch.data.corpus import python_docs
+
+    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    path.write_text("\n\n".join(d.replace("\n\n", "\n") for d in python_docs()[:600]))
+    return path

@@ -87,11 +87,7 @@ SMALL = ["--batch.micro_batch=16", "--run.eval_every=2", "--checkpoint.keep_last
 
 
 @pytest.mark.slow
-def test_run_across_a_phase_boundary_and_resume_after_it(tmp_path, capsys):
-    from bigbatch.data.corpus import python_docs
-
-    corpus = tmp_path / "docs.txt"
-    corpus.write_text("\n\n".join(d.replace("\n\n", "\n") for d in python_docs()[:600]))
+def test_run_across_a_phase_boundary_and_resume_after_it(tmp_path, capsys, corpus_file):
     recipe_file = tmp_path / "two_phase.py"
     recipe_file.write_text(
         "from bigbatch.config import BatchConfig, PhaseConfig, ScheduleConfig\n"
@@ -102,7 +98,7 @@ def test_run_across_a_phase_boundary_and_resume_after_it(tmp_path, capsys):
         "    schedule=ScheduleConfig(steps=4, warmup=0.25),\n"
         "    phases=(PhaseConfig(global_batch=32, seq_len=64, steps=3, lr=2e-3, warmup=0.67),))\n")
     run = tmp_path / "run"
-    args = ["train", str(recipe_file), f"--data.sources={corpus}", "--checkpoint.every_steps=1", *SMALL]
+    args = ["train", str(recipe_file), f"--data.sources={corpus_file}", "--checkpoint.every_steps=1", *SMALL]
     assert main([*args, "--run-dir", str(run)]) == 0
     out = capsys.readouterr().out
     assert "phase 2/2 from step 4: seq 64, batch 16 x 2 x 1 = 32, 3 steps" in out

@@ -22,23 +22,13 @@ METRIC_KEYS = {"step", "samples", "tokens", "lr", "loss", "grad_norm", "loss_sca
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A few hundred paragraphs of the built-in English text, as a local file source."""
-    from bigbatch.data.corpus import python_docs
-
-    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
-    path.write_text("\n\n".join(d.replace("\n\n", "\n") for d in python_docs()[:600]))
-    return path
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, corpus) -> Path:
+def finished_run(tmp_path_factory, corpus_file) -> Path:
     root = tmp_path_factory.mktemp("runs")
     monitor = root / "monitor.json"
     monitor.write_text(json.dumps({"csv_monitor": {"enabled": True, "output_path": str(root / "csv"),
                                                    "job_name": "smoke"}}))
     run_dir = root / "run"
-    rc = main(["train", "tiny", "--run-dir", str(run_dir), f"--data.sources={corpus}",
+    rc = main(["train", "tiny", "--run-dir", str(run_dir), f"--data.sources={corpus_file}",
                f"--deepspeed.configs=zero2.json,fp32.json,{monitor}", *SMALL])
     assert rc == 0
     return run_dir

@@ -23,8 +23,10 @@ CUDA_ALLOWANCE = 2 * GiB
 # fp32 moments each optimizer keeps per parameter: Adam and LAMB m and v (bigbatch/optim/lamb.py), LARS momentum.
 MOMENTS = {"adamw": 2, "lamb": 2, "lars": 1}
 # Elements saved by the MLP activation per intermediate element: BERT's `gelu` is one ATen op (saves its input);
-# GPT-2's `gelu_new` is written out in Python, 0.5*x*(1+tanh(c*(x+0.044715*x^3))), whose muls and tanh save 4 tensors.
-ACT_SAVES = {"bert": 1, "gpt2": 4}
+# GPT-2's `gelu_new` is written out in Python, 0.5*x*(1+tanh(c*(x+0.044715*x^3))), whose muls and tanh save 4 tensors;
+# Llama's SwiGLU `silu(gate(x)) * up(x)`: `silu` (one ATen op) saves its input, the gate output, and the product saves
+# both factors, silu(gate) and up(x). The second Linear's input (the product) is counted apart.
+ACT_SAVES = {"bert": 1, "gpt2": 4, "llama": 3}
 
 
 def parse_memory(text: str) -> int:
@@ -74,16 +76,34 @@ def model_state_bytes(num_params: int, stage: int, precision: str, optimizer: st
     return {"params": int(params), "grads": int(grads), "optimizer": int(optim)}
 
 
+def sdpa_backend(model_cfg: ModelConfig, precision: str, attention: str = "sdpa") -> str:
+    """What keeps the attention probabilities for the backward pass on CUDA: "fused" (flash, memory-efficient or
+    cuDNN kernels keep a log-sum-exp and recompute them), "math" (torch's composite SDPA, which keeps them) or
+    "eager" (transformers' Python attention, which keeps them).
+
+    transformers passes Llama's grouped-query k and v to SDPA with fewer heads and enable_gqa=True (when there is no
+    padding mask: bigbatch packs sequences without padding). In torch 2.13 only the flash and cuDNN kernels accept
+    enable_gqa, and both take only fp16/bf16 (memory-efficient attention is compiled without GQA support,
+    sdp_utils.cpp check_batch_size_and_num_heads_dense<false>), so fp32 GQA falls back to the math kernel."""
+    if attention == "eager":
+        return "eager"
+    kv_heads = model_cfg.num_kv_heads or model_cfg.num_heads
+    if (attention == "sdpa" and model_cfg.arch == "llama" and kv_heads < model_cfg.num_heads
+            and _element_bytes(precision) == 4):
+        return "math"
+    return "fused"
+
+
 def activation_bytes(model_cfg: ModelConfig, vocab_size: int, seq_len: int, micro_batch: int, precision: str,
                      checkpointing: bool = False, attention: str = "sdpa", mlm_probability: float = 0.15) -> int:
     """Bytes autograd keeps for the backward pass of one micro-batch (`vocab_size` unpadded, as in the recipe).
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1) count
     s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit. The terms below are theirs, checked against what bigbatch's
-    BERT and GPT-2 (transformers 5) really save (tests/test_plan.py counts it with saved_tensors_hooks); sizes of
-    ops that keep fp32 whatever the precision (LayerNorm statistics, log-sum-exp, the loss) stay fp32. With
-    checkpointing (transformers' per-layer recomputation) a layer keeps only its input, and one layer at a time is
-    recomputed in full during the backward pass.
+    BERT, GPT-2 and Llama (transformers 5) really save (tests/test_plan.py counts it with saved_tensors_hooks); sizes
+    of ops that keep fp32 whatever the precision (LayerNorm statistics, RMSNorm's upcast input, log-sum-exp, the loss)
+    stay fp32. With checkpointing (transformers' per-layer recomputation) a layer keeps only its input, and one layer
+    at a time is recomputed in full during the backward pass.
     """
     if attention not in ("sdpa", "flash_attention_2", "eager"):
         raise ConfigError(f"attention {attention!r} is not one of sdpa, flash_attention_2, eager.")
@@ -91,32 +111,70 @@ def activation_bytes(model_cfg: ModelConfig, vocab_size: int, seq_len: int, micr
     s, b, h, a = seq_len, micro_batch, model_cfg.hidden_size, model_cfg.num_heads
     t = s * b  # tokens in the micro-batch
     vocab = padded_vocab(vocab_size, model_cfg.pad_vocab_to_multiple)
-    gpt = model_cfg.arch == "gpt2"
-    ln = 8 * t  # per LayerNorm: fp32 mean and rstd per token
-    mask = t * h if model_cfg.dropout > 0 else 0  # per dropout: CUDA's native_dropout keeps a 1-byte mask
-
-    def layer() -> int:
-        n = 8 * t * h * e  # Korthikanti's 5 (attention input, q, k, v, output) + 1 (MLP input) + 2 (LN inputs):
-        # BERT (post-LN): input, q, k, v, attention output, LN1 input, LN1 output, LN2 input;
-        # GPT-2 (pre-LN): input, ln_1 output, q, k, v (views of one qkv tensor), attention output, ln_2 in and out.
-        n += t * model_cfg.intermediate_size * e * (ACT_SAVES[model_cfg.arch] + 1)  # activation + 2nd Linear input
-        n += 2 * ln + 2 * mask  # two LayerNorms; dropout after the attention projection and after the MLP
-        if attention == "eager":  # Korthikanti's 5*a*s^2*b: softmax output, then dropout mask and dropped probs
-            n += a * s * s * b * (e + (1 + e if mask else 0))
-        else:  # fused kernels recompute the probabilities (and their dropout mask, from the RNG seed) in backward
-            n += 4 * a * t  # fp32 log-sum-exp per head and token
-        return n
-
-    embeddings = 8 * (t + s) + mask  # int64 token and position ids for the embedding backward; embedding dropout
-    if gpt:  # ln_f input and output and its statistics, fp32 log-probabilities at every position, int64 labels
-        head = 2 * t * h * e + ln + 4 * t * vocab + 8 * t
-    else:
-        embeddings += t * h * e + ln  # BERT's embedding LayerNorm
-        # MaskedLM keeps a bool mask to gather the masked rows, then per row: 4 hidden-sized inputs (transform Linear,
-        # GELU, LayerNorm, decoder), LayerNorm statistics, fp32 log-probabilities (the loss upcasts), an int64 label.
-        m = round(mlm_probability * t)
-        head = t + m * (4 * h * e + 8 + 4 * vocab + 8)
+    arch = model_cfg.arch
+    if arch not in ACT_SAVES:
+        raise ConfigError(f"model.arch={arch!r} is not one of {', '.join(ACT_SAVES)}.")
+    ffn = t * model_cfg.intermediate_size * e * (ACT_SAVES[arch] + 1)  # activation + 2nd Linear input
+    backend = sdpa_backend(model_cfg, precision, attention)
     L = model_cfg.num_layers
+
+    if arch == "llama":
+        # No hidden dropout in Llama: `dropout` is only its attention_dropout, on the probabilities.
+        dropout = model_cfg.dropout > 0
+        h_kv = h // a * (model_cfg.num_kv_heads or a)  # k and v width: num_kv_heads heads of h / a
+        # LlamaRMSNorm: `x.to(float32)` is saved by pow and by the multiply with rsqrt, 4 bytes whatever the precision
+        # (in 16-bit a new fp32 copy; in fp32 the residual stream itself, which nothing else keeps); the fp32 rsqrt per
+        # token; the normalised x cast back to the model's dtype, kept by `weight * x`; then its output, kept by the
+        # Linear(s) it feeds (q/k/v, gate/up, or lm_head).
+        rms = 4 * t * h + 4 * t + 2 * t * h * e
+
+        def layer() -> int:
+            n = 2 * rms  # input_layernorm and post_attention_layernorm
+            # Rotary embeddings: q*cos + rotate_half(q)*sin saves only cos and sin (they need no gradient), so q and k
+            # before rotation are not kept; cos and sin are one (1, s, head_dim) pair shared by all layers (below).
+            if backend == "fused":  # q (rotated), k (rotated) and v with num_kv_heads heads (enable_gqa: no copies),
+                # the output (o_proj's input is the same storage), fp32 log-sum-exp per head and token
+                n += t * (2 * h + 2 * h_kv) * e + 4 * a * t
+            else:  # k and v repeated to all heads (eager: repeat_kv; math: repeat_interleave) and kept by q @ k^T and
+                # probs @ v, q (math: scaled by sqrt(scale), a copy), and o_proj's input (transpose().contiguous())
+                n += 4 * t * h * e
+                if backend == "eager":  # softmax(dtype=float32) keeps its fp32 result; in 16-bit its cast copy is
+                    # kept by probs @ v, unless dropout's output is kept instead (then a 1-byte mask, CUDA)
+                    probs = 4 + (e if e != 4 or dropout else 0) + (1 if dropout else 0)
+                else:  # math (fp32 only): _safe_softmax's result, kept by probs @ v too; dropout mask and output
+                    probs = e + (1 + e if dropout else 0)
+                n += a * s * s * b * probs
+            return n + ffn  # SwiGLU: gate output, silu(gate), up output, and the product (down_proj's input)
+
+        embeddings = 8 * t + 2 * s * (h // a) * e  # int64 token ids for the embedding backward; rotary cos and sin
+        head = rms + 4 * t * vocab + 8 * t  # final norm; fp32 log-probabilities (the loss upcasts); int64 labels
+    else:
+        gpt = arch == "gpt2"
+        ln = 8 * t  # per LayerNorm: fp32 mean and rstd per token
+        mask = t * h if model_cfg.dropout > 0 else 0  # per dropout: CUDA's native_dropout keeps a 1-byte mask
+
+        def layer() -> int:
+            n = 8 * t * h * e  # Korthikanti's 5 (attention input, q, k, v, output) + 1 (MLP input) + 2 (LN inputs):
+            # BERT (post-LN): input, q, k, v, attention output, LN1 input, LN1 output, LN2 input;
+            # GPT-2 (pre-LN): input, ln_1 output, q, k, v (views of one qkv tensor), attention output, ln_2 in and out.
+            n += ffn
+            n += 2 * ln + 2 * mask  # two LayerNorms; dropout after the attention projection and after the MLP
+            if backend == "eager":  # Korthikanti's 5*a*s^2*b: softmax output, then dropout mask and dropped probs
+                n += a * s * s * b * (e + (1 + e if mask else 0))
+            else:  # fused kernels recompute the probabilities (and their dropout mask, from the RNG seed) in backward
+                n += 4 * a * t  # fp32 log-sum-exp per head and token
+            return n
+
+        embeddings = 8 * (t + s) + mask  # int64 token and position ids for the embedding backward; embedding dropout
+        if gpt:  # ln_f input and output and its statistics, fp32 log-probabilities at every position, int64 labels
+            head = 2 * t * h * e + ln + 4 * t * vocab + 8 * t
+        else:
+            embeddings += t * h * e + ln  # BERT's embedding LayerNorm
+            # MaskedLM keeps a bool mask to gather the masked rows, then per row: 4 hidden-sized inputs (transform
+            # Linear, GELU, LayerNorm, decoder), LayerNorm statistics, fp32 log-probabilities (the loss upcasts), an
+            # int64 label.
+            m = round(mlm_probability * t)
+            head = t + m * (4 * h * e + 8 + 4 * vocab + 8)
     if checkpointing:
         layers = L * t * h * e + layer()
     else:
@@ -127,9 +185,12 @@ def activation_bytes(model_cfg: ModelConfig, vocab_size: int, seq_len: int, micr
 def logits_grad_bytes(model_cfg: ModelConfig, vocab_size: int, seq_len: int, micro_batch: int,
                       mlm_probability: float = 0.15) -> int:
     """The first backward step's transient: nll_loss's and log_softmax's fp32 gradients, each as large as the logits,
-    alive while every activation still is (for GPT-2 at vocabulary 50k this rivals several layers)."""
+    alive while every activation still is (for GPT-2 at vocabulary 50k this rivals several layers). GPT-2 and Llama
+    (causal LMs, transformers' ForCausalLMLoss upcasts the logits) have a row per position, BERT per masked position.
+    In 16-bit, the cast of log_softmax's gradient back to the logits' dtype (2 bytes) comes after nll_loss's is freed,
+    so the peak stays these two."""
     t = seq_len * micro_batch
-    rows = t if model_cfg.arch == "gpt2" else round(mlm_probability * t)
+    rows = round(mlm_probability * t) if model_cfg.arch == "bert" else t
     return 2 * 4 * rows * padded_vocab(vocab_size, model_cfg.pad_vocab_to_multiple)
 
 
@@ -321,14 +382,17 @@ def cmd_plan(args: list[str]) -> int:
         description="Memory per GPU of a recipe for each ZeRO stage and precision, and the largest micro-batch "
                     "that fits. Override any recipe key as --section.key=value.")
     parser.add_argument("recipe", help="a shipped recipe name (tiny, ...), a recipes/*.py path, or a run's recipe.json")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, required=True)
-    parser.add_argument("--gpu-memory", required=True, help="per GPU: 80GB (10^9 bytes), 80GiB or 80 (GiB)")
+    parser.add_argument("--nodes", type=int, default=None, help="default: the recipe's cluster.nodes")
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="default: the recipe's cluster.gpus_per_node")
+    parser.add_argument("--gpu-memory", default=None,
+                        help="per GPU: 80GB (10^9 bytes), 80GiB or 80 (GiB); default: the recipe's cluster.gpu_memory")
     known, unknown = parser.parse_known_args(rest)
     if unknown:
         raise ConfigError(f"unknown argument {unknown[0]!r}; recipe keys look like --batch.global_batch=8192, "
                           "see `bigbatch plan --help`.")
-    result = plan(load_recipe(known.recipe, overrides), known.nodes, known.gpus_per_node,
-                  parse_memory(known.gpu_memory))
+    recipe = load_recipe(known.recipe, overrides)
+    c = recipe.cluster  # the cluster the recipe was planned for, unless the flags name another
+    result = plan(recipe, known.nodes or c.nodes, known.gpus_per_node or c.gpus_per_node,
+                  parse_memory(known.gpu_memory or c.gpu_memory))
     print(report(result))
     return 0 if result.fits else 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -11,24 +13,51 @@ from torch.autograd.graph import saved_tensors_hooks
 from bigbatch.config import ConfigError, ModelConfig, load_recipe
 from bigbatch.model import CausalLM, MaskedLM, hf_config
 from bigbatch.plan import (CUDA_ALLOWANCE, activation_bytes, buffer_bytes, cmd_plan, model_size,
-                           logits_grad_bytes, model_state_bytes, parse_memory, plan)
+                           logits_grad_bytes, model_state_bytes, parse_memory, plan, sdpa_backend)
 
 VOCAB = 1000
-SHAPES = [  # arch, hidden, layers, heads, sequence, micro-batch
-    ("bert", 64, 2, 2, 64, 4),
-    ("bert", 128, 3, 4, 128, 2),
-    ("gpt2", 96, 2, 3, 64, 4),
+
+
+class Shape(NamedTuple):
+    arch: str
+    hidden: int
+    layers: int
+    heads: int
+    seq: int
+    micro: int
+    kv_heads: int = 0  # llama: grouped-query k/v heads, 0 = heads
+    intermediate: int = 0  # 0: 4 x hidden
+
+    def __str__(self) -> str:
+        kv = f"-kv{self.kv_heads}" if self.kv_heads else ""
+        inter = f"-I{self.intermediate}" if self.intermediate else ""
+        return f"{self.arch}-h{self.hidden}-L{self.layers}-a{self.heads}{kv}{inter}-s{self.seq}-b{self.micro}"
+
+
+SHAPES = [
+    Shape("bert", 64, 2, 2, 64, 4),
+    Shape("bert", 128, 3, 4, 128, 2),
+    Shape("gpt2", 96, 2, 3, 64, 4),
+    Shape("llama", 64, 2, 4, 64, 4, kv_heads=2, intermediate=172),  # grouped-query: 2 k/v heads for 4 q heads
+    Shape("llama", 96, 2, 6, 32, 4, kv_heads=6, intermediate=256),  # k/v heads = q heads
 ]
+LLAMA_GQA = SHAPES[3]
 
 
-def _model(arch, h, layers, heads, seq, *, dropout=0.0, attention="sdpa", attention_dropout=None):
+def _cfg(shape, dropout=0.0):
+    return ModelConfig(arch=shape.arch, hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads,
+                       num_kv_heads=shape.kv_heads, intermediate_size=shape.intermediate or 4 * shape.hidden,
+                       max_position=shape.seq, dropout=dropout)
+
+
+def _model(shape, *, dropout=0.0, attention="sdpa", attention_dropout=None):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    cfg = ModelConfig(arch=arch, hidden_size=h, num_layers=layers, num_heads=heads, intermediate_size=4 * h,
-                      max_position=seq, dropout=dropout)
+    arch, cfg = shape.arch, _cfg(shape, dropout)
     config = hf_config(cfg, VOCAB, pad_id=0)
     if attention_dropout is not None:
-        setattr(config, "attention_probs_dropout_prob" if arch == "bert" else "attn_pdrop", attention_dropout)
+        name = {"bert": "attention_probs_dropout_prob", "gpt2": "attn_pdrop", "llama": "attention_dropout"}[arch]
+        setattr(config, name, attention_dropout)
     torch.manual_seed(0)
     if arch == "bert":
         model = MaskedLM(AutoModelForMaskedLM.from_config(config, attn_implementation=attention))
@@ -41,7 +70,7 @@ def _model(arch, h, layers, heads, seq, *, dropout=0.0, attention="sdpa", attent
 def _batch(arch, seq, micro):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(5, VOCAB, (micro, seq), generator=g)
-    if arch == "gpt2":
+    if arch != "bert":  # causal LMs: the model shifts the labels itself
         labels = ids.clone()
     else:  # exactly round(15%) masked positions, as activation_bytes assumes
         labels = torch.full_like(ids, -100).view(-1)
@@ -72,10 +101,12 @@ def _saved_bytes(model, batch, checkpointing=False):
     if not checkpointing:
         return forward
     # Reentrant recomputation calls the layer's forward function, not the module, so a layer's start is marked by
-    # its first submodule (BertLayer.attention, GPT2Block.ln_1).
-    layers = [m for m in model.modules() if type(m).__name__ in ("BertLayer", "GPT2Block")]
+    # the first submodule its forward calls.
+    first = {"BertLayer": "attention", "GPT2Block": "ln_1", "LlamaDecoderLayer": "input_layernorm"}
+    layers = [m for m in model.modules() if type(m).__name__ in first]
     recomputed: list[dict[int, int]] = []
-    hooks = [next(layer.children()).register_forward_pre_hook(lambda *_: recomputed.append({})) for layer in layers]
+    hooks = [getattr(layer, first[type(layer).__name__]).register_forward_pre_hook(lambda *_: recomputed.append({}))
+             for layer in layers]
     with saved_tensors_hooks(lambda t: counter(recomputed[-1])(t), lambda t: t):
         loss.backward()
     for hook in hooks:
@@ -89,28 +120,57 @@ def _check(measured, estimated, what):
     assert abs(error) <= 0.15, f"{what}: measured {measured} B, estimated {estimated} B ({error:+.1%})"
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-h{s[1]}-L{s[2]}-a{s[3]}-s{s[4]}")
+def _cuda_kernel(shape, precision):
+    """The SDPA kernel CUDA would pick, forced on CPU where it differs. Llama's grouped-query k/v reach SDPA with
+    enable_gqa=True; on CUDA (torch 2.13) only flash and cuDNN accept that and only in fp16/bf16, so fp32 runs the
+    math kernel, which keeps the probabilities. torch's CPU flash kernel accepts GQA in fp32, so it is switched off."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if shape.arch == "llama" and 0 < shape.kv_heads < shape.heads and precision == "fp32":
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["full", "checkpointed"])
 def test_activation_estimate_matches_saved_tensors(shape, precision, checkpointing):
-    arch, h, layers, heads, seq, micro = shape
-    cfg, model = _model(arch, h, layers, heads, seq)
+    cfg, model = _model(shape)
     if precision == "bf16":  # DeepSpeed's bf16 mode casts the module's parameters (not autocast); so does this
         model.to(torch.bfloat16)
     if checkpointing:  # reentrant, so that the layer inputs are saved where the hooks see them; same memory
         model.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
-    measured = _saved_bytes(model, _batch(arch, seq, micro), checkpointing)
-    estimated = activation_bytes(cfg, VOCAB, seq, micro, precision, checkpointing)
+    with _cuda_kernel(shape, precision):
+        measured = _saved_bytes(model, _batch(shape.arch, shape.seq, shape.micro), checkpointing)
+    estimated = activation_bytes(cfg, VOCAB, shape.seq, shape.micro, precision, checkpointing)
     _check(measured, estimated, f"{shape} {precision} checkpointing={checkpointing}")
 
 
-def test_eager_attention_keeps_the_probabilities():
-    arch, h, layers, heads, seq, micro = SHAPES[0]
-    cfg, model = _model(arch, h, layers, heads, seq, attention="eager")
-    measured = _saved_bytes(model, _batch(arch, seq, micro))
-    _check(measured, activation_bytes(cfg, VOCAB, seq, micro, "fp32", attention="eager"), "eager attention")
-    assert activation_bytes(cfg, VOCAB, seq, micro, "fp32", attention="eager") > activation_bytes(
-        cfg, VOCAB, seq, micro, "fp32")
+def test_llama_fp32_grouped_query_attention_runs_the_math_kernel():
+    """What _cuda_kernel forces is what the planner assumes, and it costs the probabilities."""
+    cfg = _cfg(LLAMA_GQA)
+    assert sdpa_backend(cfg, "fp32") == "math" and sdpa_backend(cfg, "bf16") == "fused"
+    assert sdpa_backend(dataclasses.replace(cfg, num_kv_heads=0), "fp32") == "fused"  # no GQA: memory-efficient
+    assert sdpa_backend(cfg, "fp32", "flash_attention_2") == "fused"
+    s, b = LLAMA_GQA.seq, LLAMA_GQA.micro
+    extra = activation_bytes(cfg, VOCAB, s, b, "fp32") - activation_bytes(
+        cfg, VOCAB, s, b, "fp32", attention="flash_attention_2")
+    # per layer: fp32 probabilities, and k and v repeated to all heads, in place of the log-sum-exp and k/v heads
+    h, a, kv = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads
+    assert extra == cfg.num_layers * (a * s * s * b * 4 - 4 * a * s * b + 2 * s * b * (h - h // a * kv) * 4)
+
+
+@pytest.mark.parametrize("shape,precision", [(SHAPES[0], "fp32"), (LLAMA_GQA, "fp32"), (LLAMA_GQA, "bf16")],
+                         ids=["bert-fp32", "llama-gqa-fp32", "llama-gqa-bf16"])
+def test_eager_attention_keeps_the_probabilities(shape, precision):
+    cfg, model = _model(shape, attention="eager")
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    s, b = shape.seq, shape.micro
+    measured = _saved_bytes(model, _batch(shape.arch, s, b))
+    estimated = activation_bytes(cfg, VOCAB, s, b, precision, attention="eager")
+    _check(measured, estimated, f"{shape} {precision} eager attention")
+    assert estimated > activation_bytes(cfg, VOCAB, s, b, precision, attention="flash_attention_2")
 
 
 def test_dropout_masks_one_per_dropout_element():
@@ -118,14 +178,38 @@ def test_dropout_masks_one_per_dropout_element():
     input's dtype (4 bytes in fp32). So CPU bytes = estimate + 3 bytes per mask element: the element count is what
     is checked. Attention dropout is off here because CPU SDPA with dropout falls back to the math kernel, which
     keeps the probabilities that CUDA's fused kernels recompute."""
-    arch, h, layers, heads, seq, micro = SHAPES[0]
-    cfg, model = _model(arch, h, layers, heads, seq, dropout=0.1, attention_dropout=0.0)
+    shape = SHAPES[0]
+    arch, h, layers, heads, seq, micro = shape[:6]
+    cfg, model = _model(shape, dropout=0.1, attention_dropout=0.0)
     without = activation_bytes(dataclasses.replace(cfg, dropout=0.0), VOCAB, seq, micro, "fp32")
     with_masks = activation_bytes(cfg, VOCAB, seq, micro, "fp32")
     mask_elements = with_masks - without
     assert mask_elements == (1 + 2 * layers) * seq * micro * h  # embeddings, then 2 per layer
     measured = _saved_bytes(model, _batch(arch, seq, micro))
     _check(measured, with_masks + 3 * mask_elements, "dropout masks as float on CPU")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_llama_dropout_only_on_attention_probabilities(precision):
+    """Llama's only dropout is on the attention probabilities: nothing to keep with SDPA's fused kernels (they
+    recompute the mask from the RNG seed), and with eager attention a mask and the dropped probabilities. On CPU the
+    mask is a float in the model's dtype (see above), e - 1 bytes an element more than CUDA's bool."""
+    shape = LLAMA_GQA
+    s, b, e = shape.seq, shape.micro, 4 if precision == "fp32" else 2
+    cfg, model = _model(shape, dropout=0.1, attention="eager")
+    assert activation_bytes(cfg, VOCAB, s, b, "bf16") == activation_bytes(
+        dataclasses.replace(cfg, dropout=0.0), VOCAB, s, b, "bf16")
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    with_masks = activation_bytes(cfg, VOCAB, s, b, precision, attention="eager")
+    mask_elements = shape.layers * shape.heads * s * s * b
+    # fp32: the dropped probabilities (e) and the mask (1) on top of the softmax output; bf16: the mask only, as the
+    # dropped probabilities replace the bf16 copy of the fp32 softmax output
+    added = mask_elements * (1 + e if precision == "fp32" else 1)
+    assert with_masks - activation_bytes(dataclasses.replace(cfg, dropout=0.0), VOCAB, s, b, precision,
+                                         attention="eager") == added
+    measured = _saved_bytes(model, _batch(shape.arch, s, b))
+    _check(measured, with_masks + (e - 1) * mask_elements, f"{precision} attention dropout masks as float on CPU")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,14 +1,28 @@
 """Checkpoints through DeepSpeed's engine (every ZeRO stage's partitions, optimizer, LR scheduler, loss scaler),
-with the trainer's position in `client_state`, and keep-last-N pruning."""
+with the trainer's position in `client_state`, made atomic and verifiable around it.
+
+Why around DeepSpeed: `engine.save_checkpoint` writes straight into `<root>/<tag>/` and then `latest`, so a process
+killed mid-save (SIGKILL at a time limit) can leave a half-written tag that `latest` may already name, and a
+truncated file is only discovered as an unpickling error at load time. Here every rank saves into `<tag>.tmp/`
+(DeepSpeed's `save_latest=False`), then the writer rank lists every file with its size and sha256 in
+`manifest.json`, renames the directory to `<tag>` (atomic on one filesystem) and replaces `latest` last. Loading
+verifies the manifest and falls back, with a warning naming it, to the newest complete checkpoint.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+log = logging.getLogger(__name__)
 TAG = re.compile(r"^step(\d+)$")
+MANIFEST = "manifest.json"
 
 
 def tag_for(step: int) -> str:
@@ -16,26 +30,92 @@ def tag_for(step: int) -> str:
 
 
 def list_tags(root: Path) -> list[str]:
+    """Complete checkpoints (renamed from .tmp), oldest first."""
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if p.is_dir() and TAG.match(p.name))
 
 
-def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_last: int, is_writer: bool) -> str:
-    """Saves on every rank (each writes its own partitions); DeepSpeed writes `latest` after the tag is complete."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    _write_atomic(directory / MANIFEST, json.dumps({"files": entries}, indent=1))
+
+
+def verify(directory: Path) -> Optional[str]:
+    """None when every file the manifest lists is there with its size and hash; else what is wrong."""
+    try:
+        entries = json.loads((directory / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return f"{directory / MANIFEST} is missing or unreadable"
+    for name, want in entries.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
+        if _sha256(path) != want["sha256"]:
+            return f"{path} does not match its sha256 in the manifest"
+    return None
+
+
+def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_last: int, is_writer: bool,
+         barrier: Callable[[], None]) -> str:
+    """Every rank calls this: each writes its own partitions; the writer makes the checkpoint complete and visible."""
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    staging = root / f"{tag}.tmp"
+    if is_writer and staging.exists():
+        shutil.rmtree(staging)  # left by a save that was killed
+    barrier()
+    engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
     if is_writer:
+        write_manifest(staging)
+        if (root / tag).exists():  # the same step saved again (an overwrite of a finished step): replace it
+            shutil.rmtree(root / tag)
+        os.replace(staging, root / tag)
+        _write_atomic(root / "latest", tag)
         for old in list_tags(root)[:-keep_last]:
             shutil.rmtree(root / old, ignore_errors=True)
+    barrier()
     return tag
 
 
-def load_latest(engine: Any, root: Path) -> Optional[dict[str, Any]]:
-    """Loads the checkpoint `latest` names; returns its client_state, or None when there is none."""
-    if not (root / "latest").exists():
-        return None
-    path, client_state = engine.load_checkpoint(str(root))
+def choose(root: Path) -> Optional[str]:
+    """The newest complete, verified checkpoint: `latest` first, then older tags; a bad one is named in a warning."""
+    candidates = list(reversed(list_tags(root)))
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    if latest in candidates:
+        candidates.remove(latest)
+        candidates.insert(0, latest)
+    for tag in candidates:
+        problem = verify(root / tag)
+        if problem is None:
+            return tag
+        log.warning("checkpoint %s is incomplete and is skipped: %s", root / tag, problem)
+        print(f"warning: checkpoint {root / tag} is incomplete and is skipped: {problem}", flush=True)
+    return None
+
+
+def load(engine: Any, root: Path, tag: str) -> dict[str, Any]:
+    """Loads `tag` on every rank (chosen once by the writer, see `choose`); returns its client_state."""
+    path, client_state = engine.load_checkpoint(str(root), tag=tag)
     if path is None:
-        return None
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
     return client_state

@@ -42,6 +42,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keeps the records up to `step` (a resume from that step's checkpoint records the later steps again)."""
+    records = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
 def plot_loss(run_dir: Path) -> None:
     """loss.png: train and eval loss against samples; skipped (overflow) steps marked."""
     import matplotlib

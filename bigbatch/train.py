@@ -25,10 +25,11 @@ from bigbatch.config import Recipe
 from bigbatch.data import TrainingData, prepare
 from bigbatch.data.corpus import check_sources
 from bigbatch.engine import client_optimizer, initialize
-from bigbatch.metrics import MetricsLog, device_peak_flops, plot_loss
+from bigbatch.metrics import MetricsLog, device_peak_flops, plot_loss, truncate_metrics
 from bigbatch.model import build_model, count_parameters, padded_vocab, wants_checkpointing
 from bigbatch.optim import param_groups
 from bigbatch.optim.layerwise import LayerwiseOptimizer
+from bigbatch.preemption import StopRequest, clear_markers, mark_preempted
 from bigbatch.scaling import BatchPlan, StepPlan, plan_steps, scaled_lr, solve_batch, warmup_steps
 
 log = logging.getLogger("bigbatch")
@@ -55,6 +56,7 @@ class Trainer:
     world: int
     metrics: MetricsLog
     load_phase: Callable[[int], TrainingData]  # collective: every rank calls it at a phase change
+    stop: StopRequest
     start_step: int = 0
     n_params: int = 0
 
@@ -88,7 +90,7 @@ class Trainer:
     def save(self, step: int) -> None:
         state = {"step": step, "samples": self.samples_before(step), "recipe": self.recipe.name}
         checkpoint.save(self.engine, self.run_dir / "checkpoints", step, state, self.recipe.checkpoint.keep_last,
-                        self.is_writer)
+                        self.is_writer, distributed.barrier)
 
     def _progress(self) -> Any:
         if self.is_writer and sys.stdout.isatty():
@@ -181,8 +183,19 @@ class Trainer:
                 record.update(self.evaluate(sp.micro_batch))
             self.metrics.write(record)
             last = record
-            if r.checkpoint.every_steps and done % r.checkpoint.every_steps == 0 and done != self.total_steps:
+            saved = r.checkpoint.every_steps and done % r.checkpoint.every_steps == 0 and done != self.total_steps
+            if saved:
                 self.save(done)
+            if done != self.total_steps and self.stop.agreed():
+                if not saved:
+                    self.save(done)
+                if self.is_writer:
+                    mark_preempted(self.run_dir, done, self.stop.reason or "")
+                    _say(f"stopped at step {done} ({self.stop.reason}): checkpoint saved; the next start with "
+                         "--resume (or the requeued SLURM job) continues from it")
+                if bar is not None:
+                    bar.close()
+                return {**last, "preempted": True}
             if self.is_writer:
                 if "eval_loss" in record:
                     plot_loss(self.run_dir)
@@ -258,6 +271,7 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
     distributed.barrier()  # every rank has read the directory before the writer changes it
     if rank == 0:
         rundir.prepare(run_dir, mode)
+        clear_markers(run_dir)
     distributed.barrier()
     _setup_logging(run_dir, rank)
 
@@ -309,21 +323,27 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
     engine, *_ = initialize(model=model, config=ds_config, model_parameters=groups, lr_scheduler=schedule)
     start_step = 0
     if mode == "resume":
-        state = checkpoint.load_latest(engine, run_dir / "checkpoints")
-        if state is not None:
+        # the writer verifies the checkpoints' manifests once and every rank loads the one it chose
+        tag = distributed.broadcast(checkpoint.choose(run_dir / "checkpoints") if rank == 0 else None)
+        if tag is not None:
+            state = checkpoint.load(engine, run_dir / "checkpoints", tag)
             start_step = int(state["step"])
             if rank == 0:
+                truncate_metrics(run_dir / "metrics.jsonl", start_step)  # steps after it will be recorded again
                 _say(f"resumed {run_dir} at step {start_step} ({state['samples']} samples)")
         elif rank == 0:
             _say(f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
     if start_step < len(steps) and steps[start_step].phase:
         data = load_phase(steps[start_step].phase)
+    stop = StopRequest(run_dir)
+    stop.install()
     trainer = Trainer(recipe, run_dir, engine, data, steps, rank, world,
                       MetricsLog(run_dir / "metrics.jsonl", engine.monitor, enabled=rank == 0),
-                      load_phase, start_step=start_step, n_params=n_params)
+                      load_phase, stop, start_step=start_step, n_params=n_params)
     last = trainer.fit()
     if rank == 0:
         plot_loss(run_dir)
-        _say(f"done: {run_dir}")
+        if not last.get("preempted"):
+            _say(f"done: {run_dir}")
     engine.destroy()
     return last

@@ -1,0 +1,60 @@
+"""Stopping cleanly before a time limit or a preemption: finish the step, checkpoint, say so, exit 0.
+
+A stop is asked for by SIGUSR1 or SIGTERM reaching a rank, or by a `STOP` file in the run directory (what
+`slurm/pretrain.sh` writes when SLURM's warning signal reaches the batch shell: a USR1 sent to the job steps would
+kill torchrun instead). Ranks agree through one tiny all-reduce per step, so all of them finish the same step and
+save together. The handler only sets a flag: a second signal during the checkpoint write changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+STOP = "STOP"
+PREEMPTED = "PREEMPTED"
+
+
+class StopRequest:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.reason: Optional[str] = None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.reason = signal.Signals(signum).name
+
+    def _local(self) -> bool:
+        if self.reason is None and (self.run_dir / STOP).exists():
+            self.reason = f"{STOP} file"
+        return self.reason is not None
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank was asked to stop (one all-reduce)."""
+        flag = torch.tensor([1.0 if self._local() else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.reason is None:
+            self.reason = "another rank"
+        return bool(flag.item())
+
+
+def clear_markers(run_dir: Path) -> None:
+    """Writer rank, at start: a new start is not stopped by the previous one's request."""
+    for name in (STOP, PREEMPTED):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def mark_preempted(run_dir: Path, step: int, reason: str) -> None:
+    (run_dir / PREEMPTED).write_text(json.dumps({"step": step, "reason": reason}) + "\n")

@@ -1,0 +1,99 @@
+"""`sbatch slurm/pretrain.sh` on a real 2-node SLURM cluster on this machine (tests/slurm_cluster.sh): a run across
+both nodes (srun + torchrun, gloo), and the same run preempted by SLURM's warning signal, requeued by the template,
+resumed by itself, with every loss bitwise equal to the uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bigbatch.metrics import read_metrics
+from conftest import ROOT, launch_env
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+ARGS = ["--schedule.steps=30", "--batch.global_batch=64", "--batch.micro_batch=16", "--data.vocab_size=400",
+        "--data.eval_samples=64", "--run.eval_every=10", "--model.dropout=0.1"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    script = ROOT / "tests" / "slurm_cluster.sh"
+    out = subprocess.run(["bash", str(script), "start", str(state)], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        pytest.fail(f"the local SLURM cluster did not start:\n{out.stdout}\n{out.stderr}")
+    env = launch_env()
+    env["SLURM_CONF"] = str(state / "slurm.conf")  # only ever this cluster
+    env["BIGBATCH_PYTHON"] = sys.executable
+    yield env
+    subprocess.run(["bash", str(script), "stop", str(state)], capture_output=True, timeout=60)
+
+
+def sbatch(env, run_dir: Path, log: Path) -> str:
+    out = subprocess.run(["sbatch", "--parsable", "--chdir", str(ROOT), "--output", str(log),
+                          str(ROOT / "slurm" / "pretrain.sh"), "tiny", *ARGS],
+                         env={**env, "BIGBATCH_RUN_DIR": str(run_dir)}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def job_state(env, job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True, timeout=30)
+    for field in out.stdout.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return "GONE"
+
+
+def wait_for(env, job: str, log: Path, timeout: float = 420) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = job_state(env, job)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "GONE"):
+            return state
+        time.sleep(2)
+    pytest.fail(f"job {job} still {job_state(env, job)} after {timeout} s\n{log.read_text()[-4000:]}")
+
+
+def losses(run_dir: Path):
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, tmp_path_factory):
+    root = tmp_path_factory.mktemp("plain")
+    run_dir, log = root / "run one", root / "job.out"  # a space in the path, end to end
+    job = sbatch(slurm, run_dir, log)
+    assert wait_for(slurm, job, log) == "COMPLETED", log.read_text()[-4000:]
+    return run_dir, log
+
+
+def test_two_node_job_trains_and_finishes(uninterrupted):
+    run_dir, log = uninterrupted
+    text = log.read_text()
+    assert "on 2 nodes x 1" in text and "world 2 |" in text and "done:" in text
+    assert [s for s, _ in losses(run_dir)] == list(range(1, 31))
+    assert not (run_dir / "PREEMPTED").exists()
+
+
+def test_preempted_job_requeues_resumes_and_matches(slurm, uninterrupted, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = sbatch(slurm, run_dir, log)
+    deadline = time.time() + 300
+    while not any(r.get("step", 0) >= 3 for r in read_metrics(run_dir / "metrics.jsonl")):
+        assert time.time() < deadline, log.read_text()[-4000:] if log.exists() else "no log"
+        time.sleep(0.2)
+    # what SLURM sends before the time limit (#SBATCH --signal=B:USR1@180), to the batch shell only
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True, timeout=30)
+    assert wait_for(slurm, job, log) == "COMPLETED", log.read_text()[-4000:]
+    text = log.read_text()
+    assert "stop requested" in text and "requeueing job" in text, text[-4000:]
+    assert "(restart 1)" in text and "resumed" in text, text[-4000:]
+    # every step once, each with the loss of the uninterrupted run, bit for bit
+    assert losses(run_dir) == losses(uninterrupted[0])

@@ -161,12 +161,14 @@ def main() -> None:
         f"({28 * numel / floor28 / 1e9:.1f} GB/s), 20 B/param {floor20 * 1e3:.0f} ms. An in-place `add_` over "
         f"the 28 B (no write-allocate traffic): {inplace28 * 1e3:.0f} ms ({28 * numel / inplace28 / 1e9:.1f} GB/s).",
         "",
-        "| optimizer | ms/step | x copy floor (28 B) | x own copy floor | x in-place floor (28 B) | x torch_optimizer.Lamb |",
+        "| optimizer | ms/step | x copy floor (28 B) | x own copy floor | x in-place floor (28 B) "
+        "| x torch_optimizer.Lamb |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, t in rows:
         own = t / (floor20 if "LARS" in name else floor28)
-        lines.append(f"| {name} | {t * 1e3:.0f} | {t / floor28:.2f} | {own:.2f} | {t / inplace28:.2f} | {t / peer:.3f} |")
+        lines.append(f"| {name} | {t * 1e3:.0f} | {t / floor28:.2f} | {own:.2f} | {t / inplace28:.2f} "
+                     f"| {t / peer:.3f} |")
     lamb, lars = times["bigbatch LAMB (fused, 2 passes)"], times["bigbatch LARS (fused)"]
     verdict = [
         "",

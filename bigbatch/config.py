@@ -144,7 +144,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """The cluster a recipe was planned for: `bigbatch plan <recipe>` and `bigbatch check <recipe>` use it by default."""
+    """The cluster a recipe was planned for; `bigbatch plan <recipe>` and `bigbatch check <recipe>` default to it."""
 
     nodes: int = 1
     gpus_per_node: int = 8

@@ -71,7 +71,7 @@ def scaled_lr(opt: OptimizerConfig, global_batch: int) -> tuple[float, str]:
 
 
 def warmup_steps(schedule: ScheduleConfig, global_batch: int) -> int:
-    """`schedule.warmup` is a fraction of the steps when < 1, else a number of samples (so it survives a batch change)."""
+    """`schedule.warmup`: a fraction of the steps when < 1, else a number of samples (so it survives a batch change)."""
     if schedule.warmup < 1:
         return int(round(schedule.warmup * schedule.steps))
     return int(math.ceil(schedule.warmup / global_batch))
@@ -81,7 +81,8 @@ def lr_factor(step: int, total: int, warmup: int, decay: str, power: float = 1.0
     """Multiplier of the peak LR for the update with index `step` (0-based), as NVIDIA's BERT LAMB recipe counts.
 
     Warmup: (step + 1) / warmup, reaching 1 at the last warmup update. Then with p = (step - warmup) / (total - warmup),
-    the progress through the decay (0 at its first update, never 1, so the last update still moves): poly -> (1 - p) ** power, cosine -> (1 + cos(pi p)) / 2, constant -> 1; floored at `min_ratio`.
+    the progress through the decay (0 at its first update, never 1, so the last update still moves):
+    poly -> (1 - p) ** power, cosine -> (1 + cos(pi p)) / 2, constant -> 1; floored at `min_ratio`.
     """
     if warmup and step < warmup:
         return (step + 1) / warmup

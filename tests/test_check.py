@@ -54,7 +54,8 @@ def test_each_mistake_is_one_sentence_with_a_hint(tmp_path, capsys):
     out = capsys.readouterr().out
     expected = [
         "train_batch_size=100 is not micro 8 x accumulation 2 = 16 times a whole number of ranks",
-        "gradient_clippin is not a DeepSpeed key and DeepSpeed would ignore it silently (did you mean 'gradient_clipping'?)",
+        "gradient_clippin is not a DeepSpeed key and DeepSpeed would ignore it silently "
+        "(did you mean 'gradient_clipping'?)",
         "fp16.initial_scale_powr is not a DeepSpeed key (did you mean 'initial_scale_power'?)",
         "fp16.enabled and bf16.enabled are both true",
         "zero_optimization.stage=5 is invalid",
@@ -105,7 +106,8 @@ def test_lamb_and_lars_rules_of_bigbatch_engine():
             "bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}
     found = messages(base)
     assert any("optimizer.params.momentm is not a LARS parameter; did you mean 'momentum'?" in m for m in found)
-    assert any(m.startswith("bf16.enabled=true with bigbatch's LAMB/LARS needs zero_optimization.stage >= 1") for m in found)
+    refusal = "bf16.enabled=true with bigbatch's LAMB/LARS needs zero_optimization.stage >= 1"
+    assert any(m.startswith(refusal) for m in found)
     offload = {"gradient_clipping": 1.0, "optimizer": {"type": "LAMB"},
                "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     assert any("offload_optimizer.device='cpu' is not supported" in m for m in messages(offload))

@@ -59,7 +59,8 @@ def random_case(seed, shapes=(7, 12, 3), steps=5, scale=1.0):
 
 def assert_close(a, b, tol=1e-12):
     for x, y in zip(a, b):
-        assert torch.allclose(torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64), rtol=tol, atol=tol)
+        x, y = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+        assert torch.allclose(x, y, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("kw", [

@@ -46,7 +46,8 @@ def case(seed, shapes=(6, 10, 4), steps=5):
 
 
 def close(a, b, tol=1e-12):
-    return all(torch.allclose(torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64), rtol=tol, atol=tol) for x, y in zip(a, b))
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return all(torch.allclose(f64(x), f64(y), rtol=tol, atol=tol) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("kw", [

@@ -4,6 +4,7 @@ resumed by itself, with every loss bitwise equal to the uninterrupted run."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -97,3 +98,27 @@ def test_preempted_job_requeues_resumes_and_matches(slurm, uninterrupted, tmp_pa
     assert "(restart 1)" in text and "resumed" in text, text[-4000:]
     # every step once, each with the loss of the uninterrupted run, bit for bit
     assert losses(run_dir) == losses(uninterrupted[0])
+
+
+def test_sweep_runs_as_a_job_array_and_reports(slurm, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "bigbatch", "sweep", "tiny", "--grid", "optimizer.lr=5e-3,2e-2",
+           "--grid", "batch.global_batch=32,64", "--out", str(sweep_dir), "--schedule.steps=3",
+           "--batch.micro_batch=16", "--data.vocab_size=400", "--data.eval_samples=64", "--run.eval_every=3"]
+    out = subprocess.run(cmd, cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job = out.stdout.split("Submitted batch job")[-1].split()[0]
+    deadline = time.time() + 480
+    while subprocess.run(["squeue", "--noheader", "--jobs", job], env=slurm, capture_output=True,
+                         text=True).stdout.strip():
+        assert time.time() < deadline, "the sweep's array tasks did not finish"
+        time.sleep(3)
+    rep = subprocess.run([sys.executable, "-m", "bigbatch", "sweep", "--report", str(sweep_dir)], cwd=ROOT, env=slurm,
+                         capture_output=True, text=True, timeout=60)
+    assert rep.returncode == 0, rep.stderr
+    rows = [line for line in rep.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 4, rep.stdout
+    assert all("| done | 3 |" in row for row in rows), rep.stdout
+    losses = [float(row.rstrip(" |").rsplit("|", 1)[1]) for row in rows]
+    assert losses == sorted(losses) and all(math.isfinite(x) for x in losses)  # best first
+    assert (sweep_dir / "report.md").read_text() == rep.stdout

@@ -62,7 +62,8 @@ class Tokenizer:
         try:
             self.sp.load(str(self.path))
         except (OSError, RuntimeError):
-            raise ConfigError(f"tokenizer {self.path} is not a SentencePiece model; point --data.tokenizer at a .model file.") from None
+            raise ConfigError(f"tokenizer {self.path} is not a SentencePiece model; point --data.tokenizer at a "
+                              ".model file.") from None
         expected = {PAD: "[PAD]", CLS: "[CLS]", SEP: "[SEP]", MASK: "[MASK]"}
         for i, piece in expected.items():
             if self.sp.id_to_piece(i) != piece:

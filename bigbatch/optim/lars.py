@@ -39,7 +39,8 @@ class LARS(LayerwiseOptimizer):
         if weight_decay < 0 or eps < 0 or trust_coefficient <= 0:
             raise ValueError("LARS weight_decay and eps must be >= 0 and trust_coefficient > 0")
         defaults = dict(
-            lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, adapt=True
+            lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
+            adapt=True,
         )
         super().__init__(params, defaults)
         self.fused = fused

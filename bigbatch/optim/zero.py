@@ -42,7 +42,8 @@ def _hp_mapped_layout(flat: Any, params: list[Any], names: dict[int, str], group
     segments = []
     for j, p in enumerate(params):
         if not hasattr(p, "_hp_mapping"):
-            raise UnsupportedLayout("DeepSpeed parameters carry no _hp_mapping; this DeepSpeed version is not supported")
+            raise UnsupportedLayout(
+                "DeepSpeed parameters carry no _hp_mapping; this DeepSpeed version is not supported")
         mapping = p._hp_mapping
         if mapping is None:
             continue  # no element of this parameter lives in this rank's slice

@@ -73,7 +73,8 @@ def distributed(kind, stage, gas, clip, world, rank, naive=False, fused=False):
         "zero_optimization": {"stage": stage},
         "optimizer": {"type": "LAMB" if kind == "lamb" else "lars", "params": {**OPT_PARAMS[kind], "fused": fused}},
     }
-    engine, *_ = initialize(model=model, config=config, model_parameters=param_groups(model, OPT_PARAMS[kind]["weight_decay"]))
+    groups = param_groups(model, OPT_PARAMS[kind]["weight_decay"])
+    engine, *_ = initialize(model=model, config=config, model_parameters=groups)
     opt = client_optimizer(engine)
     if naive:  # forget the layouts: what a per-tensor optimizer does under ZeRO
         opt._layouts.clear()

@@ -1,0 +1,67 @@
+"""Every shipped recipe: planned and checked at its real scale (arithmetic, no GPU), and a CPU smoke run with size
+overrides (a few layers, a small width) that trains a few steps through the real trainer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bigbatch.cli import main
+from bigbatch.config import REPO_ROOT, load_recipe
+from bigbatch.metrics import read_metrics
+from bigbatch.model import build_model, count_parameters
+
+RECIPES = sorted(p.stem for p in (REPO_ROOT / "recipes").glob("*.py"))
+# Parameter counts the recipes' names promise (transformers' own models, padded vocabularies), within 10%.
+SIZES = {"bert_base": 110e6, "bert_large": 335e6, "gpt2_small": 124e6, "gpt2_medium": 355e6, "gpt2_xl": 1.56e9,
+         "llama_1b": 1.1e9}
+
+
+def test_the_issue_list_of_recipes_is_shipped():
+    assert set(SIZES) | {"tiny"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_plan_and_check_at_real_scale(name, capsys):
+    assert main(["check", name]) == 0, capsys.readouterr().out
+    assert main(["plan", name]) == 0, capsys.readouterr().out  # fits the cluster it names, as written
+    out = capsys.readouterr().out
+    r = load_recipe(name)
+    assert f"on {r.cluster.nodes * r.cluster.gpus_per_node} GPUs" in out
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_model_size_matches_its_name(name):
+    import torch
+
+    r = load_recipe(name)
+    with torch.device("meta"):
+        n = count_parameters(build_model(r.model, r.data.vocab_size, pad_id=0))
+    assert n == pytest.approx(SIZES[name], rel=0.1)
+
+
+SMOKE = ["--model.hidden_size=32", "--model.num_layers=1", "--model.num_heads=2", "--model.intermediate_size=64",
+         "--model.max_position=64", "--data.seq_len=32", "--data.vocab_size=300", "--data.eval_samples=32",
+         "--data.eval_fraction=0.05", "--schedule.steps=2", "--batch.global_batch=16", "--batch.micro_batch=8",
+         "--deepspeed.configs=zero1.json,fp32.json", "--run.eval_every=2", "--cluster.gpus_per_node=1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RECIPES)
+def test_smoke_train_with_size_overrides(name, tmp_path, corpus_file):
+    r = load_recipe(name)
+    extra = [f"--data.sources={corpus_file}"]
+    if r.model.num_kv_heads:
+        extra.append("--model.num_kv_heads=1")
+    if r.batch.ramp_start:
+        extra += ["--batch.ramp_start=8", "--batch.ramp_increment=8", "--batch.ramp_samples=8"]
+    for i, _ in enumerate(r.phases, start=1):
+        extra += [f"--phases.{i}.seq_len=64", f"--phases.{i}.global_batch=8", f"--phases.{i}.micro_batch=4",
+                  f"--phases.{i}.steps=1"]
+    run = tmp_path / "run"
+    assert main(["train", name, "--run-dir", str(run), *SMOKE, *extra]) == 0
+    records = [x for x in read_metrics(run / "metrics.jsonl") if "loss" in x]
+    assert len(records) == 2 + len(r.phases)
+    assert all(math.isfinite(x["loss"]) for x in records)
+    assert (run / "checkpoints" / "latest").is_file()

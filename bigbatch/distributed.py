@@ -16,11 +16,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_standalone = False  # True when ensure_env made up the world of one (no launcher)
+
+
 def ensure_env() -> None:
     """Without a launcher (`python recipes/tiny.py`) fill in a world of one, so DeepSpeed's init just works."""
+    global _standalone
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         os.environ.setdefault("LOCAL_RANK", "0")
         return
+    _standalone = "MASTER_PORT" not in os.environ
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -37,7 +42,15 @@ def init() -> tuple[int, int]:
     import deepspeed
 
     ensure_env()
-    deepspeed.init_distributed(verbose=False)
+    for attempt in range(5):
+        try:
+            deepspeed.init_distributed(verbose=False)
+            break
+        except dist.DistNetworkError:
+            # The port picked free for a world of one was taken before the store bound it: pick another.
+            if not _standalone or attempt == 4:
+                raise
+            os.environ["MASTER_PORT"] = str(free_port())
     return dist.get_rank(), dist.get_world_size()
 
 

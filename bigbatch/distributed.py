@@ -22,6 +22,11 @@ _standalone = False  # True when ensure_env made up the world of one (no launche
 def ensure_env() -> None:
     """Without a launcher (`python recipes/tiny.py`) fill in a world of one, so DeepSpeed's init just works."""
     global _standalone
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+        # started by srun itself (DeepSpeed's --launcher slurm), which numbers tasks but sets no torch variables
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         os.environ.setdefault("LOCAL_RANK", "0")
         return

@@ -30,6 +30,7 @@ nproc="${SLURM_GPUS_ON_NODE:-1}"
 master="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 port="${BIGBATCH_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+export MASTER_ADDR="$master" MASTER_PORT="$port"  # for processes srun starts directly (the deepspeed launcher)
 
 mkdir -p "$run_dir"
 echo "bigbatch: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES nodes x $nproc, run $run_dir"
@@ -44,9 +45,9 @@ case "$launcher" in
       -m bigbatch train "$recipe" --run-dir "$run_dir" "$@" &
     ;;
   deepspeed)
-    hostfile="$run_dir/hostfile"
+    hostfile="$(mktemp "${TMPDIR:-/tmp}/bigbatch-hostfile.XXXXXX")"  # not in the run directory: it must stay empty
     scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$nproc/" > "$hostfile"
-    "$(dirname "$python")/deepspeed" --hostfile "$hostfile" --launcher slurm \
+    "$(dirname "$python")/deepspeed" --hostfile "$hostfile" --launcher slurm --no_ssh_check \
       --master_addr "$master" --master_port "$port" \
       --module bigbatch train "$recipe" --run-dir "$run_dir" "$@" &
     ;;

@@ -27,7 +27,8 @@ start() {
     command -v "$tool" >/dev/null || { echo "slurm_cluster.sh: $tool not found; apt-get install slurm-wlm munge" >&2; exit 2; }
   done
   stop
-  if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
+  # (zombies left by earlier daemons do not count: -r lists the live states only)
+  if pgrep -x -r D,R,S slurmctld >/dev/null || pgrep -x -r D,R,S slurmd >/dev/null; then
     echo "slurm_cluster.sh: a SLURM daemon not started from $dir is running; stop it first (this script never touches it)" >&2
     exit 1
   fi
@@ -59,7 +60,7 @@ SlurmdLogFile=$dir/slurmd-%n.log
 NodeName=node[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=17001-17002 CPUs=$cpus State=UNKNOWN
 PartitionName=test Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE
 CONF
-  if ! pgrep -x munged >/dev/null; then
+  if ! pgrep -x -r D,R,S munged >/dev/null; then
     mkdir -p /run/munge && chown munge:munge /run/munge
     runuser -u munge -- munged
   fi

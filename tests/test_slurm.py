@@ -36,10 +36,11 @@ def slurm(tmp_path_factory):
     subprocess.run(["bash", str(script), "stop", str(state)], capture_output=True, timeout=60)
 
 
-def sbatch(env, run_dir: Path, log: Path) -> str:
+def sbatch(env, run_dir: Path, log: Path, launcher: str = "torchrun") -> str:
     out = subprocess.run(["sbatch", "--parsable", "--chdir", str(ROOT), "--output", str(log),
                           str(ROOT / "slurm" / "pretrain.sh"), "tiny", *ARGS],
-                         env={**env, "BIGBATCH_RUN_DIR": str(run_dir)}, capture_output=True, text=True, timeout=60)
+                         env={**env, "BIGBATCH_RUN_DIR": str(run_dir), "BIGBATCH_LAUNCHER": launcher},
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
 
@@ -81,6 +82,15 @@ def test_two_node_job_trains_and_finishes(uninterrupted):
     assert "on 2 nodes x 1" in text and "world 2 |" in text and "done:" in text
     assert [s for s, _ in losses(run_dir)] == list(range(1, 31))
     assert not (run_dir / "PREEMPTED").exists()
+
+
+def test_deepspeed_launcher_runs_the_same_job(slurm, uninterrupted, tmp_path):
+    # DeepSpeed's --launcher slurm: srun starts the ranks itself, bigbatch reads SLURM_PROCID/SLURM_NTASKS
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = sbatch(slurm, run_dir, log, launcher="deepspeed")
+    assert wait_for(slurm, job, log) == "COMPLETED", log.read_text()[-4000:]
+    assert "world 2 |" in log.read_text()
+    assert losses(run_dir) == losses(uninterrupted[0])  # same world, same data: the same losses as torchrun's
 
 
 def test_preempted_job_requeues_resumes_and_matches(slurm, uninterrupted, tmp_path):

@@ -31,6 +31,7 @@ master="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 port="${BIGBATCH_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export MASTER_ADDR="$master" MASTER_PORT="$port"  # for processes srun starts directly (the deepspeed launcher)
+unset RANK WORLD_SIZE LOCAL_RANK  # each rank's own come from torchrun or from SLURM_PROCID, never from this shell
 
 mkdir -p "$run_dir"
 echo "bigbatch: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES nodes x $nproc, run $run_dir"

@@ -16,7 +16,10 @@ WORKERS = ROOT / "tests" / "workers"
 
 
 def launch_env() -> dict[str, str]:
-    env = dict(os.environ)
+    # In-process tests leave this process's rendezvous (RANK=0, WORLD_SIZE=1, MASTER_PORT of a live store) in
+    # os.environ; a launched job must not inherit it.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"  # 2 cores shared by every rank
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env

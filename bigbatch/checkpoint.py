@@ -17,6 +17,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -53,10 +55,39 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(directory: Path) -> None:
+def write_manifest(directory: Path, world: int) -> None:
+    """Every file with its size and sha256, and the data-parallel world that wrote them."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    _write_atomic(directory / MANIFEST, json.dumps({"files": entries}, indent=1))
+    _write_atomic(directory / MANIFEST, json.dumps({"world": world, "files": entries}, indent=1))
+
+
+def saved_world(directory: Path) -> Optional[int]:
+    try:
+        return json.loads((directory / MANIFEST).read_text()).get("world")
+    except (OSError, ValueError):
+        return None
+
+
+def to_universal(root: Path, tag: str) -> str:
+    """Writer rank: DeepSpeed's universal checkpoint of `tag` (once), which loads on any number of ranks.
+
+    DeepSpeed's converter carries the fp32 masters and Adam-style moments (`exp_avg`, `exp_avg_sq`, `step`): LAMB
+    names its moments so; LARS's `momentum_buffer` is not carried, so a LARS run is refused before this point.
+    """
+    target = f"{tag}-universal"
+    if not (root / target).is_dir():
+        staging = root / f"{target}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
+               "--output_folder", str(staging), "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {root / tag}:\n{out.stderr[-3000:]}")
+        os.replace(staging, root / target)
+        (root / "latest_universal").unlink(missing_ok=True)  # the converter points it at the staging name
+    return target
 
 
 def verify(directory: Path) -> Optional[str]:
@@ -77,7 +108,7 @@ def verify(directory: Path) -> Optional[str]:
 
 
 def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_last: int, is_writer: bool,
-         barrier: Callable[[], None]) -> str:
+         barrier: Callable[[], None], world: int) -> str:
     """Every rank calls this: each writes its own partitions; the writer makes the checkpoint complete and visible."""
     tag = tag_for(step)
     staging = root / f"{tag}.tmp"
@@ -86,13 +117,14 @@ def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_
     barrier()
     engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
     if is_writer:
-        write_manifest(staging)
+        write_manifest(staging, world)
         if (root / tag).exists():  # the same step saved again (an overwrite of a finished step): replace it
             shutil.rmtree(root / tag)
         os.replace(staging, root / tag)
         _write_atomic(root / "latest", tag)
         for old in list_tags(root)[:-keep_last]:
             shutil.rmtree(root / old, ignore_errors=True)
+            shutil.rmtree(root / f"{old}-universal", ignore_errors=True)
     barrier()
     return tag
 

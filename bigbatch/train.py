@@ -21,7 +21,7 @@ import torch
 
 from bigbatch import checkpoint, distributed, dsconfig, rundir
 from bigbatch.check import check_config, raise_on_errors
-from bigbatch.config import Recipe
+from bigbatch.config import ConfigError, Recipe
 from bigbatch.data import TrainingData, prepare
 from bigbatch.data.corpus import check_sources
 from bigbatch.engine import client_optimizer, initialize
@@ -90,7 +90,7 @@ class Trainer:
     def save(self, step: int) -> None:
         state = {"step": step, "samples": self.samples_before(step), "recipe": self.recipe.name}
         checkpoint.save(self.engine, self.run_dir / "checkpoints", step, state, self.recipe.checkpoint.keep_last,
-                        self.is_writer, distributed.barrier)
+                        self.is_writer, distributed.barrier, self.world)
 
     def _progress(self) -> Any:
         if self.is_writer and sys.stdout.isatty():
@@ -319,18 +319,40 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
                    else f"{ph['global_batch']}") + f", peak lr {ph['peak_lr']:.3g}"
                 for ph in resolved["phases"]))
 
+    # Which checkpoint to resume from, chosen before DeepSpeed starts: one written on another number of ranks under
+    # ZeRO loads through DeepSpeed's universal checkpoint, which the engine must be configured for.
+    resume_tag = None
+    if mode == "resume":
+        root = run_dir / "checkpoints"
+        if rank == 0:
+            resume_tag = checkpoint.choose(root)  # verifies the manifests once
+            stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+            if resume_tag and stage and checkpoint.saved_world(root / resume_tag) not in (None, world):
+                if recipe.optimizer.type.lower() == "lars":
+                    resume_tag = ConfigError(
+                        f"{root / resume_tag} was written by {checkpoint.saved_world(root / resume_tag)} ranks and "
+                        f"this start has {world}: DeepSpeed's universal checkpoint does not carry LARS's momentum; "
+                        "resume on the same number of ranks.")
+                else:
+                    resume_tag = checkpoint.to_universal(root, resume_tag)
+        resume_tag = distributed.broadcast(resume_tag)
+        if isinstance(resume_tag, ConfigError):
+            raise resume_tag
+        if resume_tag and resume_tag.endswith("-universal"):
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
     groups = param_groups(model, recipe.optimizer.weight_decay)
     engine, *_ = initialize(model=model, config=ds_config, model_parameters=groups, lr_scheduler=schedule)
     start_step = 0
     if mode == "resume":
-        # the writer verifies the checkpoints' manifests once and every rank loads the one it chose
-        tag = distributed.broadcast(checkpoint.choose(run_dir / "checkpoints") if rank == 0 else None)
-        if tag is not None:
-            state = checkpoint.load(engine, run_dir / "checkpoints", tag)
+        if resume_tag is not None:
+            state = checkpoint.load(engine, run_dir / "checkpoints", resume_tag)
             start_step = int(state["step"])
             if rank == 0:
                 truncate_metrics(run_dir / "metrics.jsonl", start_step)  # steps after it will be recorded again
-                _say(f"resumed {run_dir} at step {start_step} ({state['samples']} samples)")
+                _say(f"resumed {run_dir} at step {start_step} ({state['samples']} samples)"
+                     + (" through a universal checkpoint (another number of ranks)"
+                        if resume_tag.endswith("-universal") else ""))
         elif rank == 0:
             _say(f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
     if start_step < len(steps) and steps[start_step].phase:

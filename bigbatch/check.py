@@ -371,13 +371,9 @@ def cmd_check(args: list[str]) -> int:
         raise ConfigError(f"--world={known.world} must be at least 1.")
     path = Path(known.target)
     if path.suffix == ".json" and path.is_file() and not _is_recipe_json(path):
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} is not valid JSON ({err}); fix the file.") from None
-        if not isinstance(config, dict):
-            raise ConfigError(f"{path} must hold a JSON object, not {type(config).__name__}.")
-        findings = check_config(config, known.world)
+        from bigbatch.dsconfig import load_fragment
+
+        findings = check_config(load_fragment(path), known.world)
     else:
         findings = check_recipe(known.target, overrides, known.world)
     for f in findings:

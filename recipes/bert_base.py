@@ -1,39 +1,26 @@
-"""bert_base: BERT-base (110M) with the structure of bert_large (LAMB, the published mixed-batch schedule).
+"""bert_base: BERT-base (110M) on bert_large's schedule (LAMB, the published mixed-batch schedule, two phases).
 
-The schedule and LRs are bert_large's (published for BERT-large; NVIDIA's BERT-base LAMB runs use the same phase
-structure). Numbers from NVIDIA's BERT LAMB recipe (DeepLearningExamples, PyTorch/LanguageModeling/BERT) and the
-LAMB paper (You et al. 2020, "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes", Table 2):
-phase 1 at sequence length 128, global batch 65,536, LR 6e-3, warmup 28.43% of 7,038 steps; phase 2 at sequence
-length 512, global batch 32,768, LR 4e-3, warmup 12.8% of 1,563 steps; polynomial decay with power 0.5. Those
-LRs are for a LAMB without the trust-ratio clamp (optax's `lamb`): min_coeff 0, max_coeff inf.
+The schedule and LRs are bert_large's, published for BERT-large (see recipes/bert_large.py for the sources);
+NVIDIA's BERT-base LAMB runs use the same phase structure. Only the shape, the micro-batches and the cluster differ.
 
     bigbatch plan bert_base             # memory on the cluster below
     bigbatch check bert_base            # the DeepSpeed JSON it composes
-    deepspeed --num_gpus 8 --module bigbatch train bert_base      # one node (accumulation grows to keep the batch)
+    deepspeed --num_gpus 8 --module bigbatch train bert_base
 """
 
+import dataclasses
 import sys
+from pathlib import Path
 
-from bigbatch.config import (BatchConfig, ClusterConfig, DataConfig, DeepSpeedSection, ModelConfig, OptimizerConfig,
-                             PhaseConfig, Recipe, RunConfig, ScheduleConfig, CheckpointConfig)
+from bigbatch.config import ClusterConfig, load_recipe_file
 
-RECIPE = Recipe(
+LARGE = load_recipe_file(Path(__file__).with_name("bert_large.py"))
+RECIPE = dataclasses.replace(
+    LARGE,
     name="bert_base",
-    model=ModelConfig(arch="bert", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
-                      max_position=512, dropout=0.1),
-    # English Wikipedia from the hub (BookCorpus is no longer distributed); a 30,522-piece tokenizer is trained on it
-    # at the start unless data.tokenizer names one.
-    data=DataConfig(sources=("hf:wikimedia/wikipedia:20231101.en",), vocab_size=30522, seq_len=128,
-                    eval_fraction=0.002, eval_samples=8192),
-    optimizer=OptimizerConfig(type="lamb", lr=6e-3, lr_rule="none", betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
-                              grad_clip=1.0, min_coeff=0.0, max_coeff=float("inf")),
-    schedule=ScheduleConfig(steps=7038, warmup=0.2843, decay="poly", power=0.5),
-    batch=BatchConfig(global_batch=65536, micro_batch=512),  # `bigbatch plan`: 1024 is the largest that fits
-    phases=(PhaseConfig(global_batch=32768, seq_len=512, steps=1563, micro_batch=64, lr=4e-3, warmup=0.128,
-                        decay="poly", power=0.5),),
-    deepspeed=DeepSpeedSection(configs=("zero1.json", "bf16.json")),
-    checkpoint=CheckpointConfig(every_steps=200, keep_last=3),
-    run=RunConfig(eval_every=200, log_every=10, trust_ratio_every=50),
+    model=dataclasses.replace(LARGE.model, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    batch=dataclasses.replace(LARGE.batch, micro_batch=512),  # `bigbatch plan`: 1024 is the largest that fits
+    phases=(dataclasses.replace(LARGE.phases[0], micro_batch=64),),
     cluster=ClusterConfig(nodes=4, gpus_per_node=8, gpu_memory="80GB"),  # 32 A100/H100 80GB
 )
 

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from bigbatch import checkpoint
 from bigbatch.cli import main
 from bigbatch.metrics import read_metrics
+from conftest import ROOT, WORKERS, launch_env
 
 SMALL = ["--schedule.steps=6", "--batch.global_batch=32", "--batch.micro_batch=16", "--run.eval_every=3",
          "--checkpoint.every_steps=2", "--checkpoint.keep_last=5", "--data.vocab_size=400", "--data.eval_samples=64",
@@ -55,6 +60,20 @@ def test_truncated_or_half_written_checkpoints_are_skipped(reference, tmp_path, 
     assert "step00000006 is incomplete and is skipped" in out and "truncated" in out
 
 
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(reference, tmp_path, corpus_file):
+    run = tmp_path / "run"
+    args = ["train", "tiny", "--run-dir", str(run), f"--data.sources={corpus_file}", *SMALL]
+    proc = subprocess.run([sys.executable, str(WORKERS / "killed_save.py"), "4", *args], cwd=ROOT, env=launch_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    root = run / "checkpoints"
+    assert (root / "step00000004.tmp").is_dir()  # DeepSpeed's files of step 4, never completed
+    assert (root / "latest").read_text() == "step00000002" and checkpoint.choose(root) == "step00000002"
+    assert main([*args, "--resume"]) == 0
+    assert losses(run) == losses(reference)  # resumed at step 2: every later step again, as uninterrupted
+    assert not (root / "step00000004.tmp").exists()  # the next save of step 4 replaced the leftover
+
+
 def test_a_stop_request_checkpoints_and_resume_matches_the_uninterrupted_run(reference, tmp_path, corpus_file, capsys):
     run = tmp_path / "run"
 
@@ -82,3 +101,34 @@ def test_a_stop_request_checkpoints_and_resume_matches_the_uninterrupted_run(ref
         return [r for r in read_metrics(path / "metrics.jsonl") if "eval_loss" in r][-1]["eval_loss"]
 
     assert final_eval(run) == final_eval(reference)
+
+
+def test_where_loading_can_run_pickled_code(reference, tmp_path, corpus_file, monkeypatch):
+    """bigbatch reads its own files as JSON (manifest, metrics, recipe) and never unpickles; DeepSpeed's checkpoint
+    engine unpickles its model and optimizer files with weights_only=False and exposes no setting to change that.
+    The manifest's sha256s (verified before any load) catch a file changed after the save, not a hostile writer."""
+    import inspect
+
+    import torch
+
+    calls = []
+    real = torch.load
+
+    def recording_load(*args, **kwargs):
+        caller = inspect.stack()[1].filename
+        calls.append((caller, kwargs.get("weights_only")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "checkpoints" / "latest").write_text("step00000004")
+    args = ["train", "tiny", "--run-dir", str(run), f"--data.sources={corpus_file}", *SMALL, "--resume"]
+    assert main(args) == 0
+    assert calls, "the resume loaded nothing through torch.load"
+    import bigbatch
+    import deepspeed
+
+    package, ds = Path(bigbatch.__file__).parent, Path(deepspeed.__file__).parent
+    assert not [c for c in calls if Path(c[0]).resolve().is_relative_to(package)]  # bigbatch never unpickles
+    assert all(Path(c[0]).resolve().is_relative_to(ds) and c[1] is False for c in calls), calls

@@ -69,27 +69,6 @@ def saved_world(directory: Path) -> Optional[int]:
         return None
 
 
-def to_universal(root: Path, tag: str) -> str:
-    """Writer rank: DeepSpeed's universal checkpoint of `tag` (once), which loads on any number of ranks.
-
-    DeepSpeed's converter carries the fp32 masters and Adam-style moments (`exp_avg`, `exp_avg_sq`, `step`): LAMB
-    names its moments so; LARS's `momentum_buffer` is not carried, so a LARS run is refused before this point.
-    """
-    target = f"{tag}-universal"
-    if not (root / target).is_dir():
-        staging = root / f"{target}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
-               "--output_folder", str(staging), "--inject_missing_state", "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {root / tag}:\n{out.stderr[-3000:]}")
-        os.replace(staging, root / target)
-        (root / "latest_universal").unlink(missing_ok=True)  # the converter points it at the staging name
-    return target
-
-
 def verify(directory: Path) -> Optional[str]:
     """None when every file the manifest lists is there with its size and hash; else what is wrong."""
     try:
@@ -105,6 +84,59 @@ def verify(directory: Path) -> Optional[str]:
         if _sha256(path) != want["sha256"]:
             return f"{path} does not match its sha256 in the manifest"
     return None
+
+
+def to_universal(root: Path, tag: str, lars: bool = False) -> str:
+    """Writer rank: DeepSpeed's universal checkpoint of `tag` (once), which loads on any number of ranks.
+
+    DeepSpeed's converter carries the fp32 masters and Adam-style moments (`exp_avg`, `exp_avg_sq`, `step`), which is
+    why LAMB names its moments so. LARS's `momentum_buffer` takes its own path (`_lars_as_adam`): the converter runs
+    on a copy whose optimizer files call it `exp_avg`, and the per-parameter files it writes are renamed back.
+    DeepSpeed's loader reads every `<state>.pt` of a parameter, so `momentum_buffer.pt` lands in LARS's state.
+    """
+    target = f"{tag}-universal"
+    if (root / target).is_dir():
+        return target
+    staging = root / f"{target}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    source = _lars_as_adam(root, tag) if lars else root / tag
+    try:
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+               "--output_folder", str(staging), "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {root / tag}:\n{out.stderr[-3000:]}")
+    finally:
+        if lars:
+            shutil.rmtree(source, ignore_errors=True)
+    if lars:
+        for param_dir in (staging / "zero").iterdir():
+            if (param_dir / "exp_avg.pt").is_file():
+                os.replace(param_dir / "exp_avg.pt", param_dir / "momentum_buffer.pt")
+                (param_dir / "exp_avg_sq.pt").unlink(missing_ok=True)
+    os.replace(staging, root / target)
+    (root / "latest_universal").unlink(missing_ok=True)  # the converter points it at the staging name
+    return target
+
+
+def _lars_as_adam(root: Path, tag: str) -> Path:
+    """A copy of a ZeRO-1/2 checkpoint of LARS whose optimizer files name the momentum `exp_avg` (and carry a zero
+    `exp_avg_sq`), the only per-parameter states DeepSpeed's converter extracts. Unpickles DeepSpeed's files as
+    DeepSpeed itself does (weights_only=False): convert only checkpoints you trust."""
+    import torch
+
+    copy = root / f"{tag}-lars-as-adam.tmp"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(root / tag, copy)
+    for path in copy.glob("*optim_states.pt"):
+        sd = torch.load(path, map_location="cpu", weights_only=False)
+        groups = sd["optimizer_state_dict"]["base_optimizer_state"]["state"]
+        for state in groups.values():
+            state["exp_avg"] = state.pop("momentum_buffer")
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        torch.save(sd, path)
+    return copy
 
 
 def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_last: int, is_writer: bool,

@@ -328,13 +328,14 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
             resume_tag = checkpoint.choose(root)  # verifies the manifests once
             stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
             if resume_tag and stage and checkpoint.saved_world(root / resume_tag) not in (None, world):
-                if recipe.optimizer.type.lower() == "lars":
+                lars = recipe.optimizer.type.lower() == "lars"
+                if lars and stage == 3:
                     resume_tag = ConfigError(
                         f"{root / resume_tag} was written by {checkpoint.saved_world(root / resume_tag)} ranks and "
-                        f"this start has {world}: DeepSpeed's universal checkpoint does not carry LARS's momentum; "
-                        "resume on the same number of ranks.")
+                        f"this start has {world}: a LARS run under ZeRO-3 resumes on the same number of ranks only "
+                        "(its momentum has no universal-checkpoint path there yet).")
                 else:
-                    resume_tag = checkpoint.to_universal(root, resume_tag)
+                    resume_tag = checkpoint.to_universal(root, resume_tag, lars=lars)
         resume_tag = distributed.broadcast(resume_tag)
         if isinstance(resume_tag, ConfigError):
             raise resume_tag

@@ -58,3 +58,17 @@ def test_two_to_four_to_two_ranks(tmp_path, corpus_file):
     got = losses(down)
     for step in (5, 6):
         assert got[step] == pytest.approx(reference[step], rel=1e-5), step
+
+
+def test_lars_momentum_crosses_world_sizes(tmp_path, corpus_file):
+    # DeepSpeed's converter knows only Adam-style states; LARS's momentum takes bigbatch's own path through it
+    lars = ["--optimizer.type=lars", "--optimizer.lr=2.0", "--optimizer.trust_coefficient=0.01"]
+    plain = tmp_path / "plain"
+    train(2, plain, corpus_file, *lars)
+    up = tmp_path / "up"
+    restart_from(plain, up, 2)
+    out = train(4, up, corpus_file, *lars, "--resume").stdout
+    assert "through a universal checkpoint" in out
+    reference, got = losses(plain), losses(up)
+    for step in range(3, 7):  # a lost momentum would change step 3's update and every loss after it
+        assert got[step] == pytest.approx(reference[step], rel=1e-5), step

@@ -331,11 +331,13 @@ def check_recipe(name: str, overrides: dict[str, str], world: Optional[int]) -> 
     from bigbatch import dsconfig
     from bigbatch.config import load_recipe
     from bigbatch.data.corpus import check_sources
+    from bigbatch.data.tokenizer import check_tokenizer
     from bigbatch.scaling import plan_steps, scaled_lr, solve_batch
 
     out: list[Finding] = []
     recipe = load_recipe(name, overrides)
     for step in (lambda: check_sources(recipe.data.sources),
+                 lambda: check_tokenizer(recipe.data.tokenizer, recipe.data.vocab_size),
                  lambda: [dsconfig.find_fragment(f) for f in recipe.deepspeed.configs]):
         try:
             step()

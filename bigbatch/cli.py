@@ -61,7 +61,13 @@ def cmd_sweep(args: list[str]) -> int:
     return run(args)
 
 
-COMMANDS = {"train": cmd_train, "check": cmd_check, "plan": cmd_plan, "sweep": cmd_sweep}
+def cmd_tokenizer(args: list[str]) -> int:
+    from bigbatch.data.tokenizer import cmd_tokenizer as run
+
+    return run(args)
+
+
+COMMANDS = {"train": cmd_train, "check": cmd_check, "plan": cmd_plan, "sweep": cmd_sweep, "tokenizer": cmd_tokenizer}
 
 
 def _drop_local_rank(argv: list[str]) -> list[str]:
@@ -97,7 +103,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "  train   train a recipe on this launch's ranks (see `bigbatch train --help`)\n"
               "  check   report every problem of a recipe or a DeepSpeed JSON, one sentence each\n"
               "  plan    memory per GPU for each ZeRO stage and precision; the largest micro-batch that fits\n"
-              "  sweep   a grid of overrides as one SLURM job array; --report tabulates final eval losses\n")
+              "  sweep   a grid of overrides as one SLURM job array; --report tabulates final eval losses\n"
+              "  tokenizer train   a SentencePiece model for --data.tokenizer\n")
         return 0 if argv else EXIT_BAD_INPUT
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

@@ -24,6 +24,7 @@ from bigbatch.check import check_config, raise_on_errors
 from bigbatch.config import ConfigError, Recipe
 from bigbatch.data import TrainingData, prepare
 from bigbatch.data.corpus import check_sources
+from bigbatch.data.tokenizer import check_tokenizer
 from bigbatch.engine import client_optimizer, initialize
 from bigbatch.metrics import MetricsLog, device_peak_flops, plot_loss, truncate_metrics
 from bigbatch.model import build_model, count_parameters, padded_vocab, wants_checkpointing
@@ -259,6 +260,7 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
     lr, rule = scaled_lr(recipe.optimizer, plan.global_batch)
     steps = plan_steps(recipe, world)
     check_sources(recipe.data.sources)
+    check_tokenizer(recipe.data.tokenizer, recipe.data.vocab_size)
     ds_config = dsconfig.build(recipe, plan, lr)
     raise_on_errors(check_config(ds_config, plan.world), f"recipe {recipe.name}")
     if run_dir is not None:

@@ -95,3 +95,26 @@ def test_sources(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
     with pytest.raises(ConfigError, match=r"line 1 has no string \"text\" field"):
         load_documents((str(tmp_path / "bad.jsonl"),))
+
+
+def test_tokenizer_cli_and_vocabulary_mismatch(tmp_path, corpus_file, capsys):
+    from bigbatch.cli import main
+    from bigbatch.data.tokenizer import MASK, PAD, Tokenizer
+
+    prefix = tmp_path / "tok" / "wiki"
+    assert main(["tokenizer", "train", "--input", str(corpus_file), "--vocab-size", "300", "--out", str(prefix),
+                 "--model-type", "bpe"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    tok = Tokenizer(prefix.with_suffix(".model"))
+    assert tok.vocab_size == 300 and prefix.with_suffix(".vocab").is_file()
+    assert tok.sp.id_to_piece(PAD) == "[PAD]" and tok.sp.id_to_piece(MASK) == "[MASK]"
+    # never overwritten unless told to
+    again = ["tokenizer", "train", "--input", str(corpus_file), "--vocab-size", "300", "--out", str(prefix)]
+    assert main(again) == 2
+    assert "already exists; choose another --out or pass --overwrite" in capsys.readouterr().err
+    # a recipe whose vocabulary does not match its tokenizer is refused with one sentence
+    code = main(["train", "tiny", "--run-dir", str(tmp_path / "run"), f"--data.sources={corpus_file}",
+                 f"--data.tokenizer={prefix}.model", "--data.vocab_size=256", "--schedule.steps=1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "data.vocab_size=256 but tokenizer" in err and "has 300 pieces; set --data.vocab_size=300" in err

@@ -79,3 +79,46 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+
+def check_tokenizer(tokenizer: str, vocab_size: int) -> None:
+    """A recipe that names its tokenizer must state its size: `bigbatch plan` and recipe.json take the vocabulary from
+    data.vocab_size, and a tokenizer of another size would build another embedding than the one planned (or than a
+    checkpoint of the run holds)."""
+    if not tokenizer:
+        return
+    size = Tokenizer(Path(tokenizer)).vocab_size
+    if size != vocab_size:
+        raise ConfigError(f"data.vocab_size={vocab_size} but tokenizer {tokenizer} has {size} pieces; "
+                          f"set --data.vocab_size={size}.")
+
+
+def cmd_tokenizer(args: list[str]) -> int:
+    """`bigbatch tokenizer train --input SRC [SRC ...] --vocab-size N --out PREFIX [--model-type unigram|bpe]`."""
+    import argparse
+
+    from bigbatch.data.corpus import load_documents
+
+    p = argparse.ArgumentParser(prog="bigbatch tokenizer", description=cmd_tokenizer.__doc__)
+    sub = p.add_subparsers(dest="action", required=True)
+    t = sub.add_parser("train", help="train a SentencePiece model with bigbatch's special tokens at fixed ids")
+    t.add_argument("--input", nargs="+", required=True,
+                   help="text sources: files, directories, builtin:python-docs or hf:<dataset>[:<config>]")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--out", type=Path, required=True, help="model prefix: writes <out>.model and <out>.vocab")
+    t.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"))
+    t.add_argument("--overwrite", action="store_true", help="replace an existing <out>.model")
+    try:
+        known = p.parse_args(args)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    model = Path(f"{known.out}.model")
+    if model.exists() and not known.overwrite:
+        raise ConfigError(f"{model} already exists; choose another --out or pass --overwrite to replace it.")
+    if known.vocab_size < 8:
+        raise ConfigError(f"--vocab-size={known.vocab_size} is too small; give at least 8 (5 special tokens + text).")
+    docs = load_documents(tuple(known.input))
+    path = train_tokenizer(docs, known.out, known.vocab_size, known.model_type)
+    print(f"wrote {path} ({Tokenizer(path).vocab_size} pieces, {known.model_type}, {len(docs)} documents); "
+          f"use it with --data.tokenizer={path} --data.vocab_size={known.vocab_size}")
+    return 0

@@ -48,6 +48,7 @@ class DataConfig:
     vocab_size: int = 2000  # used when the tokenizer is trained here
     seq_len: int = 64
     mlm_probability: float = 0.15
+    whole_word_masking: bool = False  # mask all pieces of a selected word together
     eval_fraction: float = 0.02  # share of documents held out for evaluation
     eval_samples: int = 1024  # held-out sequences scored at each evaluation
 

@@ -34,6 +34,30 @@ def test_masking_rates_match_bert():
     assert (inputs[random] > MASK).all() and (inputs[random] < 1000).all()
 
 
+def test_whole_word_masking_selects_words_together_at_the_same_token_rate():
+    rng = np.random.default_rng(2)
+    vocab = 1000
+    word_start = rng.random(vocab) < 0.6  # 40% of pieces continue a word (1.7 pieces a word on average)
+    word_start[: MASK + 1] = True
+    tokens = rng.integers(5, vocab, size=(2000, 64)).astype(np.int32)
+    tokens[:, 0], tokens[:, -1] = CLS, SEP
+    inputs, labels = mask_tokens(tokens, np.arange(2000), np.zeros(2000, dtype=np.int64), seed=1, vocab_size=vocab,
+                                 word_start=word_start)
+    selected = labels != IGNORE
+    # each piece inherits its word's draw, so the expected token rate is still exactly 15%
+    assert abs(selected.sum() / (2000 * 62) - 0.15) < 0.006
+    assert not selected[:, 0].any() and not selected[:, -1].any()
+    # a continuation piece is selected exactly when the piece before it is (within one word; the piece after [CLS]
+    # begins one)
+    cont = ~word_start[tokens[:, 1:-1]]
+    cont[:, 0] = False
+    assert (selected[:, 1:-1][cont] == selected[:, :-2][cont]).all()
+    assert cont.sum() > 30000 and selected[:, 1:-1][cont].sum() > 3000  # the check saw many multi-piece words
+    # 80/10/10 stays per token
+    masked = (inputs == MASK) & selected
+    assert abs(masked.sum() / selected.sum() - 0.8) < 0.015
+
+
 def test_masking_depends_only_on_sample_and_epoch():
     tokens = np.random.default_rng(1).integers(5, 500, size=(8, 32)).astype(np.int32)
     ids, epochs = np.arange(100, 108), np.zeros(8, dtype=np.int64)
@@ -108,6 +132,8 @@ def test_tokenizer_cli_and_vocabulary_mismatch(tmp_path, corpus_file, capsys):
     tok = Tokenizer(prefix.with_suffix(".model"))
     assert tok.vocab_size == 300 and prefix.with_suffix(".vocab").is_file()
     assert tok.sp.id_to_piece(PAD) == "[PAD]" and tok.sp.id_to_piece(MASK) == "[MASK]"
+    starts = tok.word_starts()  # whole-word masking's view of the vocabulary
+    assert starts[: MASK + 1].all() and 0.2 < starts.mean() < 0.95
     # never overwritten unless told to
     again = ["tokenizer", "train", "--input", str(corpus_file), "--vocab-size", "300", "--out", str(prefix)]
     assert main(again) == 2

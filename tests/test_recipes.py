@@ -44,7 +44,8 @@ def test_model_size_matches_its_name(name):
 SMOKE = ["--model.hidden_size=32", "--model.num_layers=1", "--model.num_heads=2", "--model.intermediate_size=64",
          "--model.max_position=64", "--data.seq_len=32", "--data.vocab_size=300", "--data.eval_samples=32",
          "--data.eval_fraction=0.05", "--schedule.steps=2", "--batch.global_batch=16", "--batch.micro_batch=8",
-         "--deepspeed.configs=zero1.json,fp32.json", "--run.eval_every=2", "--cluster.gpus_per_node=1"]
+         "--deepspeed.configs=zero1.json,fp32.json", "--run.eval_every=2", "--cluster.gpus_per_node=1",
+         "--data.whole_word_masking=true"]
 
 
 @pytest.mark.slow

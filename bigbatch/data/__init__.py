@@ -28,9 +28,11 @@ class TrainingData:
     tokenizer: Tokenizer
     seed: int
     mlm_probability: float
+    whole_word_masking: bool = False
 
     def __post_init__(self) -> None:
         self.sampler = GlobalSampler(len(self.train), self.seed)
+        self._word_start = self.tokenizer.word_starts() if self.whole_word_masking else None
 
     @property
     def vocab_size(self) -> int:
@@ -38,7 +40,8 @@ class TrainingData:
 
     def _batch(self, tokens: np.ndarray, ids: np.ndarray, epochs: np.ndarray) -> dict[str, torch.Tensor]:
         if self.arch == "bert":
-            inputs, labels = mask_tokens(tokens, ids, epochs, self.seed, self.vocab_size, self.mlm_probability)
+            inputs, labels = mask_tokens(tokens, ids, epochs, self.seed, self.vocab_size, self.mlm_probability,
+                                         self._word_start)
         else:
             inputs = labels = tokens.astype(np.int64)
         return {
@@ -87,7 +90,7 @@ def prepare(recipe: Recipe, data_dir: Path, is_writer: bool, share: Callable[[An
         raise ConfigError(error)
     tok = Tokenizer(tokenizer_path)
     return TrainingData(recipe.model.arch, np.load(train_path), np.load(eval_path), tok, recipe.run.seed,
-                        d.mlm_probability)
+                        d.mlm_probability, d.whole_word_masking)
 
 
 def _build(recipe: Recipe, data_dir: Path, tokenizer_path: Path, log: Callable[[str], None]) -> None:

@@ -1,4 +1,6 @@
 """BERT masking (Devlin et al. 2019): 15% of positions predicted; of those 80% [MASK], 10% random, 10% unchanged.
+With whole-word masking (Google's BERT release, 2019) a word's pieces are selected together: every piece takes the
+selection draw of the first piece of its word, so the expected share of predicted tokens stays 15%.
 
 The random draws are a pure function of (seed, epoch, sample index, position) through a counter-based hash, so a
 sample is masked the same way whatever the world size, the micro-batch it lands in, or a resume in between.
@@ -31,10 +33,12 @@ def mask_tokens(
     seed: int,
     vocab_size: int,
     probability: float = 0.15,
+    word_start: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Returns (input_ids, labels) for a (batch, seq) array; labels are IGNORE where nothing is predicted.
 
     `sample_ids` and `epochs` (one per row) key the draws; epoch -1 is used for the fixed held-out masking.
+    `word_start` (a bool per vocabulary id: the piece begins a word) switches on whole-word masking.
     """
     batch, seq = tokens.shape
     with np.errstate(over="ignore"):
@@ -44,6 +48,11 @@ def mask_tokens(
         keys = keys * np.uint64(3)
     pick, action, replace = _uniform(keys), _uniform(keys + np.uint64(1)), _uniform(keys + np.uint64(2))
     special = (tokens == PAD) | (tokens == CLS) | (tokens == SEP)
+    if word_start is not None:
+        starts = word_start[tokens] | special
+        starts[:, 1:] |= special[:, :-1]  # a piece after [CLS] or [SEP] begins a word even if packing cut it
+        first = np.maximum.accumulate(np.where(starts, np.arange(seq), 0), axis=1)  # first piece of each word
+        pick = np.take_along_axis(pick, first, axis=1)
     selected = (pick < probability) & ~special
     labels = np.where(selected, tokens, IGNORE).astype(np.int64)
     inputs = tokens.astype(np.int64).copy()

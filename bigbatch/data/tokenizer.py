@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from bigbatch.config import ConfigError
 
 # Fixed ids so every model trained here agrees on them: [PAD]=0 [UNK]=1 [CLS]=2 (bos) [SEP]=3 (eos, end of document
@@ -73,6 +75,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
+
+    def word_starts(self) -> np.ndarray:
+        """A bool per id: the piece begins a word (SentencePiece marks it with U+2581) or is a special token."""
+        starts = np.array([self.sp.id_to_piece(i).startswith("\u2581") for i in range(self.vocab_size)])
+        starts[: MASK + 1] = True
+        return starts
 
     def encode(self, docs: list[str]) -> list[list[int]]:
         return self.sp.encode(docs)

@@ -180,11 +180,11 @@ def _check_types_of_sections(config: dict[str, Any], out: list[Finding]) -> None
 
 def _bigbatch_rules(config: dict[str, Any], out: list[Finding]) -> None:
     """What bigbatch.engine.initialize refuses for LAMB/LARS, reported before a run starts."""
-    from bigbatch.engine import _refuse_16bit_stage0, _refuse_offload
+    from bigbatch.engine import refuse_16bit_stage0, refuse_offload
 
     opt = config.get("optimizer")
     if isinstance(opt, dict) and str(opt.get("type", "")).lower() in BIGBATCH_OPTIMIZERS:
-        for rule in (_refuse_offload, _refuse_16bit_stage0):
+        for rule in (refuse_offload, refuse_16bit_stage0):
             try:
                 rule(config)
             except ConfigError as err:

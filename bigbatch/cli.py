@@ -6,9 +6,10 @@ Bad input ends with one sentence on stderr and exit code 2, on every rank, never
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from bigbatch.config import ConfigError, load_recipe, parse_override_args
 
@@ -43,31 +44,22 @@ def cmd_train(args: list[str], recipe_path: Optional[str] = None) -> int:
     return 0
 
 
-def cmd_check(args: list[str]) -> int:
-    from bigbatch.check import cmd_check as run
+def _lazy(module: str, name: str) -> Callable[[list[str]], int]:
+    """A subcommand imported when it runs, so `bigbatch train` does not load the planner, the sweep or SentencePiece."""
 
-    return run(args)
+    def run(args: list[str]) -> int:
+        return getattr(importlib.import_module(module), name)(args)
 
-
-def cmd_plan(args: list[str]) -> int:
-    from bigbatch.plan import cmd_plan as run
-
-    return run(args)
+    return run
 
 
-def cmd_sweep(args: list[str]) -> int:
-    from bigbatch.sweep import cmd_sweep as run
-
-    return run(args)
-
-
-def cmd_tokenizer(args: list[str]) -> int:
-    from bigbatch.data.tokenizer import cmd_tokenizer as run
-
-    return run(args)
-
-
-COMMANDS = {"train": cmd_train, "check": cmd_check, "plan": cmd_plan, "sweep": cmd_sweep, "tokenizer": cmd_tokenizer}
+COMMANDS = {
+    "train": cmd_train,
+    "check": _lazy("bigbatch.check", "cmd_check"),
+    "plan": _lazy("bigbatch.plan", "cmd_plan"),
+    "sweep": _lazy("bigbatch.sweep", "cmd_sweep"),
+    "tokenizer": _lazy("bigbatch.data.tokenizer", "cmd_tokenizer"),
+}
 
 
 def _drop_local_rank(argv: list[str]) -> list[str]:

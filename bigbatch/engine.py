@@ -64,7 +64,7 @@ def build_optimizer(section: dict[str, Any], params: Any) -> LayerwiseOptimizer:
     return OPTIMIZERS[str(section.get("type", "")).lower()](params, **build_optimizer_kwargs(section))
 
 
-def _refuse_offload(config: dict[str, Any]) -> None:
+def refuse_offload(config: dict[str, Any]) -> None:
     zero = config.get("zero_optimization", {}) or {}
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none")
@@ -75,7 +75,7 @@ def _refuse_offload(config: dict[str, Any]) -> None:
             )
 
 
-def _refuse_16bit_stage0(config: dict[str, Any]) -> None:
+def refuse_16bit_stage0(config: dict[str, Any]) -> None:
     """Why: in DeepSpeed 0.19 a client optimizer under fp16/bf16 at stage 0 is wrapped in `FP16_UnfusedOptimizer`,
     which (a) calls the optimizer's `step()` once on zero gradients at start-up (a real LAMB/LARS update: weight decay
     moves the weights, the step counter advances) and (b) divides gradients by the loss scale that
@@ -118,8 +118,8 @@ def initialize(
             )
         if model is None:
             raise ConfigError("model is required to build bigbatch's LAMB/LARS; pass model=<nn.Module>.")
-        _refuse_offload(cfg)
-        _refuse_16bit_stage0(cfg)
+        refuse_offload(cfg)
+        refuse_16bit_stage0(cfg)
         params = model_parameters if model_parameters is not None else model.parameters()
         optimizer = build_optimizer(section, params)
         cfg = {k: v for k, v in cfg.items() if k != "optimizer"}

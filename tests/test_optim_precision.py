@@ -19,7 +19,7 @@ def test_trust_ratios_use_fp32_masters_and_unscaled_gradients(tmp_path):
     result = read_json(out)
     cases = result["cases"]
     assert len(cases) == 2 * 9
-    # Stage 0 in 16 bits is refused with a sentence that names the fix (see bigbatch.engine._refuse_16bit_stage0).
+    # Stage 0 in 16 bits is refused with a sentence that names the fix (see bigbatch.engine.refuse_16bit_stage0).
     refused = [c for c in cases if c["refused"]]
     assert {(c["optimizer"], c["precision"], c["stage"]) for c in refused} == {
         (o, p, 0) for o in ("lamb", "lars") for p in ("fp16", "bf16")}

@@ -43,6 +43,9 @@ class DataConfig:
     # Local files or directories (.txt, .jsonl, .parquet), `hf:<dataset name>` on the hub, or `builtin:python-docs`
     # (English documentation text that ships inside Python itself: on every machine, no download).
     sources: tuple[str, ...] = ("builtin:python-docs",)
+    # Blend weights, one per source (Megatron's data blend): each epoch draws sequences from the sources in these
+    # proportions, cycling through a small source and sampling a large one. Empty: the sources simply concatenated.
+    weights: tuple[float, ...] = ()
     # A SentencePiece model file; empty means: train one on the corpus at the start of the run (rank 0).
     tokenizer: str = ""
     vocab_size: int = 2000  # used when the tokenizer is trained here
@@ -51,6 +54,14 @@ class DataConfig:
     whole_word_masking: bool = False  # mask all pieces of a selected word together
     eval_fraction: float = 0.02  # share of documents held out for evaluation
     eval_samples: int = 1024  # held-out sequences scored at each evaluation
+    # Preprocessing (datasets.map): worker processes, 0 = one per core (at most 8) for corpora over 20,000
+    # documents, else 1; cached by `datasets` under cache_dir (empty: its default, ~/.cache/huggingface/datasets).
+    num_proc: int = 0
+    cache_dir: str = ""
+    # Stream the sources (datasets' IterableDataset) instead of preparing them on local disk: for corpora that
+    # fit on neither. Order comes from a seeded shuffle buffer of documents; each rank reads its own share.
+    streaming: bool = False
+    shuffle_buffer: int = 10_000  # documents, streaming only
 
 
 @dataclass(frozen=True)
@@ -218,6 +229,17 @@ class Recipe:
             raise ConfigError(f"schedule.warmup={self.schedule.warmup} must be >= 0 (a fraction, or samples).")
         if not self.data.sources:
             raise ConfigError("data.sources is empty; name at least one file, directory or `hf:<name>`.")
+        w = self.data.weights
+        if w and (len(w) != len(self.data.sources) or min(w) < 0 or sum(w) <= 0):
+            raise ConfigError(f"data.weights={','.join(map(str, w))} must give one non-negative weight per source "
+                              f"({len(self.data.sources)} sources) with a positive sum; e.g. --data.weights="
+                              + ",".join(["1"] * len(self.data.sources)) + ".")
+        if w and self.data.streaming:
+            raise ConfigError("data.weights is set with data.streaming=true; blends need the prepared (non-streaming) "
+                              "path, so drop one of the two.")
+        if self.data.num_proc < 0 or self.data.shuffle_buffer < 1:
+            raise ConfigError(f"data.num_proc={self.data.num_proc} must be >= 0 and data.shuffle_buffer="
+                              f"{self.data.shuffle_buffer} >= 1.")
         if not self.deepspeed.configs:
             raise ConfigError("deepspeed.configs is empty; name at least one DeepSpeed JSON, e.g. zero1.json.")
         for i, ph in enumerate(self.phases, start=1):

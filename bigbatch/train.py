@@ -278,7 +278,7 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
     _setup_logging(run_dir, rank)
 
     say = _say if rank == 0 else log.info
-    data = prepare(recipe, run_dir / "data", rank == 0, distributed.broadcast, log=say)
+    data = prepare(recipe, run_dir / "data", rank == 0, distributed.broadcast, log=say, rank=rank, world=world)
 
     def load_phase(phase: int) -> TrainingData:
         """Phase 0's data, or a later phase's: the same corpus and tokenizer, packed at that phase's length."""
@@ -288,7 +288,8 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
         phase_recipe = dataclasses.replace(
             recipe, data=dataclasses.replace(recipe.data, seq_len=ph.seq_len, tokenizer=str(data.tokenizer.path)),
             batch=dataclasses.replace(recipe.batch, global_batch=ph.global_batch))
-        return prepare(phase_recipe, run_dir / "data" / f"phase{phase + 1}", rank == 0, distributed.broadcast, log=say)
+        return prepare(phase_recipe, run_dir / "data" / f"phase{phase + 1}", rank == 0, distributed.broadcast, log=say,
+                       rank=rank, world=world)
 
     torch.manual_seed(recipe.run.seed)
     model = build_model(recipe.model, data.vocab_size, pad_id=0, checkpointing=wants_checkpointing(ds_config))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 
@@ -10,7 +13,7 @@ from bigbatch.data.corpus import load_documents
 from bigbatch.data.masking import IGNORE, mask_tokens
 from bigbatch.data.packing import pack_bert, pack_gpt
 from bigbatch.data.sampler import GlobalSampler
-from bigbatch.data.tokenizer import CLS, MASK, SEP
+from bigbatch.data.tokenizer import CLS, MASK, PAD, SEP
 
 
 def test_masking_rates_match_bert():
@@ -98,27 +101,164 @@ def test_sampler_disjoint_full_coverage_and_resume(world, micro):
 
 def test_packing_shapes():
     docs = [[10] * 50, [11] * 30, [12] * 70]
-    bert = pack_bert(docs, 32)
-    assert bert.shape[1] == 32 and (bert[:, 0] == CLS).all() and (bert[:, -1] == SEP).all()
-    assert bert.shape[0] == (50 + 30 + 70 + 3) // 30
     gpt = pack_gpt(docs, 32)
     assert gpt.shape == ((50 + 30 + 70 + 3) // 32, 32)
     assert (gpt.reshape(-1)[50] == SEP)  # end-of-document token after the first document
 
 
+def test_bert_packing_keeps_sentences_whole():
+    # three documents of sentences of 5..20 tokens; each sentence's tokens carry its own id so a cut would show
+    rng = np.random.default_rng(0)
+    docs, ends, sentences = [], [], []
+    for _ in range(3):
+        lengths = rng.integers(5, 21, size=12)
+        doc = [100 + len(sentences) + i for i, n in enumerate(lengths) for _ in range(n)]
+        sentences += [(100 + len(sentences) + i, int(n)) for i, n in enumerate(lengths)]
+        docs.append(doc)
+        ends.append(np.cumsum(lengths).tolist())
+    docs[1] = docs[1][:0] + [999] * 70 + docs[1]  # a 70-token sentence: longer than a 30-token row body
+    ends[1] = [70] + [e + 70 for e in ends[1]]
+    rows = pack_bert(docs, ends, 32)
+    assert rows.shape[1] == 32 and (rows[:, 0] == CLS).all()
+    body = [r[1:][r[1:] != PAD] for r in rows]
+    assert all(b[-1] == SEP for b in body)  # each row closes with [SEP], then padding
+    pieces = {}
+    for r, b in enumerate(body):
+        for t in b[:-1]:
+            if t >= 100:
+                pieces.setdefault(int(t), set()).add(r)
+    assert all(len(rows_of) == 1 for t, rows_of in pieces.items() if t != 999)  # no sentence straddles rows
+    assert len(pieces[999]) == 3  # the long one fills 30 + 30 and leaves 10
+    # nothing is lost: every token of every document appears once
+    assert sum(int((b >= 100).sum()) for b in body) == sum(map(len, docs))
+    # documents are separated by [SEP] inside a row (RoBERTa's extra separator)
+    assert sum(int((b[:-1] == SEP).sum()) for b in body) >= 1
+
+
 def test_sources(tmp_path):
-    (tmp_path / "a.txt").write_text("first paragraph\nstill first\n\nsecond one\n")
-    (tmp_path / "b.jsonl").write_text('{"text": "json doc"}\n\n{"text": "another"}\n')
+    (tmp_path / "a.txt").write_text("first paragraph\nstill first\n\n\nsecond one\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "json doc"}\n\n{"text": "another"}\n{"text": "  "}\n')
     assert load_documents((str(tmp_path / "a.txt"),)) == ["first paragraph\nstill first", "second one"]
     assert load_documents((str(tmp_path),)) == ["first paragraph\nstill first", "second one", "json doc", "another"]
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"text": ["from parquet", None, "more"], "id": [1, 2, 3]}), tmp_path / "c.parquet")
+    assert load_documents((str(tmp_path / "c.parquet"),)) == ["from parquet", "more"]
     with pytest.raises(ConfigError, match=r"data source .*missing.txt does not exist"):
         load_documents((str(tmp_path / "missing.txt"),))
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(ConfigError, match="holds no text"):
         load_documents((str(tmp_path / "empty.txt"),))
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
-    with pytest.raises(ConfigError, match=r"line 1 has no string \"text\" field"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl has no \"text\" field \(fields: txt\); rename"):
         load_documents((str(tmp_path / "bad.jsonl"),))
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl could not be read \(.*JSON.*\); fix the file"):
+        load_documents((str(tmp_path / "bad.jsonl"),))
+
+
+def _recipe(corpus, **data):
+    from bigbatch.config import load_recipe
+
+    overrides = {"data.sources": str(corpus), "data.vocab_size": "300", "batch.global_batch": "16",
+                 "data.eval_samples": "64", **{f"data.{k}": str(v) for k, v in data.items()}}
+    return load_recipe("tiny", overrides)
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory, corpus_file):
+    from bigbatch.data.tokenizer import train_tokenizer
+
+    return train_tokenizer(load_documents((str(corpus_file),)), tmp_path_factory.mktemp("tok") / "t", 300)
+
+
+def test_preprocessing_is_cached_and_parallel_runs_give_the_same_rows(tmp_path, corpus_file, small_tokenizer):
+    from bigbatch.data import prepare
+
+    cache = tmp_path / "hf-cache"
+
+    def build(name, num_proc):
+        recipe = _recipe(corpus_file, tokenizer=small_tokenizer, cache_dir=cache, num_proc=num_proc)
+        data = prepare(recipe, tmp_path / name, True, lambda x: x, log=lambda m: None)
+        return data, {p for p in cache.rglob("*.arrow")}
+
+    first, files = build("a", 1)
+    again, files_again = build("b", 1)
+    assert files_again == files  # nothing tokenized again: datasets found its cached map results
+    assert np.array_equal(first.train, again.train) and np.array_equal(first.eval, again.eval)
+    parallel, _ = build("c", 2)  # two worker processes
+    assert np.array_equal(first.train, parallel.train) and np.array_equal(first.eval, parallel.eval)
+    info = json.loads((tmp_path / "a" / "data.json").read_text())
+    assert info["train_sequences"] == len(first.train) and 0 < info["padding_fraction"] < 0.5
+    # the rows decode back to the corpus' text
+    text = corpus_file.read_text()
+    row = first.train[3]
+    words = first.tokenizer.decode([int(t) for t in row if t > 4]).split()
+    assert len(words) > 3 and all(w in text for w in words)
+
+
+def test_weighted_blend_draws_sources_in_proportion_and_cycles_them(tmp_path, corpus_file, small_tokenizer):
+    from bigbatch.data import prepare
+
+    paragraphs = corpus_file.read_text().split("\n\n")
+    (tmp_path / "small.txt").write_text("\n\n".join(paragraphs[:60]))
+    (tmp_path / "large.txt").write_text("\n\n".join(paragraphs[60:]))
+    recipe = _recipe(f"{tmp_path / 'small.txt'},{tmp_path / 'large.txt'}", tokenizer=small_tokenizer, weights="3,1")
+    data = prepare(recipe, tmp_path / "run" / "data", True, lambda x: x, log=lambda m: None)
+    mix = json.loads((tmp_path / "run" / "data" / "data.json").read_text())["mix"]
+    small_n, large_n = mix[0]["sequences"], mix[1]["sequences"]
+    total = small_n + large_n
+    assert [m["per_epoch"] for m in mix] == [round(0.75 * total), total - round(0.75 * total)]
+    assert mix[0]["passes_per_epoch"] > 2  # the small source is up-weighted: cycled more than twice an epoch
+    # an independent count: which stored rows the sampler reads over three epochs
+    n = data.sampler.n
+    assert n == total
+    ids, epochs = data.sampler.indices(np.arange(3 * n))
+    rows = data.blend.rows(ids, epochs)
+    from_small = rows < small_n
+    for e in range(3):
+        share = from_small[e * n:(e + 1) * n].mean()
+        assert abs(share - 0.75) <= 1 / n
+    # over three epochs the large source, down-weighted, shows all its rows (fresh ones each epoch, then wraps)
+    large_rows = rows[~from_small]
+    assert len(np.unique(large_rows)) == min(large_n, len(large_rows))
+    assert len(np.unique(rows[from_small])) == small_n  # every small row used
+    # a batch reads the rows the blend names
+    batch = data.train_batch(np.arange(8))
+    expect = data.train[data.blend.rows(*data.sampler.indices(np.arange(8)))]
+    assert np.array_equal(batch["attention_mask"].numpy(), (expect != 0).astype(np.int64))
+    with pytest.raises(ConfigError, match=r"data.weights=1.0 must give one non-negative weight per source"):
+        dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, weights=(1.0,))).validate()
+
+
+def test_streaming_ranks_read_disjoint_shares_and_resume_exactly(tmp_path, corpus_file, small_tokenizer):
+    from bigbatch.data import StreamingData, prepare
+
+    world, micro = 2, 4
+    unique = tmp_path / "unique.txt"  # the corpus repeats some docstrings; held-out rows must differ from training
+    unique.write_text("\n\n".join(dict.fromkeys(corpus_file.read_text().split("\n\n"))))
+    recipe = _recipe(unique, tokenizer=small_tokenizer, streaming="true", shuffle_buffer=50)
+    ranks = [prepare(recipe, tmp_path / "data", r == 0, lambda x: x, log=lambda m: None, rank=r, world=world)
+             for r in range(world)]
+    assert all(isinstance(d, StreamingData) for d in ranks) and 0 < len(ranks[0].eval) <= 64
+
+    # tokens of each batch, read through the public path: input_ids where nothing is masked equals the rows
+    def tokens_of(data, rank, step, m):
+        pos = data.sampler.positions(step * 16, m, rank, world, micro)
+        batch = data.train_batch(pos)
+        ids, labels = batch["input_ids"].numpy(), batch["labels"].numpy()
+        return np.where(labels >= 0, labels, ids)
+
+    seen = {r: [tokens_of(ranks[r], r, s, m) for s in range(6) for m in range(2)] for r in range(world)}
+    rows = {r: {tuple(x) for b in seen[r] for x in b} for r in range(world)}
+    assert not rows[0] & rows[1]  # the ranks' shares are disjoint
+    # resume at step 4 on a fresh reader: the same rows as the uninterrupted reader
+    fresh = prepare(recipe, tmp_path / "data", False, lambda x: x, rank=1, world=world)
+    resumed = [tokens_of(fresh, 1, s, m) for s in range(4, 6) for m in range(2)]
+    assert all(np.array_equal(a, b) for a, b in zip(resumed, seen[1][8:]))
+    held = {tuple(x) for x in ranks[0].eval}
+    assert not held & (rows[0] | rows[1])  # held-out documents never train
 
 
 def test_tokenizer_cli_and_vocabulary_mismatch(tmp_path, corpus_file, capsys):
@@ -144,3 +284,40 @@ def test_tokenizer_cli_and_vocabulary_mismatch(tmp_path, corpus_file, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "data.vocab_size=256 but tokenizer" in err and "has 300 pieces; set --data.vocab_size=300" in err
+
+
+@pytest.mark.slow
+def test_streaming_and_blended_runs_train_and_a_streamed_run_resumes_exactly(tmp_path, corpus_file, capsys):
+    """Through the trainer (one process, fp32): a streamed run resumes bit for bit; a blended run writes its mix."""
+    import shutil
+
+    from bigbatch.cli import main
+    from bigbatch.metrics import read_metrics
+
+    small = ["--batch.global_batch=32", "--batch.micro_batch=16", "--run.eval_every=2", "--checkpoint.every_steps=1",
+             "--checkpoint.keep_last=9", "--data.vocab_size=400", "--data.eval_samples=64", "--data.seq_len=32",
+             "--model.max_position=64", "--schedule.steps=4"]
+    run = tmp_path / "stream"
+    assert main(["train", "tiny", f"--data.sources={corpus_file}", "--data.streaming=true", "--run-dir", str(run),
+                 *small]) == 0
+    records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert len(records) == 4 and records[-1]["eval_loss"] < records[0]["loss"]
+    assert json.loads((run / "data" / "data.json").read_text())["streaming"] is True
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    for step in (3, 4):
+        shutil.rmtree(resumed / "checkpoints" / f"step{step:08d}")
+    (resumed / "checkpoints" / "latest").write_text("step00000002")
+    assert main(["train", str(run / "recipe.json"), "--run-dir", str(resumed), "--resume"]) == 0
+    after = [r for r in read_metrics(resumed / "metrics.jsonl") if "loss" in r and r["step"] > 2]
+    assert [r["loss"] for r in after] == [r["loss"] for r in records[2:]]
+
+    paragraphs = corpus_file.read_text().split("\n\n")
+    (tmp_path / "a.txt").write_text("\n\n".join(paragraphs[:200]))
+    (tmp_path / "b.txt").write_text("\n\n".join(paragraphs[200:]))
+    blended = tmp_path / "blend"
+    assert main(["train", "tiny", f"--data.sources={tmp_path / 'a.txt'},{tmp_path / 'b.txt'}",
+                 "--data.weights=1,1", "--run-dir", str(blended), *small]) == 0
+    assert "blend per epoch:" in capsys.readouterr().out
+    mix = json.loads((blended / "data" / "data.json").read_text())["mix"]
+    assert [m["share"] for m in mix] == pytest.approx([0.5, 0.5], abs=1e-3)

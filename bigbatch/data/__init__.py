@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from bigbatch.config import ConfigError, Recipe
-from bigbatch.data.corpus import load_documents
-from bigbatch.data.masking import mask_tokens
-from bigbatch.data.packing import pack_bert, pack_gpt, split_documents
+from bigbatch.data.blend import Blend
+from bigbatch.data.corpus import check_sources, open_source
+from bigbatch.data.masking import hash_uniform, mask_tokens
+from bigbatch.data.packing import split_documents
+from bigbatch.data.pipeline import iter_rows, preprocess, write_rows
 from bigbatch.data.sampler import GlobalSampler
 from bigbatch.data.tokenizer import PAD, Tokenizer, train_tokenizer
+
+TOKENIZER_DOCS = 200_000  # streamed documents a tokenizer is trained on
 
 
 @dataclass
@@ -23,15 +28,16 @@ class TrainingData:
     """The packed train and held-out sequences of a run, and how to turn run positions into a micro-batch."""
 
     arch: str
-    train: np.ndarray
+    train: np.ndarray  # memory-mapped: (sequences, seq_len), the sources one after another
     eval: np.ndarray
     tokenizer: Tokenizer
     seed: int
     mlm_probability: float
     whole_word_masking: bool = False
+    blend: Optional[Blend] = None  # data.weights: which stored row each blend position reads
 
     def __post_init__(self) -> None:
-        self.sampler = GlobalSampler(len(self.train), self.seed)
+        self.sampler = GlobalSampler(len(self.blend) if self.blend else len(self.train), self.seed)
         self._word_start = self.tokenizer.word_starts() if self.whole_word_masking else None
 
     @property
@@ -52,7 +58,8 @@ class TrainingData:
 
     def train_batch(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
         ids, epochs = self.sampler.indices(positions)
-        return self._batch(self.train[ids], ids, epochs)
+        rows = self.blend.rows(ids, epochs) if self.blend else ids
+        return self._batch(np.asarray(self.train[rows]), ids, epochs)
 
     def eval_batches(self, rank: int, world: int, micro_batch: int) -> list[dict[str, torch.Tensor]]:
         """This rank's share of the held-out set (a fixed masking), in micro-batches.
@@ -63,13 +70,79 @@ class TrainingData:
         usable = len(self.eval) - len(self.eval) % world
         ids = np.arange(rank, usable, world)
         return [
-            self._batch(self.eval[chunk], chunk, np.full(len(chunk), -1))
+            self._batch(np.asarray(self.eval[chunk]), chunk, np.full(len(chunk), -1))
             for chunk in np.array_split(ids, max(1, int(np.ceil(len(ids) / micro_batch))))
             if len(chunk)
         ]
 
 
-def prepare(recipe: Recipe, data_dir: Path, is_writer: bool, share: Callable[[Any], Any], log=print) -> TrainingData:
+class StreamingData(TrainingData):
+    """Training sequences read from a stream (data.streaming): no random access, so each rank reads its own share of
+    the documents (`datasets.distributed.split_dataset_by_node`), in the order of a seeded shuffle buffer, and its
+    k-th micro-batch row is the k-th row it packs. A resume on the same number of ranks reads forward to where it
+    stopped (tokenizing on the way: minutes per billion tokens), so it skips and repeats nothing; on another number
+    of ranks the shares differ and the order is not the same.
+    """
+
+    def __init__(self, stream: Any, rank: int, world: int, **kwargs: Any) -> None:
+        super().__init__(train=np.zeros((1, 1), dtype=np.int32), **kwargs)
+        self.sampler = self  # positions() below; indices come from the stream itself
+        self.stream, self.rank, self.world = stream, rank, world
+        self._rows: Iterator[np.ndarray] = iter(())
+        self._pending = np.zeros((0, 0), dtype=np.int32)
+        self._next = -1  # the local row index the reader is at; -1: not started
+        self._epoch = self._read = 0
+
+    positions = staticmethod(GlobalSampler.positions)
+
+    def _open(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)  # reseeds the shuffle buffer: a new order each pass over the stream
+        self._rows, self._epoch, self._read = iter_rows(self.stream, chunk=256), epoch, 0
+        self._pending = np.zeros((0, 0), dtype=np.int32)
+
+    def _take(self, n: int) -> np.ndarray:
+        """The next n rows of this rank's share, starting the next pass over the stream where one ends."""
+        out: list[np.ndarray] = []
+        while n:
+            if not len(self._pending):
+                chunk = next(self._rows, None)
+                if chunk is None:
+                    if not self._read:
+                        raise ConfigError(f"rank {self.rank}'s share of the data stream holds no training sequence; "
+                                          "add text to --data.sources.")
+                    self._open(self._epoch + 1)
+                    continue
+                self._pending, self._read = chunk, self._read + len(chunk)
+            k = min(n, len(self._pending))
+            out.append(self._pending[:k])
+            self._pending, n = self._pending[k:], n - k
+        return np.concatenate(out)
+
+    def train_batch(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        b = len(positions)
+        block = self.world * b
+        local = int(positions[0] // block * b + positions[0] % block - self.rank * b)
+        if local != self._next:  # first call, or a resume: read forward from the start
+            self._open(0)
+            self._next = 0
+            while self._next < local:
+                self._next += len(self._take(min(4096, local - self._next)))
+        tokens = self._take(b)
+        self._next += b
+        return self._batch(tokens, positions, np.zeros(b, dtype=np.int64))
+
+
+def _held_out(example: dict[str, Any], index: int, fraction: float, seed: int) -> bool:
+    """A stream's held-out documents: a seeded hash of the document's place in the (unshuffled) stream."""
+    return bool(hash_uniform(np.asarray([index * 2654435761 + seed], dtype=np.uint64))[0] < fraction)
+
+
+def _not_held_out(example: dict[str, Any], index: int, fraction: float, seed: int) -> bool:
+    return not _held_out(example, index, fraction, seed)
+
+
+def prepare(recipe: Recipe, data_dir: Path, is_writer: bool, share: Callable[[Any], Any], log=print,
+            rank: int = 0, world: int = 1) -> TrainingData:
     """Builds (writer rank) or loads (others) the tokenizer and packed arrays in `data_dir`.
 
     `share(x)` hands the writer's x to every rank (a broadcast): the writer's outcome, so that bad data stops every
@@ -77,46 +150,128 @@ def prepare(recipe: Recipe, data_dir: Path, is_writer: bool, share: Callable[[An
     reuses them, so it trains on exactly the same sequences.
     """
     d = recipe.data
-    train_path, eval_path, info_path = data_dir / "train.npy", data_dir / "eval.npy", data_dir / "data.json"
+    eval_path, info_path = data_dir / "eval.npy", data_dir / "data.json"
     tokenizer_path = Path(d.tokenizer) if d.tokenizer else data_dir / "tokenizer.model"
     error = None
     if is_writer and not info_path.exists():
         try:
-            _build(recipe, data_dir, tokenizer_path, log)
+            (_build_stream if d.streaming else _build)(recipe, data_dir, tokenizer_path, log)
         except ConfigError as err:
             error = str(err)
     error = share(error)
     if error:
         raise ConfigError(error)
     tok = Tokenizer(tokenizer_path)
-    return TrainingData(recipe.model.arch, np.load(train_path), np.load(eval_path), tok, recipe.run.seed,
-                        d.mlm_probability, d.whole_word_masking)
+    common = dict(arch=recipe.model.arch, eval=np.load(eval_path), tokenizer=tok, seed=recipe.run.seed,
+                  mlm_probability=d.mlm_probability, whole_word_masking=d.whole_word_masking)
+    if d.streaming:
+        return StreamingData(_train_stream(recipe, tok.path, rank, world), rank, world, **common)
+    info = json.loads(info_path.read_text())
+    blend = Blend(info["train_sequences_per_source"], list(d.weights), recipe.run.seed) if d.weights else None
+    return TrainingData(train=np.load(data_dir / "train.npy", mmap_mode="r"), blend=blend, **common)
+
+
+def _open_sources(d: Any, streaming: bool) -> list[Any]:
+    return [open_source(s, streaming=streaming, cache_dir=d.cache_dir) for s in d.sources]
+
+
+def _texts(datasets_: list[Any]) -> Iterator[str]:
+    for ds in datasets_:
+        for batch in ds.iter(batch_size=1000):
+            yield from batch["text"]
+
+
+def _check_sizes(recipe: Recipe, n_train: int, n_eval: int, what: str) -> None:
+    d = recipe.data
+    if n_eval == 0:
+        raise ConfigError(f"the held-out split ({d.eval_fraction:.0%} of {what}) is shorter than one "
+                          f"sequence of {d.seq_len} tokens; raise --data.eval_fraction or add text.")
+    if n_train < recipe.batch.global_batch:
+        raise ConfigError(f"the corpus packs into {n_train} training sequences of {d.seq_len} tokens, fewer "
+                          f"than one global batch of {recipe.batch.global_batch}; add text or lower "
+                          "--batch.global_batch.")
 
 
 def _build(recipe: Recipe, data_dir: Path, tokenizer_path: Path, log: Callable[[str], None]) -> None:
+    import datasets
+
     d = recipe.data
     data_dir.mkdir(parents=True, exist_ok=True)
     log(f"reading {', '.join(d.sources)}")
-    docs = load_documents(d.sources)
-    train_idx, eval_idx = split_documents(len(docs), d.eval_fraction, recipe.run.seed)
+    sources = _open_sources(d, streaming=False)
+    splits = [split_documents(len(ds), d.eval_fraction, recipe.run.seed) for ds in sources]
+    train_docs = [ds.select(tr) for ds, (tr, _) in zip(sources, splits)]
+    eval_docs = [ds.select(ev) for ds, (_, ev) in zip(sources, splits)]
+    n_docs = sum(len(ds) for ds in sources)
     if not d.tokenizer:
-        log(f"training a {d.vocab_size}-piece SentencePiece tokenizer on {len(train_idx)} documents")
-        train_tokenizer([docs[i] for i in train_idx], data_dir / "tokenizer", d.vocab_size)
+        log(f"training a {d.vocab_size}-piece SentencePiece tokenizer on {sum(map(len, train_docs))} documents")
+        train_tokenizer(_texts(train_docs), data_dir / "tokenizer", d.vocab_size)
     tok = Tokenizer(tokenizer_path)
-    pack = pack_bert if recipe.model.arch == "bert" else pack_gpt
-    train = pack(tok.encode([docs[i] for i in train_idx]), d.seq_len)
-    held_out = pack(tok.encode([docs[i] for i in eval_idx]), d.seq_len)[: d.eval_samples]
-    if len(held_out) == 0:
-        raise ConfigError(f"the held-out split ({d.eval_fraction:.0%} of {len(docs)} documents) is shorter than one "
-                          f"sequence of {d.seq_len} tokens; raise --data.eval_fraction or add text.")
-    if len(train) < recipe.batch.global_batch:
-        raise ConfigError(f"the corpus packs into {len(train)} training sequences of {d.seq_len} tokens, fewer "
-                          f"than one global batch of {recipe.batch.global_batch}; add text or lower "
-                          "--batch.global_batch.")
-    np.save(data_dir / "train.npy", train)
-    np.save(data_dir / "eval.npy", held_out)
-    info = {"documents": len(docs), "train_documents": len(train_idx), "eval_documents": len(eval_idx),
-            "train_sequences": len(train), "eval_sequences": len(held_out), "seq_len": d.seq_len,
-            "train_tokens": int(train.size), "tokenizer": str(tokenizer_path), "vocab_size": tok.vocab_size,
-            "sources": list(d.sources)}
+    log(f"tokenizing and packing {n_docs} documents into sequences of {d.seq_len} (datasets.map, cached)")
+    pack = lambda ds, what: preprocess(ds, tok.path, recipe.model.arch, d.seq_len, d.num_proc, what)  # noqa: E731
+    train = [pack(ds, f"pack {s}") for ds, s in zip(train_docs, d.sources)]
+    held_out = datasets.concatenate_datasets([pack(ds, f"pack held-out {s}") for ds, s in zip(eval_docs, d.sources)])
+    if len(held_out) > d.eval_samples:  # a seeded sample of every source's held-out text
+        keep = np.sort(np.random.default_rng(recipe.run.seed).choice(len(held_out), d.eval_samples, replace=False))
+        held_out = held_out.select(keep)
+    sizes = [len(ds) for ds in train]
+    for source, weight, size in zip(d.sources, d.weights, sizes):
+        if weight and not size:
+            raise ConfigError(f"data source {source} has weight {weight} but packs into no training sequence of "
+                              f"{d.seq_len} tokens; give it weight 0 or more text.")
+    _check_sizes(recipe, sum(sizes), len(held_out), f"{n_docs} documents")
+    n_train = write_rows(datasets.concatenate_datasets(train), data_dir / "train.npy", d.seq_len)
+    n_eval = write_rows(held_out, data_dir / "eval.npy", d.seq_len)
+    rows = np.load(data_dir / "train.npy", mmap_mode="r")
+    info = {"documents": n_docs, "train_documents": sum(map(len, train_docs)),
+            "eval_documents": sum(map(len, eval_docs)), "train_sequences": n_train, "eval_sequences": n_eval,
+            "train_sequences_per_source": sizes, "seq_len": d.seq_len, "train_tokens": int(rows.size),
+            "padding_fraction": float(np.mean(rows[: 100_000] == PAD)), "tokenizer": str(tokenizer_path),
+            "vocab_size": tok.vocab_size, "sources": list(d.sources)}
+    if d.weights:
+        blend = Blend(sizes, list(d.weights), recipe.run.seed)
+        info["mix"] = blend.describe(list(d.sources))
+        log("blend per epoch: " + ", ".join(f"{m['source']} {m['share']:.1%} ({m['passes_per_epoch']:.2f} passes)"
+                                            for m in info["mix"]))
+    (data_dir / "data.json").write_text(json.dumps(info, indent=1))
+
+
+def _stream(recipe: Recipe, held_out: bool) -> Any:
+    """The documents of all sources as one stream, split into its held-out or its training part."""
+    import datasets
+
+    d = recipe.data
+    parts = _open_sources(d, streaming=True)
+    stream = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    keep = _held_out if held_out else _not_held_out
+    return stream.filter(keep, with_indices=True, fn_kwargs={"fraction": d.eval_fraction, "seed": recipe.run.seed})
+
+
+def _train_stream(recipe: Recipe, tokenizer_path: Path, rank: int, world: int) -> Any:
+    from datasets.distributed import split_dataset_by_node
+
+    d = recipe.data
+    stream = _stream(recipe, held_out=False).shuffle(seed=recipe.run.seed, buffer_size=d.shuffle_buffer)
+    mine = split_dataset_by_node(stream, rank=rank, world_size=world)
+    return preprocess(mine, tokenizer_path, recipe.model.arch, d.seq_len)
+
+
+def _build_stream(recipe: Recipe, data_dir: Path, tokenizer_path: Path, log: Callable[[str], None]) -> None:
+    """A streamed corpus: the tokenizer (trained on the stream's first documents) and the held-out set on disk."""
+    d = recipe.data
+    data_dir.mkdir(parents=True, exist_ok=True)
+    check_sources(d.sources)
+    if not d.tokenizer:
+        log(f"training a {d.vocab_size}-piece SentencePiece tokenizer on the first {TOKENIZER_DOCS} streamed documents")
+        docs = (ex["text"] for ex in _stream(recipe, held_out=False).take(TOKENIZER_DOCS))
+        train_tokenizer(docs, data_dir / "tokenizer", d.vocab_size)
+    tok = Tokenizer(tokenizer_path)
+    held = preprocess(_stream(recipe, held_out=True), tok.path, recipe.model.arch, d.seq_len)
+    rows = list(itertools.islice((r for chunk in iter_rows(held, chunk=256) for r in chunk), d.eval_samples))
+    first = next(iter_rows(preprocess(_stream(recipe, held_out=False), tok.path, recipe.model.arch, d.seq_len),
+                           chunk=1), None)
+    _check_sizes(recipe, recipe.batch.global_batch if first is not None else 0, len(rows), "the streamed documents")
+    np.save(data_dir / "eval.npy", np.stack(rows).astype(np.int32))
+    info = {"streaming": True, "eval_sequences": len(rows), "seq_len": d.seq_len, "tokenizer": str(tokenizer_path),
+            "vocab_size": tok.vocab_size, "sources": list(d.sources), "shuffle_buffer": d.shuffle_buffer}
     (data_dir / "data.json").write_text(json.dumps(info, indent=1))

@@ -1,13 +1,13 @@
-"""Text sources -> a list of documents: local files and directories, the Hugging Face hub, and a built-in corpus."""
+"""Text sources -> `datasets` datasets of documents: local files and directories, the hub, and a built-in corpus."""
 
 from __future__ import annotations
 
 import ast
-import json
 import os
 import sysconfig
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Iterator, Optional
 
 from bigbatch.config import ConfigError
 
@@ -51,30 +51,73 @@ def python_docs() -> list[str]:
     return list(_python_docs())
 
 
-def _read_file(path: Path) -> list[str]:
-    """.txt: documents separated by blank lines; .jsonl/.json: a "text" field per line; .parquet: a "text" column."""
-    if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
-        return [d.strip() for d in text.split("\n\n") if d.strip()]
-    if path.suffix in (".jsonl", ".json"):
-        docs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise ConfigError(f"{path} line {n} is not JSON; write one object per line with a \"text\" field.")
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ConfigError(f"{path} line {n} has no string \"text\" field; add one to every line.")
-            docs.append(record["text"])
-        return docs
-    import pyarrow.parquet as pq
+_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
-    table = pq.read_table(path, columns=None)
-    if "text" not in table.column_names:
-        raise ConfigError(f"{path} has no \"text\" column (columns: {', '.join(table.column_names)}); rename one.")
-    return [t for t in table.column("text").to_pylist() if t]
+
+def _builtin_records() -> Iterator[dict[str, str]]:
+    for doc in _python_docs():
+        yield {"text": doc}
+
+
+def _clean(batch: dict[str, list[Any]]) -> dict[str, list[str]]:
+    """Documents stripped of surrounding whitespace; empty and non-string ones dropped."""
+    return {"text": [t.strip() for t in batch["text"] if isinstance(t, str) and t.strip()]}
+
+
+def _load(builder: str, what: str, streaming: bool, cache_dir: Optional[str], **kwargs: Any) -> Any:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(builder, split="train", streaming=streaming, cache_dir=cache_dir or None, **kwargs)
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        raise ConfigError(f"data source {what} could not be read ({cause}); fix the file (JSON lines need one "
+                          "object per line with a \"text\" field).") from None
+    except ValueError as err:  # datasets' way of saying that the files hold no record at all
+        if "corresponds to no data" not in str(err):
+            raise
+        raise ConfigError(f"data source {what} holds no text; point --data.sources at a non-empty corpus.") from None
+    columns = ds.column_names
+    if columns is None:  # a stream of a format whose columns are known only once read
+        first = next(iter(ds.take(1)), {})
+        columns = list(first)
+    if "text" not in columns:
+        raise ConfigError(f"data source {what} has no \"text\" field (fields: {', '.join(columns)}); rename the "
+                          "field that holds the text to \"text\".")
+    return ds.select_columns(["text"])
+
+
+def open_source(source: str, streaming: bool = False, cache_dir: Optional[str] = None) -> Any:
+    """One source as a `datasets` dataset with a "text" column of non-empty documents (an IterableDataset when
+    streaming). Local files load through `datasets`' own text/json/parquet builders, so their preparation and every
+    later `map` are cached, and keyed on the files' contents.
+
+    .txt: documents separated by blank lines; .jsonl/.json: a "text" field per record; .parquet: a "text" column.
+    A directory: its files of those kinds, grouped by format. `hf:<dataset>[:<config>]`: the train split on the hub.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()  # bigbatch prints its own progress lines
+    datasets.logging.set_verbosity_error()  # a bad file becomes one ConfigError sentence, not a logged traceback too
+    if source == BUILTIN:
+        ds = datasets.Dataset.from_generator(_builtin_records, cache_dir=cache_dir or None)
+        parts = [ds.to_iterable_dataset() if streaming else ds]
+    elif source.startswith("hf:"):
+        dataset, _, config = source[3:].partition(":")
+        parts = [_load(dataset, source, streaming, cache_dir, name=config or None)]
+    else:
+        groups: dict[str, list[str]] = {}
+        for f in _files(Path(source)):
+            groups.setdefault(_BUILDERS[f.suffix], []).append(str(f))
+        parts = [_load(builder, source, streaming, cache_dir, data_files=files,
+                       **({"sample_by": "paragraph"} if builder == "text" else {}))
+                 for builder, files in groups.items()]
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    ds = ds.map(_clean, batched=True)
+    empty = next(iter(ds.take(1)), None) is None if streaming else len(ds) == 0
+    if empty:
+        raise ConfigError(f"data source {source} holds no text; point --data.sources at a non-empty corpus.")
+    return ds
 
 
 def _files(path: Path) -> list[Path]:
@@ -86,17 +129,6 @@ def _files(path: Path) -> list[Path]:
     if path.suffix not in SUFFIXES:
         raise ConfigError(f"data source {path} has suffix {path.suffix!r}; use one of {', '.join(SUFFIXES)}.")
     return [path]
-
-
-def _hub(name: str) -> list[str]:
-    """`hf:<dataset>[:<config>]`: the train split's "text" column, through `datasets` (needs the internet)."""
-    import datasets
-
-    dataset, _, config = name.partition(":")
-    ds = datasets.load_dataset(dataset, config or None, split="train")
-    if "text" not in ds.column_names:
-        raise ConfigError(f"hub dataset {dataset} has no \"text\" column (columns: {', '.join(ds.column_names)}).")
-    return [t for t in ds["text"] if t and t.strip()]
 
 
 def check_sources(sources: tuple[str, ...]) -> None:
@@ -111,18 +143,7 @@ def check_sources(sources: tuple[str, ...]) -> None:
         _files(Path(source))
 
 
-def load_documents(sources: tuple[str, ...]) -> list[str]:
-    """Every document of every source, in order; a source that yields nothing is an error naming it."""
+def load_documents(sources: tuple[str, ...], cache_dir: Optional[str] = None) -> list[str]:
+    """Every document of every source, in order, in memory (for small corpora: the tokenizer CLI, tests)."""
     check_sources(sources)
-    docs: list[str] = []
-    for source in sources:
-        if source == BUILTIN:
-            found = python_docs()
-        elif source.startswith("hf:"):
-            found = _hub(source[3:])
-        else:
-            found = [d for f in _files(Path(source)) for d in _read_file(f)]
-        if not found:
-            raise ConfigError(f"data source {source} holds no text; point --data.sources at a non-empty corpus.")
-        docs += found
-    return docs
+    return [t for source in sources for t in open_source(source, cache_dir=cache_dir)["text"]]

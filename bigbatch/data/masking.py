@@ -16,7 +16,7 @@ IGNORE = -100
 _FIRST_REGULAR = MASK + 1  # random replacements never draw a special token
 
 
-def _uniform(keys: np.ndarray) -> np.ndarray:
+def hash_uniform(keys: np.ndarray) -> np.ndarray:
     """splitmix64 (Steele et al. 2014) of each key, as floats in [0, 1)."""
     with np.errstate(over="ignore"):
         z = keys + np.uint64(0x9E3779B97F4A7C15)
@@ -46,7 +46,7 @@ def mask_tokens(
         base = (np.uint64(seed) * np.uint64(0x100000001B3) + epoch_keys) * np.uint64(0x9E3779B1)
         keys = (base + sample_ids.astype(np.uint64))[:, None] * np.uint64(seq) + np.arange(seq, dtype=np.uint64)
         keys = keys * np.uint64(3)
-    pick, action, replace = _uniform(keys), _uniform(keys + np.uint64(1)), _uniform(keys + np.uint64(2))
+    pick, action, replace = hash_uniform(keys), hash_uniform(keys + np.uint64(1)), hash_uniform(keys + np.uint64(2))
     special = (tokens == PAD) | (tokens == CLS) | (tokens == SEP)
     if word_start is not None:
         starts = word_start[tokens] | special

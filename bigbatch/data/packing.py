@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bigbatch.data.tokenizer import CLS, SEP
+from bigbatch.data.tokenizer import CLS, PAD, SEP
 
 
 def split_documents(n_docs: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -16,20 +16,48 @@ def split_documents(n_docs: int, eval_fraction: float, seed: int) -> tuple[np.nd
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
-def pack_bert(token_docs: list[list[int]], seq_len: int) -> np.ndarray:
-    """[CLS] chunk [SEP] sequences of exactly `seq_len` tokens from the concatenated documents, [SEP] between
-    documents (RoBERTa's FULL-SENTENCES style, crossing document boundaries); the ragged tail is dropped."""
+def pack_bert(token_docs: list[list[int]], sentence_ends: list[list[int]], seq_len: int) -> np.ndarray:
+    """RoBERTa's FULL-SENTENCES packing (Liu et al. 2019, section 4.2): each row is [CLS] + whole sentences, taken
+    in order and across document boundaries with a [SEP] between documents, + [SEP], padded with [PAD] to `seq_len`.
+    A sentence never straddles two rows unless it is longer than a row by itself; then it is cut into row-sized
+    pieces. `sentence_ends[d]` holds the end offset of each sentence of document d in `token_docs[d]`.
+    """
     body = seq_len - 2
-    stream = _concat(token_docs, SEP)
-    n = len(stream) // body
-    chunks = stream[: n * body].reshape(n, body)
-    out = np.empty((n, seq_len), dtype=np.int32)
-    out[:, 0], out[:, -1], out[:, 1:-1] = CLS, SEP, chunks
+    rows: list[list[int]] = []
+    current: list[int] = []
+
+    def flush() -> None:
+        if current:
+            rows.append(current.copy())
+            current.clear()
+
+    for doc, ends in zip(token_docs, sentence_ends):
+        start = 0
+        for end in ends:
+            sentence = doc[start:end]
+            start = end
+            if not sentence:
+                continue
+            if len(current) + len(sentence) > body:
+                flush()
+            while len(sentence) > body:  # longer than a row: its own rows, cut where they fill
+                rows.append(list(sentence[:body]))
+                sentence = sentence[body:]
+            current.extend(sentence)
+        if current and len(current) < body:
+            current.append(SEP)  # end of document (RoBERTa's extra separator)
+    flush()
+    out = np.full((len(rows), seq_len), PAD, dtype=np.int32)
+    out[:, 0] = CLS
+    for i, row in enumerate(rows):
+        out[i, 1 : 1 + len(row)] = row
+        out[i, 1 + len(row)] = SEP
     return out
 
 
 def pack_gpt(token_docs: list[list[int]], seq_len: int) -> np.ndarray:
-    """Documents concatenated with an end-of-document token ([SEP]) and cut into `seq_len` windows."""
+    """Documents concatenated with an end-of-document token ([SEP]) and cut into `seq_len` windows; the ragged tail
+    (fewer than `seq_len` tokens) is dropped."""
     stream = _concat(token_docs, SEP)
     n = len(stream) // seq_len
     return stream[: n * seq_len].reshape(n, seq_len).astype(np.int32)
@@ -38,7 +66,7 @@ def pack_gpt(token_docs: list[list[int]], seq_len: int) -> np.ndarray:
 def _concat(token_docs: list[list[int]], separator: int) -> np.ndarray:
     pieces = []
     for doc in token_docs:
-        if doc:
+        if len(doc):
             pieces.append(np.asarray(doc, dtype=np.int32))
             pieces.append(np.asarray([separator], dtype=np.int32))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)

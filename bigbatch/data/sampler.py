@@ -26,7 +26,8 @@ class GlobalSampler:
             self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
         return self._perms[epoch]
 
-    def positions(self, offset: int, micro: int, rank: int, world: int, micro_batch: int) -> np.ndarray:
+    @staticmethod
+    def positions(offset: int, micro: int, rank: int, world: int, micro_batch: int) -> np.ndarray:
         """The run positions micro-step `micro` of `rank` reads in the step whose global batch starts at `offset`."""
         start = offset + micro * world * micro_batch + rank * micro_batch
         return np.arange(start, start + micro_batch, dtype=np.int64)

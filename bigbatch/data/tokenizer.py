@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -12,17 +14,21 @@ from bigbatch.config import ConfigError
 # Fixed ids so every model trained here agrees on them: [PAD]=0 [UNK]=1 [CLS]=2 (bos) [SEP]=3 (eos, end of document
 # for GPT) [MASK]=4.
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
+# SentencePiece keeps every line it is handed in memory before sampling `input_sentence_size` of them: a corpus is
+# read only this far for the tokenizer.
+TOKENIZER_LINES = 4_000_000
 
 
-def train_tokenizer(docs: list[str], prefix: Path, vocab_size: int, model_type: str = "unigram") -> Path:
-    """Trains SentencePiece on `docs`; writes `<prefix>.model` and `<prefix>.vocab` and returns the model path."""
+def train_tokenizer(docs: Iterable[str], prefix: Path, vocab_size: int, model_type: str = "unigram") -> Path:
+    """Trains SentencePiece on `docs` (read up to TOKENIZER_LINES lines); writes `<prefix>.model` and `<prefix>.vocab`
+    and returns the model path."""
     import sentencepiece as spm
 
     if model_type not in ("unigram", "bpe"):
         raise ConfigError(f"tokenizer model type {model_type!r} is not one of unigram, bpe.")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     # SentencePiece trains on "sentences": lines, capped in length; long lines are cut rather than dropped.
-    lines = (line[:4000] for d in docs for line in d.splitlines() if line.strip())
+    lines = itertools.islice((line[:4000] for d in docs for line in d.splitlines() if line.strip()), TOKENIZER_LINES)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=lines,

@@ -12,9 +12,10 @@ from bigbatch.config import REPO_ROOT, load_recipe
 from bigbatch.metrics import read_metrics
 from bigbatch.model import build_model, count_parameters
 
-RECIPES = sorted(p.stem for p in (REPO_ROOT / "recipes").glob("*.py"))
+# Pretraining recipes (recipes/finetune_*.py are fine-tuning scripts, not recipe trees)
+RECIPES = sorted(p.stem for p in (REPO_ROOT / "recipes").glob("*.py") if not p.stem.startswith("finetune_"))
 # Parameter counts the recipes' names promise (transformers' own models, padded vocabularies), within 10%.
-SIZES = {"bert_base": 110e6, "bert_large": 335e6, "gpt2_small": 124e6, "gpt2_medium": 355e6, "gpt2_xl": 1.56e9,
+SIZES = {"bert_base": 110e6, "bert_large": 335e6, "bert_large_32k": 335e6, "gpt2_small": 124e6, "gpt2_medium": 355e6, "gpt2_xl": 1.56e9,
          "llama_1b": 1.1e9}
 
 
@@ -66,3 +67,15 @@ def test_smoke_train_with_size_overrides(name, tmp_path, corpus_file):
     assert len(records) == 2 + len(r.phases)
     assert all(math.isfinite(x["loss"]) for x in records)
     assert (run / "checkpoints" / "latest").is_file()
+
+
+def test_pure_32k_plan_is_the_lamb_papers():
+    """The second BERT-large plan: 15,625 steps at 32,768 (LAMB paper, Table 1), 90% of them at sequence 128."""
+    from bigbatch.scaling import plan_steps
+
+    steps = plan_steps(load_recipe("bert_large_32k"), world=64)
+    assert len(steps) == 15_625 and {sp.global_batch for sp in steps} == {32_768}
+    assert [sum(sp.seq_len == n for sp in steps) for n in (128, 512)] == [14_063, 1_562]
+    assert max(sp.lr for sp in steps) == pytest.approx(5e-3)
+    r = load_recipe("bert_large_32k")
+    assert (r.optimizer.min_coeff, r.optimizer.max_coeff) == (0.0, math.inf)  # no trust-ratio clamp, as published

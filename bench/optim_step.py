@@ -21,7 +21,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import socket
 import statistics
 import time
@@ -31,27 +30,7 @@ from typing import Callable
 import torch
 
 from bigbatch.optim import LAMB, LARS
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "host": socket.gethostname(),
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "threads": str(torch.get_num_threads()),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+from common import RESULTS, machine
 
 
 def make_params(total: int, per_tensor: int) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from bigbatch.config import ConfigError, load_recipe, parse_override_args
+from bigbatch.overflow import EXIT_STOPPED, TrainingStopped
 
 EXIT_BAD_INPUT = 2
 
@@ -107,6 +108,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as err:
         print(f"bigbatch: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrainingStopped as err:
+        print(f"bigbatch: {err}", file=sys.stderr)
+        return EXIT_STOPPED
 
 
 def run_recipe(recipe_file: str, argv: Optional[list[str]] = None) -> int:
@@ -118,3 +122,6 @@ def run_recipe(recipe_file: str, argv: Optional[list[str]] = None) -> int:
     except ConfigError as err:
         print(f"bigbatch: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrainingStopped as err:
+        print(f"bigbatch: {err}", file=sys.stderr)
+        return EXIT_STOPPED

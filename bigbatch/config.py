@@ -152,6 +152,9 @@ class RunConfig:
     log_every: int = 1
     trust_ratio_every: int = 10  # steps between trust-ratio records in metrics.jsonl; 0 disables
     runs_root: str = "runs"  # default run directory: <runs_root>/<recipe>-<time>
+    # Steps in a row skipped with the fp16 loss scale already at min_loss_scale (or, in fp32/bf16, skipped for a
+    # gradient that is not finite) before the run checkpoints and stops (bigbatch.overflow).
+    overflow_patience: int = 10
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,7 @@ class Recipe:
             ("batch.global_batch", self.batch.global_batch),
             ("run.eval_every", self.run.eval_every),
             ("run.log_every", self.run.log_every),
+            ("run.overflow_patience", self.run.overflow_patience),
             ("checkpoint.keep_last", self.checkpoint.keep_last),
             ("cluster.nodes", self.cluster.nodes),
             ("cluster.gpus_per_node", self.cluster.gpus_per_node),

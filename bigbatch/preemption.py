@@ -52,7 +52,9 @@ class StopRequest:
 
 def clear_markers(run_dir: Path) -> None:
     """Writer rank, at start: a new start is not stopped by the previous one's request."""
-    for name in (STOP, PREEMPTED):
+    from bigbatch.overflow import DIVERGED
+
+    for name in (STOP, PREEMPTED, DIVERGED):
         (run_dir / name).unlink(missing_ok=True)
 
 

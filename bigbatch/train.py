@@ -30,6 +30,7 @@ from bigbatch.metrics import MetricsLog, device_peak_flops, plot_loss, truncate_
 from bigbatch.model import build_model, count_parameters, padded_vocab, wants_checkpointing
 from bigbatch.optim import param_groups
 from bigbatch.optim.layerwise import LayerwiseOptimizer
+from bigbatch.overflow import (DIVERGED, DS_MIN_SCALE_ERROR, OverflowGuard, TrainingStopped, divergence_message)
 from bigbatch.preemption import StopRequest, clear_markers, mark_preempted
 from bigbatch.scaling import BatchPlan, StepPlan, plan_steps, scaled_lr, solve_batch, warmup_steps
 
@@ -93,6 +94,15 @@ class Trainer:
         checkpoint.save(self.engine, self.run_dir / "checkpoints", step, state, self.recipe.checkpoint.keep_last,
                         self.is_writer, distributed.barrier, self.world)
 
+    def _stop(self, step: int, message: str) -> None:
+        """Every rank: checkpoint the current (last good) state as step `step`, say why, and stop the run."""
+        self.save(step)
+        if self.is_writer:
+            (self.run_dir / DIVERGED).write_text(message + "\n")
+            plot_loss(self.run_dir)
+            log.error(message)
+        raise TrainingStopped(message)
+
     def _progress(self) -> Any:
         if self.is_writer and sys.stdout.isatty():
             from tqdm import tqdm
@@ -120,6 +130,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         r = self.recipe
         engine, optimizer = self.engine, client_optimizer(self.engine)
+        guard = OverflowGuard(engine, r.run.overflow_patience)
         last: dict[str, Any] = {}
         if self.start_step == 0:
             first = self.evaluate(self.steps[0].micro_batch)
@@ -135,20 +146,31 @@ class Trainer:
                 self._enter_phase(sp)
             self._shape_engine(sp)
             torch.manual_seed(_dropout_seed(r.run.seed, step, self.rank))
-            skipped_before = engine.skipped_steps
+            skipped_before, was_at_minimum = engine.skipped_steps, guard.at_minimum()
             lr_used = float(engine.get_lr()[0])
             started = time.perf_counter()
             losses = []
             for micro in range(sp.grad_accum):
+                boundary = micro == sp.grad_accum - 1
                 # said explicitly: DeepSpeed's own boundary test counts micro-steps modulo the *current* accumulation,
                 # which goes out of step once a ramp or a phase has changed it
-                engine.set_gradient_accumulation_boundary(micro == sp.grad_accum - 1)
+                engine.set_gradient_accumulation_boundary(boundary)
                 positions = self.data.sampler.positions(sp.offset, micro, self.rank, self.world, sp.micro_batch)
                 loss = engine(**self.data.train_batch(positions))
                 engine.backward(loss)
-                engine.step()
                 losses.append(loss.detach().float())
-            loss = distributed.mean_across_ranks(torch.stack(losses).mean())
+                if boundary:
+                    # the step's loss on every rank before its update, so a diverged step is never applied
+                    loss = distributed.mean_across_ranks(torch.stack(losses).mean())
+                    if not math.isfinite(loss):
+                        self._stop(step, divergence_message(step + 1, loss, checkpoint.tag_for(step)))
+                try:
+                    engine.step()
+                except Exception as err:  # ZeRO's scaler at its minimum, if the guard could not switch it off
+                    if DS_MIN_SCALE_ERROR not in str(err):
+                        raise
+                    guard.in_a_row = guard.patience
+                    self._stop(step, guard.overflow_message(step + 1, checkpoint.tag_for(step)))
             elapsed = time.perf_counter() - started
             done = step + 1
             samples += sp.global_batch
@@ -167,6 +189,7 @@ class Trainer:
                 "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0) or 1.0),
                 "skipped_steps": int(engine.skipped_steps),
                 "skipped_this_step": engine.skipped_steps > skipped_before,
+                "updates": done - int(engine.skipped_steps),  # applied updates; the LR schedule follows these
                 "step_time_s": elapsed,
                 "samples_per_s": sp.global_batch / elapsed,
                 "tokens_per_s": sp.global_batch * sp.seq_len / elapsed,
@@ -184,6 +207,8 @@ class Trainer:
                 record.update(self.evaluate(sp.micro_batch))
             self.metrics.write(record)
             last = record
+            if guard.update(record["skipped_this_step"], was_at_minimum):
+                self._stop(done, guard.overflow_message(done, checkpoint.tag_for(done)))
             saved = r.checkpoint.every_steps and done % r.checkpoint.every_steps == 0 and done != self.total_steps
             if saved:
                 self.save(done)
@@ -366,10 +391,12 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
     trainer = Trainer(recipe, run_dir, engine, data, steps, rank, world,
                       MetricsLog(run_dir / "metrics.jsonl", engine.monitor, enabled=rank == 0),
                       load_phase, stop, start_step=start_step, n_params=n_params)
-    last = trainer.fit()
+    try:
+        last = trainer.fit()
+    finally:
+        engine.destroy()
     if rank == 0:
         plot_loss(run_dir)
         if not last.get("preempted"):
             _say(f"done: {run_dir}")
-    engine.destroy()
     return last

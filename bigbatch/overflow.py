@@ -1,0 +1,65 @@
+"""The overflow policy: a run that can no longer make progress stops with a checkpoint and one sentence.
+
+DeepSpeed's dynamic loss scaler (fp16) skips a step whose gradients overflow and halves the scale (after `hysteresis`
+overflows). At `min_loss_scale` it has nothing left to lower: ZeRO's scaler then raises a bare
+`Exception("Current loss scale already at minimum ...")` on the next overflow, and other wrappers skip forever.
+bigbatch takes that decision itself: it switches the raise off and counts steps skipped while the scale was already
+at its minimum (or skipped with no scale to lower at all: fp32 and bf16 skip a step whose gradient norm is not
+finite). After `run.overflow_patience` of them in a row the trainer checkpoints, the parameters and optimizer state
+being those of the last applied update, and stops. A loss that is not finite (a real divergence: loss scaling
+cannot help a forward pass) stops the run at once, before that step's update.
+
+What a skipped step does to the counters (DeepSpeed's behaviour, which bigbatch keeps, as Megatron-LM does): the
+step's samples count as read (the data moves on; `step`, `samples` and `tokens` in metrics.jsonl count data read),
+but no update is applied and the LR schedule does not advance (`updates` counts applied updates; the LR follows it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DS_MIN_SCALE_ERROR = "Current loss scale already at minimum"
+DIVERGED = "DIVERGED"  # marker in the run directory: the sentence of why the run stopped (SLURM does not requeue)
+EXIT_STOPPED = 3  # the run stopped itself (overflow policy, divergence): not bad input (2), not a crash (1)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot make progress; its checkpoint holds the last good state. The CLI exits with EXIT_STOPPED."""
+
+
+class OverflowGuard:
+    def __init__(self, engine: Any, patience: int) -> None:
+        self.patience = patience
+        self.scaler = getattr(engine.optimizer, "loss_scaler", None)
+        if self.scaler is not None and hasattr(self.scaler, "raise_error_at_min_scale"):
+            # Not a config key in DeepSpeed 0.19: the attribute of its DynamicLossScaler. Our patience replaces it.
+            self.scaler.raise_error_at_min_scale = False
+        self.in_a_row = 0
+
+    @property
+    def dynamic(self) -> bool:
+        return bool(getattr(self.scaler, "dynamic", False))
+
+    def at_minimum(self) -> bool:
+        """True when a skipped step could not be helped by a lower scale: at min_loss_scale, or no dynamic scale."""
+        if not self.dynamic:
+            return True
+        return float(self.scaler.cur_scale) <= float(self.scaler.min_scale)
+
+    def update(self, skipped: bool, was_at_minimum: bool) -> bool:
+        """After a step: True when `patience` steps in a row were skipped with the scale already at its minimum."""
+        self.in_a_row = self.in_a_row + 1 if skipped and was_at_minimum else 0
+        return self.in_a_row >= self.patience
+
+    def overflow_message(self, step: int, tag: str) -> str:
+        where = (f"with the fp16 loss scale at its minimum ({float(self.scaler.min_scale):g})" if self.dynamic
+                 else "with gradients that are not finite")
+        return (f"stopped at step {step}: {self.in_a_row} steps in a row were skipped {where}; checkpoint {tag} "
+                "holds the last applied update. Try bf16 (e.g. --deepspeed.configs=zero1.json,bf16.json), a lower "
+                "--optimizer.lr or a longer --schedule.warmup, then continue with --resume.")
+
+
+def divergence_message(step: int, loss: float, tag: str) -> str:
+    return (f"stopped at step {step}: the training loss is {loss} (not finite), so the run diverged; its update was "
+            f"not applied and checkpoint {tag} holds the last good state. Try a lower --optimizer.lr, a longer "
+            "--schedule.warmup or --optimizer.grad_clip=1.0, then continue with --resume.")

@@ -60,6 +60,7 @@ COMMANDS = {
     "plan": _lazy("bigbatch.plan", "cmd_plan"),
     "sweep": _lazy("bigbatch.sweep", "cmd_sweep"),
     "tokenizer": _lazy("bigbatch.data.tokenizer", "cmd_tokenizer"),
+    "export": _lazy("bigbatch.export", "cmd_export"),
 }
 
 
@@ -97,7 +98,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "  check   report every problem of a recipe or a DeepSpeed JSON, one sentence each\n"
               "  plan    memory per GPU for each ZeRO stage and precision; the largest micro-batch that fits\n"
               "  sweep   a grid of overrides as one SLURM job array; --report tabulates final eval losses\n"
-              "  tokenizer train   a SentencePiece model for --data.tokenizer\n")
+              "  tokenizer train   a SentencePiece model for --data.tokenizer\n"
+              "  export  a run's newest checkpoint as a transformers directory (from_pretrained), with its tokenizer\n")
         return 0 if argv else EXIT_BAD_INPUT
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

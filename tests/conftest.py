@@ -55,3 +55,57 @@ def corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "docs.txt"
     path.write_text("\n\n".join(d.replace("\n\n", "\n") for d in python_docs()[:600]))
     return path
+
+
+# `bigbatch train tiny` in this process at world 1, shrunk as tests/test_train.py shrinks it.
+TINY_RUN = ["--schedule.steps=4", "--batch.global_batch=64", "--batch.micro_batch=16", "--run.eval_every=2",
+            "--data.vocab_size=400", "--data.eval_samples=64"]
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, corpus_file):
+    """`tiny_runs(arch, stage)`: the run directory of a finished tiny run of that arch (bert, gpt2, llama) under ZeRO
+    `stage` (fp32), trained once per session. The first run trains the tokenizer; the others name it in
+    data.tokenizer, which saves the time and covers a recipe that brings its own tokenizer."""
+    from bigbatch.cli import main
+
+    root = tmp_path_factory.mktemp("tiny-runs")
+    done: dict[tuple[str, int], Path] = {}
+
+    def get(arch: str, stage: int) -> Path:
+        if (arch, stage) not in done:
+            run_dir = root / f"{arch}-zero{stage}"
+            extra = [f"--data.tokenizer={next(iter(done.values())) / 'data' / 'tokenizer.model'}"] if done else []
+            assert main(["train", "tiny", "--run-dir", str(run_dir), f"--data.sources={corpus_file}",
+                         f"--model.arch={arch}", f"--deepspeed.configs=zero{stage}.json,fp32.json", *TINY_RUN,
+                         *extra]) == 0
+            done[(arch, stage)] = run_dir
+        return done[(arch, stage)]
+
+    return get
+
+
+def held_out_loss(model: Any, run_dir: Path) -> float:
+    """A run's eval loss recomputed from a transformers model's logits: token-weighted cross-entropy over the run's
+    fixed held-out batches (every rank's share), at the masked positions (BERT) or on every next token (GPT)."""
+    import torch
+    import torch.nn.functional as F
+
+    from bigbatch.config import load_recipe_file
+    from bigbatch.data import prepare
+
+    recipe = load_recipe_file(run_dir / "recipe.json")
+    world = read_json(run_dir / "recipe.json")["resolved"]["world"]
+    data = prepare(recipe, run_dir / "data", True, lambda x: x)
+    total = count = 0.0
+    with torch.no_grad():
+        for batch in (b for rank in range(world) for b in data.eval_batches(rank, world, 64)):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"]
+            if recipe.model.arch == "bert":
+                logits, labels = logits[labels != -100], labels[labels != -100]
+            else:
+                logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+            total += float(F.cross_entropy(logits.double(), labels, reduction="sum"))
+            count += labels.numel()
+    return total / count

@@ -9,8 +9,9 @@ import json
 
 import pytest
 
+from bigbatch.cli import main
 from bigbatch.metrics import read_metrics
-from conftest import deepspeed_launch
+from conftest import deepspeed_launch, held_out_loss
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -37,3 +38,10 @@ def test_demo_trains_and_records_everything(tmp_path):
     assert env["world_size"] == 2 and len(env["hostnames"]) == 2
     ds = json.loads((run_dir / "ds_config.json").read_text())
     assert ds["optimizer"]["type"] == "LAMB" and ds["train_batch_size"] == 4096
+    # `bigbatch export` gathers the two ranks' ZeRO-1 partitions: the exported model scores the held-out set as the
+    # trainer did at its last step
+    from transformers import AutoModelForMaskedLM
+
+    assert main(["export", str(run_dir)]) == 0
+    model = AutoModelForMaskedLM.from_pretrained(run_dir / "export").eval()
+    assert held_out_loss(model, run_dir) == pytest.approx(evals[-1], rel=1e-5)

@@ -155,6 +155,9 @@ class RunConfig:
     # Steps in a row skipped with the fp16 loss scale already at min_loss_scale (or, in fp32/bf16, skipped for a
     # gradient that is not finite) before the run checkpoints and stops (bigbatch.overflow).
     overflow_patience: int = 10
+    # Moving-average factor of the gradient noise scale's estimates (bigbatch.noise; logged as noise_scale, the
+    # critical batch estimate); 0 switches the estimate off.
+    noise_scale_ema: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,9 @@ class Recipe:
             raise ConfigError(f"data.mlm_probability={self.data.mlm_probability} must lie in [0, 1).")
         if not 0.0 < self.data.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction={self.data.eval_fraction} must lie in (0, 1).")
+        if not 0.0 <= self.run.noise_scale_ema < 1.0:
+            raise ConfigError(f"run.noise_scale_ema={self.run.noise_scale_ema} must lie in [0, 1); 0 switches the "
+                              "noise scale estimate off.")
         if self.schedule.warmup < 0:
             raise ConfigError(f"schedule.warmup={self.schedule.warmup} must be >= 0 (a fraction, or samples).")
         if not self.data.sources:

@@ -79,7 +79,10 @@ def mean_across_ranks(value: torch.Tensor) -> float:
 
 
 def sum_across_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    """One all-reduce of a few numbers, on the accelerator's device (NCCL reduces no CPU tensor)."""
+    from deepspeed.accelerator import get_accelerator
+
+    t = torch.tensor(values, dtype=torch.float64, device=get_accelerator().current_device_name())
     dist.all_reduce(t)
     return t.tolist()
 

@@ -51,7 +51,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def plot_loss(run_dir: Path) -> None:
-    """loss.png: train and eval loss against samples; skipped (overflow) steps marked."""
+    """loss.png: train and eval loss against samples, skipped (overflow) steps marked; below it, when estimated, the
+    gradient noise scale (the critical batch) beside the global batch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,18 +62,30 @@ def plot_loss(run_dir: Path) -> None:
     train = [(r["samples"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
     evals = [(r["samples"], r["eval_loss"]) for r in records if "eval_loss" in r]
     skipped = [r["samples"] for r in records if r.get("skipped_this_step")]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    noise = [(r["samples"], r["noise_scale"], r["global_batch"]) for r in records if r.get("noise_scale", 0) > 0]
+    fig, axes = plt.subplots(2 if noise else 1, 1, figsize=(7, 6.4 if noise else 4.2), dpi=110, sharex=True,
+                             squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.2, ms=3)
     for i, s in enumerate(skipped):
         ax.axvline(s, color="red", alpha=0.3, lw=0.8, label="skipped step" if i == 0 else None)
-    ax.set_xlabel("samples")
     ax.set_ylabel("loss")
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()
+    if noise:
+        low = axes[1][0]
+        x, b_simple, batch = zip(*noise)
+        low.plot(x, b_simple, lw=1.2, label="gradient noise scale B_simple (critical batch)")
+        low.plot(x, batch, "--", lw=1.0, label="global batch")
+        low.set_yscale("log")
+        low.set_ylabel("samples")
+        low.grid(alpha=0.3)
+        low.legend()
+    axes[-1][0].set_xlabel("samples")
     fig.tight_layout()
     tmp = run_dir / "loss.png.tmp"
     fig.savefig(tmp, format="png")

@@ -29,6 +29,7 @@ from bigbatch.engine import client_optimizer, initialize
 from bigbatch.metrics import MetricsLog, device_peak_flops, plot_loss, truncate_metrics
 from bigbatch.model import build_model, count_parameters, padded_vocab, wants_checkpointing
 from bigbatch.optim import param_groups
+from bigbatch.noise import GradientNoiseScale, held_gradient_norm, loss_multiplier
 from bigbatch.optim.layerwise import LayerwiseOptimizer
 from bigbatch.overflow import (DIVERGED, DS_MIN_SCALE_ERROR, OverflowGuard, TrainingStopped, divergence_message)
 from bigbatch.preemption import StopRequest, clear_markers, mark_preempted
@@ -131,6 +132,8 @@ class Trainer:
         r = self.recipe
         engine, optimizer = self.engine, client_optimizer(self.engine)
         guard = OverflowGuard(engine, r.run.overflow_patience)
+        noise = GradientNoiseScale(engine.module, r.run.noise_scale_ema) if r.run.noise_scale_ema else None
+        stage0 = engine.zero_optimization_stage() == 0
         last: dict[str, Any] = {}
         if self.start_step == 0:
             first = self.evaluate(self.steps[0].micro_batch)
@@ -159,9 +162,15 @@ class Trainer:
                 loss = engine(**self.data.train_batch(positions))
                 engine.backward(loss)
                 losses.append(loss.detach().float())
+                if noise is not None:
+                    noise.micro_batch_done(loss_multiplier(engine))
                 if boundary:
-                    # the step's loss on every rank before its update, so a diverged step is never applied
-                    loss = distributed.mean_across_ranks(torch.stack(losses).mean())
+                    # the step's loss on every rank before its update, so a diverged step is never applied; the
+                    # noise scale's small-batch sums ride on the same all-reduce
+                    local = [float(torch.stack(losses).mean()), *(noise.take_local() if noise else ())]
+                    summed = distributed.sum_across_ranks(local)
+                    loss = summed[0] / self.world
+                    big_norm = held_gradient_norm(engine.module) if noise and stage0 else None
                     if not math.isfinite(loss):
                         self._stop(step, divergence_message(step + 1, loss, checkpoint.tag_for(step)))
                 try:
@@ -194,6 +203,10 @@ class Trainer:
                 "samples_per_s": sp.global_batch / elapsed,
                 "tokens_per_s": sp.global_batch * sp.seq_len / elapsed,
             }
+            if noise is not None:
+                big_norm = big_norm if stage0 else record["grad_norm"]
+                record.update(noise.update(*summed[1:], sp.micro_batch, sp.global_batch, big_norm,
+                                           applied=not record["skipped_this_step"]))
             if torch.cuda.is_available():
                 record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 peak = device_peak_flops(torch.cuda.get_device_name(0))

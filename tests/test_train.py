@@ -52,6 +52,9 @@ def test_run_directory_holds_what_ran(finished_run):
     assert "eval_loss" in records[0] and records[0]["step"] == 0
     assert "trust_ratios" in steps[1] and steps[1]["trust_ratios"]
     assert steps[1]["samples"] == 128 and steps[1]["tokens"] == 128 * 64
+    assert [r["updates"] for r in steps] == [1, 2, 3, 4]
+    # micro-batch 16, global 64: two batch sizes, so the gradient noise scale is estimated and logged
+    assert all(r["noise_scale"] > 0 and r["gns_trace"] > 0 for r in steps)
     # the checkpoints of steps 2 and 4, pruned to keep_last
     assert sorted(p.name for p in (finished_run / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
 

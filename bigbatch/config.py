@@ -444,6 +444,11 @@ def load_recipe_file(path: Path) -> Recipe:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def shipped_recipes() -> list[str]:
+    """The pretraining recipes in recipes/ (recipes/finetune_*.py are fine-tuning scripts, not recipe trees)."""
+    return sorted(p.stem for p in (REPO_ROOT / "recipes").glob("*.py") if not p.stem.startswith("finetune_"))
+
+
 def find_recipe(name: str) -> Path:
     """`tiny`, `recipes/tiny.py`, a path to a .py, or a run directory's `recipe.json`."""
     candidates = [Path(name)]
@@ -452,7 +457,7 @@ def find_recipe(name: str) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    shipped = sorted(p.stem for p in (REPO_ROOT / "recipes").glob("*.py"))
+    shipped = shipped_recipes()
     hint = difflib.get_close_matches(Path(name).stem, shipped, n=1)
     extra = f"did you mean {hint[0]!r}? " if hint else ""
     raise ConfigError(f"recipe {name!r} not found; {extra}shipped recipes: {', '.join(shipped)}.")

@@ -8,12 +8,11 @@ import math
 import pytest
 
 from bigbatch.cli import main
-from bigbatch.config import REPO_ROOT, load_recipe
+from bigbatch.config import load_recipe, shipped_recipes
 from bigbatch.metrics import read_metrics
 from bigbatch.model import build_model, count_parameters
 
-# Pretraining recipes (recipes/finetune_*.py are fine-tuning scripts, not recipe trees)
-RECIPES = sorted(p.stem for p in (REPO_ROOT / "recipes").glob("*.py") if not p.stem.startswith("finetune_"))
+RECIPES = shipped_recipes()
 # Parameter counts the recipes' names promise (transformers' own models, padded vocabularies), within 10%.
 SIZES = {"bert_base": 110e6, "bert_large": 335e6, "bert_large_32k": 335e6, "gpt2_small": 124e6, "gpt2_medium": 355e6, "gpt2_xl": 1.56e9,
          "llama_1b": 1.1e9}

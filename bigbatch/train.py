@@ -91,9 +91,12 @@ class Trainer:
         return sum(sp.global_batch for sp in self.steps[:step])
 
     def save(self, step: int) -> None:
+        """A checkpoint of the state after `step` steps; its cost goes to metrics.jsonl as `checkpoint_s`."""
+        started = time.perf_counter()
         state = {"step": step, "samples": self.samples_before(step), "recipe": self.recipe.name}
         checkpoint.save(self.engine, self.run_dir / "checkpoints", step, state, self.recipe.checkpoint.keep_last,
                         self.is_writer, distributed.barrier, self.world)
+        self.metrics.write({"step": step, "samples": state["samples"], "checkpoint_s": time.perf_counter() - started})
 
     def _stop(self, step: int, message: str) -> None:
         """Every rank: checkpoint the current (last good) state as step `step`, say why, and stop the run."""
@@ -200,6 +203,7 @@ class Trainer:
                 "skipped_this_step": engine.skipped_steps > skipped_before,
                 "updates": done - int(engine.skipped_steps),  # applied updates; the LR schedule follows these
                 "step_time_s": elapsed,
+                "time": time.time(),  # wall clock: the loop's own overhead shows between consecutive records
                 "samples_per_s": sp.global_batch / elapsed,
                 "tokens_per_s": sp.global_batch * sp.seq_len / elapsed,
             }
@@ -217,7 +221,9 @@ class Trainer:
             if isinstance(optimizer, LayerwiseOptimizer) and every and (done % every == 0 or done == 1):
                 record["trust_ratios"] = optimizer.trust_ratios()
             if done % r.run.eval_every == 0 or done == self.total_steps:
+                eval_started = time.perf_counter()
                 record.update(self.evaluate(sp.micro_batch))
+                record["eval_s"] = time.perf_counter() - eval_started
             self.metrics.write(record)
             last = record
             if guard.update(record["skipped_this_step"], was_at_minimum):

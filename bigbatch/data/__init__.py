@@ -132,13 +132,9 @@ class StreamingData(TrainingData):
         return self._batch(tokens, positions, np.zeros(b, dtype=np.int64))
 
 
-def _held_out(example: dict[str, Any], index: int, fraction: float, seed: int) -> bool:
+def _in_split(example: dict[str, Any], index: int, fraction: float, seed: int, held_out: bool) -> bool:
     """A stream's held-out documents: a seeded hash of the document's place in the (unshuffled) stream."""
-    return bool(hash_uniform(np.asarray([index * 2654435761 + seed], dtype=np.uint64))[0] < fraction)
-
-
-def _not_held_out(example: dict[str, Any], index: int, fraction: float, seed: int) -> bool:
-    return not _held_out(example, index, fraction, seed)
+    return bool(hash_uniform(np.asarray([index * 2654435761 + seed], dtype=np.uint64))[0] < fraction) == held_out
 
 
 def prepare(recipe: Recipe, data_dir: Path, is_writer: bool, share: Callable[[Any], Any], log=print,
@@ -243,8 +239,8 @@ def _stream(recipe: Recipe, held_out: bool) -> Any:
     d = recipe.data
     parts = _open_sources(d, streaming=True)
     stream = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    keep = _held_out if held_out else _not_held_out
-    return stream.filter(keep, with_indices=True, fn_kwargs={"fraction": d.eval_fraction, "seed": recipe.run.seed})
+    return stream.filter(_in_split, with_indices=True,
+                         fn_kwargs={"fraction": d.eval_fraction, "seed": recipe.run.seed, "held_out": held_out})
 
 
 def _train_stream(recipe: Recipe, tokenizer_path: Path, rank: int, world: int) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,8 +64,19 @@ def shutdown() -> None:
     """Tears the process group down before the interpreter exits. Left to interpreter exit, a rank's gloo threads
     can abort it ("terminate called without an active exception"), which the launcher reports as a failed run."""
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier()  # every rank is past its last collective: the shared buffers below are no longer read
+        _unlink_cpu_comm_buffer(dist.get_rank())
         dist.destroy_process_group()
+
+
+def _unlink_cpu_comm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce (its shm comm op) maps a 66 MB buffer per rank from /dev/shm, named
+    deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, and never unlinks it: every CPU launch would
+    leave its ranks' buffers in memory until the machine restarts (262 of them, 17 GiB, filled this machine's RAM).
+    Each rank removes its own name at shutdown; the mappings stay valid until the processes exit."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def barrier() -> None:

@@ -25,10 +25,11 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def deepspeed_launch(args: list[str], world: int, timeout: int = 900, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def deepspeed_launch(args: list[str], world: int, timeout: int = 900, cwd: Path = ROOT,
+                     port: int = 0) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus <world> <args>` on the CPU accelerator; fails the test with the output on error."""
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", str(world), "--master_port", str(_free_port()), *args]
+    cmd = [str(launcher), "--num_gpus", str(world), "--master_port", str(port or _free_port()), *args]
     proc = subprocess.run(cmd, cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")

@@ -7,13 +7,17 @@ negative control switches that off and shows the comparison would notice.
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from bigbatch.config import ModelConfig
 from bigbatch.model import build_model
+from conftest import launch_env
 
 VOCAB = 96
 SHAPES = {
@@ -71,10 +75,9 @@ def test_without_rng_replay_dropout_masks_differ_and_gradients_with_them():
     assert relative_gap(grads_plain(plain, "bert"), grads_plain(ckpt, "bert")) > 1e-3
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_checkpointed_gradients_equal_under_zero_with_accumulation(stage):
-    """DeepSpeed at world 1, ZeRO `stage`, 2 micro-batches accumulated: the gradients at the boundary agree."""
+def zero_gaps(stage: int) -> dict[str, float]:
+    """DeepSpeed at world 1, ZeRO `stage`, 2 micro-batches accumulated: per architecture, the largest relative gap
+    between the boundary gradients with and without checkpointing."""
     from deepspeed.utils import safe_get_full_grad
 
     from bigbatch import distributed
@@ -86,6 +89,7 @@ def test_checkpointed_gradients_equal_under_zero_with_accumulation(stage):
     config = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
               "gradient_clipping": 0.0, "zero_optimization": {"stage": stage},
               "optimizer": {"type": "LAMB", "params": {"lr": 1e-3}}}
+    gaps = {}
     for arch in ("bert", "gpt2"):
         grads = []
         for model in twin_models(arch):
@@ -96,4 +100,24 @@ def test_checkpointed_gradients_equal_under_zero_with_accumulation(stage):
                 engine.backward(engine(**batch(arch, 10 + micro)))
             grads.append({n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()})
             engine.destroy()
-        assert relative_gap(*grads) <= 1e-6, (arch, stage)
+        gaps[arch] = relative_gap(*grads)
+    return gaps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_checkpointed_gradients_equal_under_zero_with_accumulation(stage):
+    gaps = zero_gaps(stage)
+    assert all(g <= 1e-6 for g in gaps.values()), gaps
+
+
+@pytest.mark.slow
+def test_checkpointed_gradients_equal_under_zero3_in_a_process_of_its_own():
+    """An in-process ZeRO-3 engine leaves process-wide state behind that changed the last bits of later in-process
+    runs (a bitwise resume test failed after it), so stage 3 runs in a fresh process."""
+    code = "import json, test_act_ckpt as t; print(json.dumps(t.zero_gaps(3)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=launch_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gaps = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(gaps) == {"bert", "gpt2"} and all(g <= 1e-6 for g in gaps.values()), gaps

@@ -12,19 +12,19 @@ import pytest
 
 from bigbatch.cli import main
 from bigbatch.metrics import read_metrics
-from conftest import deepspeed_launch, held_out_loss
+from conftest import _free_port, deepspeed_launch, held_out_loss
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 
 def test_demo_trains_and_records_everything(tmp_path):
     run_dir = tmp_path / "demo run"  # a space in the path must work end to end
-    shm = Path("/dev/shm")
-    buffers_before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    port = _free_port()
     proc = deepspeed_launch(["--module", "bigbatch", "train", "tiny", "--run-dir", str(run_dir)], world=2,
-                            timeout=1200)
-    # DeepSpeed's CPU all-reduce buffers (66 MB a rank in /dev/shm) are unlinked at shutdown, not left behind
-    assert set(shm.glob("deepspeed_allreduce_buffer_*")) <= buffers_before
+                            timeout=1200, port=port)
+    # DeepSpeed's CPU all-reduce buffers (66 MB a rank in /dev/shm, named by the master port) are unlinked at
+    # shutdown, not left behind
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     out = proc.stdout
     assert "world 2 | batch 256 x 8 x 2 = 4096" in out and "LAMB lr 0.02 (sqrt rule" in out and "ZeRO 1" in out
     assert f"done: {run_dir}" in out

@@ -84,12 +84,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def mean_across_ranks(value: torch.Tensor) -> float:
-    value = value.detach().float().clone().reshape(1)
-    dist.all_reduce(value)
-    return float(value) / dist.get_world_size()
-
-
 def sum_across_ranks(values: list[float]) -> list[float]:
     """One all-reduce of a few numbers, on the accelerator's device (NCCL reduces no CPU tensor)."""
     from deepspeed.accelerator import get_accelerator

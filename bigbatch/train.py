@@ -28,8 +28,8 @@ from bigbatch.data.tokenizer import check_tokenizer
 from bigbatch.engine import client_optimizer, initialize
 from bigbatch.metrics import MetricsLog, device_peak_flops, plot_loss, truncate_metrics
 from bigbatch.model import build_model, count_parameters, padded_vocab, wants_checkpointing
-from bigbatch.optim import param_groups
 from bigbatch.noise import GradientNoiseScale, held_gradient_norm, loss_multiplier
+from bigbatch.optim import param_groups
 from bigbatch.optim.layerwise import LayerwiseOptimizer
 from bigbatch.overflow import (DIVERGED, DS_MIN_SCALE_ERROR, OverflowGuard, TrainingStopped, divergence_message)
 from bigbatch.preemption import StopRequest, clear_markers, mark_preempted

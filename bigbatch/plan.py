@@ -55,7 +55,9 @@ def model_state_bytes(num_params: int, stage: int, precision: str, optimizer: st
     - a 4-byte fp32 gradient partition built for the optimizer step (`single_grad_partition` in stage_1_and_2.py and
       stage3.py; at stage 0, only the fp16/bf16 wrappers keep fp32 gradients). Its own estimator counts it:
       estimate_zero2_model_states_mem_needs = 2 + 18/N, "18 = 2_grads_16bit + 4_grads_32bit + 4_params_32bit + 8";
-    - in fp32 at stages 1-2, a "master" partition anyway: stage_1_and_2.py clones it whatever the dtype;
+    - in fp32 at stages 1-3, a "master" partition anyway: stage_1_and_2.py clones it whatever the dtype, and
+      stage3.py's `_create_fp32_partitions` would alias it only when the partition's `torch.device` equals
+      `current_device_name()`, a string, which it never does (measured: bench/results/memory-vm.md);
     - at stage 3, the largest layer's weights and gradients gathered whole (its estimator: 4 x largest_layer_params).
     Its stage-3 estimator counts 18/N where this counts 20/N = 2 + 2 + 4 + 4 + 8: the 16-bit gradient partition
     (stage3.py `grad_partitions_flat_buffer`, in the model's dtype by default) is the difference.
@@ -67,7 +69,7 @@ def model_state_bytes(num_params: int, stage: int, precision: str, optimizer: st
     w = _element_bytes(precision)
     half = w == 2
     part = num_params / world  # one rank's partition
-    master = 4 if half or stage in (1, 2) else 0
+    master = 4 if half or stage >= 1 else 0
     fp32_grad = 4 if half or stage >= 1 else 0
     gathered = w * largest_layer_params if stage == 3 else 0
     params = w * (part if stage == 3 else num_params) + gathered

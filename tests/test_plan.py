@@ -237,11 +237,11 @@ def _zero_paper(P, stage, precision, optimizer, N):
     """ZeRO paper Fig. 1 for P parameters on N GPUs: (2 + 2 + K)P, 2P + 2P + KP/N, 2P + (2 + K)P/N, (2 + 2 + K)P/N,
     with the weight and gradient bytes 4 (not 2) in fp32, K = fp32 masters (16-bit only) + 4 bytes per moment,
     plus what DeepSpeed adds: an fp32 gradient partition for the step (16-bit, or any stage >= 1) and an fp32 clone
-    of the weights at stages 1-2 in fp32 training."""
+    of the weights at stages 1-3 in fp32 training."""
     w = 4 if precision == "fp32" else 2
     moments = {"adamw": 2, "lamb": 2, "lars": 1}[optimizer]
     K = (4 if w == 2 else 0) + 4 * moments
-    extra = (4 if w == 2 or stage else 0) + (4 if w == 4 and stage in (1, 2) else 0)
+    extra = (4 if w == 2 or stage else 0) + (4 if w == 4 and stage else 0)
     return {0: (w + w + K + extra) * P,
             1: w * P + w * P + (K + extra) * P / N,
             2: w * P + (w + K + extra) * P / N,

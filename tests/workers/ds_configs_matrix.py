@@ -37,6 +37,32 @@ def batch(step, rank):
     return ids, torch.ones_like(ids), labels
 
 
+def optimizer_state_bytes(engine, model):
+    """Bytes of fp32 master weights and optimizer state the rank holds: the base optimizer's parameters (ZeRO's fp32
+    partitions, or the fp16 wrapper's fp32 copies) and their state tensors, each storage once, less the model's own
+    weights (at stage 0 in fp32 the base optimizer steps them in place; at ZeRO-3 an aliased master would be the
+    16-bit partition itself)."""
+    base = engine.optimizer
+    while hasattr(base, "optimizer"):  # ZeRO and fp16 wrappers keep the torch optimizer as .optimizer
+        base = base.optimizer
+    model_storages = set()
+    for p in model.parameters():
+        model_storages.add(p.untyped_storage().data_ptr())
+        if hasattr(p, "ds_tensor"):
+            model_storages.add(p.ds_tensor.untyped_storage().data_ptr())
+    # ZeRO-3 empties the base optimizer's param_groups after each sub-group's step: its state's keys are the masters
+    tensors = [p for g in base.param_groups for p in g["params"]] + [p for p in base.state if torch.is_tensor(p)]
+    tensors += [t for st in base.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0]
+    seen, total = set(), 0
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or ptr in model_storages:
+            continue
+        seen.add(ptr)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
 def run(configs, optimizer, world, rank):
     recipe = load_recipe("tiny", {"deepspeed.configs": ",".join(configs), "optimizer.type": optimizer,
                                   "model.num_layers": "2", "model.hidden_size": "32", "model.num_heads": "2",
@@ -45,6 +71,7 @@ def run(configs, optimizer, world, rank):
     ds_config = dsconfig.build(recipe, plan, 1e-3)
     torch.manual_seed(0)
     model = build_model(recipe.model, VOCAB, pad_id=0, checkpointing=wants_checkpointing(ds_config))
+    num_params = sum(p.numel() for p in model.parameters())
     engine, *_ = initialize(model=model, config=ds_config,
                             model_parameters=param_groups(model, recipe.optimizer.weight_decay))
     before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
@@ -65,6 +92,7 @@ def run(configs, optimizer, world, rank):
         "checkpointing": bool(getattr(model.hf, "is_activation_checkpointing", None)
                               or getattr(model.hf, "is_gradient_checkpointing", False)),
         "skipped": engine.skipped_steps, "wrapper": type(engine.optimizer).__name__,
+        "num_params": num_params, "optimizer_bytes": optimizer_state_bytes(engine, model),
     }
     engine.destroy()
     return result

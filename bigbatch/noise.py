@@ -29,8 +29,8 @@ from bigbatch import distributed
 class GradientNoiseScale:
     def __init__(self, module: torch.nn.Module, ema: float = 0.95) -> None:
         self.ema = ema
-        self._micro = torch.zeros((), dtype=torch.float64)  # this micro-batch's squared norm, summed over params
-        self._sum = torch.zeros((), dtype=torch.float64)  # over the step's micro-batches on this rank
+        self._norms: list[torch.Tensor] = []  # this micro-batch's per-parameter gradient norms
+        self._sum = torch.zeros((), dtype=torch.float64)  # squared norms over the step's micro-batches on this rank
         self._count = 0
         self.g2: Optional[float] = None  # the moving averages
         self.trace: Optional[float] = None
@@ -39,14 +39,16 @@ class GradientNoiseScale:
                 p.register_hook(self._hook)
 
     def _hook(self, grad: torch.Tensor) -> None:
-        sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).double() ** 2
-        self._micro = self._micro.to(sq.device) + sq
+        # one kernel per parameter: the squares are summed once per micro-batch (bench/loop_overhead.py)
+        self._norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
 
     def micro_batch_done(self, grad_multiplier: float) -> None:
         """After each backward. `grad_multiplier` undoes what the engine applied to the loss (loss scale, division by
         the accumulation steps), so the norm is that of the micro-batch's mean-loss gradient."""
-        self._sum = self._sum.to(self._micro.device) + self._micro * grad_multiplier**2
-        self._micro = torch.zeros_like(self._micro)
+        if self._norms:
+            micro = torch.linalg.vector_norm(torch.stack(self._norms).double()) ** 2
+            self._sum = self._sum.to(micro.device) + micro * grad_multiplier**2
+        self._norms = []
         self._count += 1
 
     def take_local(self) -> tuple[float, float]:

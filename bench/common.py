@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import platform
 import socket
+import subprocess
+import sys
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -29,3 +33,30 @@ def machine() -> dict[str, str]:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+
+
+def deepspeed_launch(script: Path, argv: list[str], ranks: int, port: int,
+                     on_line: Optional[Callable[[str], None]] = None, env_extra: Optional[dict[str, str]] = None) -> None:
+    """`deepspeed --num_gpus ranks script argv` from the repository root, each rank with an equal share of the cores;
+    every output line goes to `on_line`, the last 60 into the error when it fails."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = str(max(len(os.sched_getaffinity(0)) // ranks, 1))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra or {})
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
+           str(script), *argv]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log.append(line)
+        if on_line:
+            on_line(line)
+    status = proc.wait()
+    # DeepSpeed's CPU shared-memory all-reduce (ops/csrc/cpu/comm/shm.cpp) never unlinks its per-rank buffers, named
+    # after the master address and port: without this, every launch leaves them in /dev/shm, in RAM, until reboot.
+    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):
+        leftover.unlink(missing_ok=True)
+    if status:
+        raise SystemExit(f"{' '.join(cmd)} exited {status}:\n{''.join(log[-60:])}")

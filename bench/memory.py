@@ -23,7 +23,6 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from bigbatch.config import load_recipe  # noqa: E402
 from bigbatch.distributed import free_port  # noqa: E402
 from bigbatch.plan import (CUDA_ALLOWANCE, activation_bytes, buffer_bytes, logits_grad_bytes,  # noqa: E402
                            model_size, model_state_bytes)
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS, deepspeed_launch, machine  # noqa: E402
 from memory_worker import model_overrides, resolve  # noqa: E402
 
 MiB = 2**20
@@ -47,31 +46,16 @@ CATEGORIES = ("params", "grads", "optimizer", "buffers", "activations")  # the p
 
 def launch(args: argparse.Namespace, out: Path) -> None:
     """The worker under the deepspeed launcher; each rank gets an equal share of the cores."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = str(max(len(os.sched_getaffinity(0)) // args.ranks, 1))
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    # glibc keeps freed blocks below its (growing) mmap threshold in the heap, where they stay resident: a fixed
-    # 64 KiB threshold returns every freed tensor above that size, so the step's RSS growth is this step's own.
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port",
-           str(port), str(Path(__file__).with_name("memory_worker.py")), "--out", str(out),
-           "--hidden", str(args.hidden), "--layers", str(args.layers), "--seq", str(args.seq),
-           "--micro", str(args.micro), "--vocab", str(args.vocab)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = []
-    for line in proc.stdout:
-        log.append(line)
+    def echo(line: str) -> None:
         if "[memory]" in line:
             print(line.split("[memory]", 1)[1].strip()[:110], flush=True)
-    status = proc.wait()
-    # DeepSpeed's CPU shared-memory all-reduce (ops/csrc/cpu/comm/shm.cpp) never unlinks its per-rank buffers, named
-    # after the master address and port: without this, every launch leaves them in /dev/shm, in RAM, until reboot.
-    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):
-        leftover.unlink(missing_ok=True)
-    if status:
-        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{''.join(log[-60:])}")
+
+    argv = ["--out", str(out), "--hidden", str(args.hidden), "--layers", str(args.layers), "--seq", str(args.seq),
+            "--micro", str(args.micro), "--vocab", str(args.vocab)]
+    # glibc keeps freed blocks below its (growing) mmap threshold in the heap, where they stay resident: a fixed
+    # 64 KiB threshold returns every freed tensor above that size, so the step's RSS growth is this step's own.
+    deepspeed_launch(Path(__file__).with_name("memory_worker.py"), argv, args.ranks, free_port(), echo,
+                     {"MALLOC_MMAP_THRESHOLD_": "65536"})
 
 
 def planner(args: argparse.Namespace, world: int, r: dict[str, Any]) -> dict[str, int]:

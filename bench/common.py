@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -60,3 +61,14 @@ def deepspeed_launch(script: Path, argv: list[str], ranks: int, port: int,
         leftover.unlink(missing_ok=True)
     if status:
         raise SystemExit(f"{' '.join(cmd)} exited {status}:\n{''.join(log[-60:])}")
+
+
+def write_results(name: str, text: str, figures: dict[str, Any], out: Optional[Path] = None) -> Path:
+    """Print the table, write it to results/<name>-<host>.md (or `out`) and its figures beside it as JSON."""
+    print(text)
+    out = out or RESULTS / f"{name}-{socket.gethostname()}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(figures, indent=1) + "\n")
+    print(f"wrote {out}")
+    return out

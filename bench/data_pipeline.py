@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from bigbatch.data import TrainingData  # noqa: E402
 from bigbatch.data.corpus import open_source, python_docs  # noqa: E402
 from bigbatch.data.pipeline import iter_rows, preprocess  # noqa: E402
 from bigbatch.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from common import RESULTS, machine  # noqa: E402
+from common import machine, write_results  # noqa: E402
 
 
 def pipeline(corpus: Path, tokenizer: Path, seq_len: int, num_proc: int, cache: Path) -> dict[str, float]:
@@ -145,14 +144,9 @@ def main() -> None:
         "(tested in tests/test_data.py), so the tokenize + pack cost is paid once per corpus, tokenizer and length.",
         "",
     ])
-    print(text)
-    out = args.out or RESULTS / f"data_pipeline-{socket.gethostname()}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({
+    write_results("data_pipeline", text, {
         "machine": m, "tokens": int(tokens), "stages": {name: tps for name, tps, _ in rows_md},
-        "ratio_one_process": pipe_1 / train_tps, "ratio_all_processes": pipe_n / train_tps}, indent=1))
-    print(f"wrote {out}")
+        "ratio_one_process": pipe_1 / train_tps, "ratio_all_processes": pipe_n / train_tps}, args.out)
 
 
 if __name__ == "__main__":

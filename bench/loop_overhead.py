@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from bigbatch.metrics import plot_loss, read_metrics  # noqa: E402
 from bigbatch.model import build_model  # noqa: E402
 from bigbatch.optim import param_groups  # noqa: E402
 from bigbatch.scaling import plan_steps  # noqa: E402
-from common import RESULTS, machine  # noqa: E402
+from common import machine, write_results  # noqa: E402
 
 MODEL = ["--model.hidden_size=64", "--model.num_layers=2", "--model.num_heads=2", "--model.intermediate_size=256",
          "--data.seq_len=64", "--deepspeed.configs=zero1.json,fp32.json", "--checkpoint.every_steps=0"]
@@ -269,14 +268,10 @@ def main() -> None:
         "",
     ]
     text = "\n".join(lines)
-    print(text)
-    out = args.out or RESULTS / f"loop_overhead-{socket.gethostname()}.md"
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({
+    write_results("loop_overhead", text, {
         "machine": m, "rounds": rounds, "measured_ratio": measured, "implied_ratio": implied,
         "implied_ratio_no_noise_scale": plain_implied, "accumulation": accum_rows,
-        "eval_s": eval_s, "checkpoint_s": ckpt_s, "plot_s": plot_s, "step_s": step_s}, indent=1))
-    print(f"wrote {out}")
+        "eval_s": eval_s, "checkpoint_s": ckpt_s, "plot_s": plot_s, "step_s": step_s}, args.out)
 
 
 if __name__ == "__main__":

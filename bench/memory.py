@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from bigbatch.config import load_recipe  # noqa: E402
 from bigbatch.distributed import free_port  # noqa: E402
 from bigbatch.plan import (CUDA_ALLOWANCE, activation_bytes, buffer_bytes, logits_grad_bytes,  # noqa: E402
                            model_size, model_state_bytes)
-from common import RESULTS, deepspeed_launch, machine  # noqa: E402
+from common import deepspeed_launch, machine, write_results  # noqa: E402
 from memory_worker import model_overrides, resolve  # noqa: E402
 
 MiB = 2**20
@@ -367,19 +366,14 @@ def main() -> None:
             data = json.loads(out.read_text())
     wall = time.perf_counter() - started
     text, rows = report(args, data, (load_before, os.getloadavg()[0]), wall)
-    print(text)
-    out = args.out or RESULTS / f"memory-{socket.gethostname()}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({
+    write_results("memory", text, {
         "machine": machine(), "device": data["device"], "world": data["world"], "wall_s": wall,
         "model": {k: getattr(args, k) for k in ("hidden", "layers", "seq", "micro", "vocab")},
         "rows": [{k: r.get(k) for k in ("stage", "precision", "checkpointing", "optimizer", "wrapper", "meas", "plan",
                                     "time", "bytes", "where", "activations", "held_before", "allocated_peak_growth",
                                     "live_at_peak_bytes", "live_at_peak", "rss_peak_growth")}
                  for r in rows],
-        "worker": data}, indent=1) + "\n")
-    print(f"wrote {out}")
+        "worker": data}, args.out)
 
 
 if __name__ == "__main__":

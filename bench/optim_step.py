@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Callable
 import torch
 
 from bigbatch.optim import LAMB, LARS
-from common import RESULTS, machine
+from common import machine, write_results
 
 
 def make_params(total: int, per_tensor: int) -> list[torch.Tensor]:
@@ -159,14 +157,9 @@ def main() -> None:
         "not a true floor here (a copy pays write-allocate reads; in-place passes do not).",
     ]
     text = "\n".join(lines + verdict) + "\n"
-    print(text)
-    out = args.out or RESULTS / f"optim_step-{socket.gethostname()}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({
+    write_results("optim_step", text, {
         "machine": machine(), "numel": numel, "floor_28B_s": floor28, "floor_20B_s": floor20,
-        "seconds": times, "round_medians": samples}, indent=1) + "\n")
-    print(f"wrote {out}")
+        "seconds": times, "round_medians": samples}, args.out)
 
 
 if __name__ == "__main__":

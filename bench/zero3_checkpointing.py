@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import RESULTS, deepspeed_launch, machine  # noqa: E402
+from common import deepspeed_launch, machine, write_results  # noqa: E402
 
 MODEL = {"model.num_layers": "4", "model.hidden_size": "256", "model.num_heads": "4", "model.intermediate_size": "1024",
          "model.dropout": "0", "model.max_position": "128", "data.seq_len": "128"}
@@ -189,11 +188,7 @@ def main() -> None:
         "",
     ]
     text = "\n".join(lines)
-    print(text)
-    out = args.out or RESULTS / f"zero3_checkpointing-{socket.gethostname()}.md"
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"machine": m, "wall_s": wall, **data}, indent=1))
-    print(f"wrote {out}")
+    write_results("zero3_checkpointing", text, {"machine": m, "wall_s": wall, **data}, args.out)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ class ScheduleConfig:
     """Linear warmup, then decay to `min_lr_ratio * lr` at the last step."""
 
     steps: int = 60
-    warmup: float = 0.1  # a fraction (< 1) of `steps`, or a number of samples (>= 1): scales with the batch
+    warmup: float = 0.1  # a fraction (< 1) of `steps`, or a number of samples (>= 1): scales with the batch, and
+    # under a batch ramp is counted in the samples the ramp consumes
     decay: str = "poly"  # poly | cosine | constant
     power: float = 1.0  # poly decay power; 1 is linear, the BERT LAMB recipes use 0.5
     min_lr_ratio: float = 0.0

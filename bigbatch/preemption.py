@@ -14,8 +14,9 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import torch.distributed as dist
+
+from bigbatch import distributed
 
 STOP = "STOP"
 PREEMPTED = "PREEMPTED"
@@ -42,12 +43,12 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """True on every rank when any rank was asked to stop (one all-reduce)."""
-        flag = torch.tensor([1.0 if self._local() else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.reason is None:
+        local = 1.0 if self._local() else 0.0
+        # on the accelerator's device, through distributed.sum_across_ranks: NCCL reduces no CPU tensor
+        anyone = distributed.sum_across_ranks([local])[0] > 0 if dist.is_initialized() else bool(local)
+        if anyone and self.reason is None:
             self.reason = "another rank"
-        return bool(flag.item())
+        return anyone
 
 
 def clear_markers(run_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -134,9 +135,8 @@ def plan_steps(recipe: Recipe, world: int) -> list[StepPlan]:
     steps: list[StepPlan] = []
     # The first phase, with the optional ramp (its LR follows the rule at each batch of the ramp).
     s = recipe.schedule
-    warm = warmup_steps(s, first.global_batch)
-    consumed = 0
-    for k in range(s.steps):
+    batches, consumed = [], 0
+    for _ in range(s.steps):
         batch = first.global_batch
         if b.ramp_start:
             batch = ramp_batch(consumed, b.ramp_start, b.ramp_increment, b.ramp_samples, first.global_batch)
@@ -145,10 +145,25 @@ def plan_steps(recipe: Recipe, world: int) -> list[StepPlan]:
                     f"the batch ramp reaches global batch {batch}, not divisible by micro_batch {first.micro_batch} x "
                     f"world {world} = {first.micro_batch * world}; make batch.ramp_start and batch.ramp_increment "
                     "multiples of it.")
+        batches.append(batch)
+        consumed += batch
+    # A warmup in samples under a ramp is one in samples (Megatron's --lr-warmup-samples: LR x samples consumed /
+    # warmup samples): counted in steps of the target batch it would end many times too early.
+    by_samples = bool(b.ramp_start) and s.warmup >= 1
+    if by_samples:
+        totals = itertools.accumulate(batches)
+        warm = next((k + 1 for k, total in enumerate(totals) if total >= s.warmup), s.steps)
+    else:
+        warm = warmup_steps(s, first.global_batch)
+    consumed = 0
+    for k, batch in enumerate(batches):
         peak, _ = scaled_lr(opt, batch)
-        lr = peak * lr_factor(k, s.steps, warm, s.decay, s.power, s.min_lr_ratio)
+        if by_samples and k < warm:
+            factor = min((consumed + batch) / s.warmup, 1.0)
+        else:
+            factor = lr_factor(k, s.steps, warm, s.decay, s.power, s.min_lr_ratio)
         steps.append(StepPlan(k, 0, k, batch, first.micro_batch, batch // (first.micro_batch * world),
-                              recipe.data.seq_len, consumed, lr))
+                              recipe.data.seq_len, consumed, peak * factor))
         consumed += batch
     for p, ph in enumerate(recipe.phases, start=1):
         plan = solve_batch(ph.global_batch, world, ph.micro_batch or first.micro_batch, 0)

@@ -42,6 +42,30 @@ def test_ramp_steps_and_lr_follow_the_rule():
     assert steps[0].global_batch == 32 and steps[-1].global_batch == 128
 
 
+def test_warmup_in_samples_under_a_ramp_counts_samples():
+    # ramp 32 -> 128 over 1000 samples; warmup 1500 samples, which the ramp's batches (11 x 32, 5 x 64, 4 x 96,
+    # 4 x 128) take 24 steps to consume; counted in steps of the target batch (12) the LR would peak after 416
+    r = recipe(batch=BatchConfig(global_batch=128, micro_batch=16, ramp_start=32, ramp_increment=32, ramp_samples=1000),
+               schedule=ScheduleConfig(steps=40, warmup=1500, decay="poly", power=1.0))
+    steps = plan_steps(r, world=2)
+    consumed, warm = 0, None
+    for sp in steps:
+        if consumed + sp.global_batch >= 1500 and warm is None:
+            warm = sp.step + 1
+        consumed += sp.global_batch
+    assert warm == 24
+    consumed = 0
+    for sp in steps:
+        peak = 5e-3 * math.sqrt(sp.global_batch / 256)
+        if sp.step < warm:  # Megatron's --lr-warmup-samples: LR x samples consumed / warmup samples
+            expected = peak * min((consumed + sp.global_batch) / 1500, 1.0)
+        else:  # then linear decay to 0 over the steps left
+            expected = peak * (1 - (sp.step - warm) / (40 - warm))
+        assert sp.lr == pytest.approx(expected), sp.step
+        consumed += sp.global_batch
+    assert steps[warm - 1].lr == pytest.approx(5e-3 * math.sqrt(128 / 256))  # the peak at the last warmup step
+
+
 def test_ramp_that_does_not_divide_is_one_sentence():
     r = recipe(batch=BatchConfig(global_batch=128, micro_batch=16, ramp_start=8, ramp_increment=8, ramp_samples=100))
     with pytest.raises(ConfigError, match="reaches global batch 8, not divisible by micro_batch 16 x world 2"):

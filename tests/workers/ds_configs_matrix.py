@@ -6,7 +6,6 @@ patch below (never in the product).
 """
 
 import argparse
-import dataclasses
 import itertools
 import json
 import math

@@ -154,7 +154,9 @@ def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_
             shutil.rmtree(root / tag)
         os.replace(staging, root / tag)
         _write_atomic(root / "latest", tag)
-        for old in list_tags(root)[:-keep_last]:
+        # the newest keep_last up to this one; tags after it (ones a resume skipped as incomplete) are not counted
+        # as kept, or they could push out the checkpoint just written
+        for old in [t for t in list_tags(root) if t <= tag][:-keep_last]:
             shutil.rmtree(root / old, ignore_errors=True)
             shutil.rmtree(root / f"{old}-universal", ignore_errors=True)
     barrier()

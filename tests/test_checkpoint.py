@@ -132,3 +132,23 @@ def test_where_loading_can_run_pickled_code(reference, tmp_path, corpus_file, mo
     package, ds = Path(bigbatch.__file__).parent, Path(deepspeed.__file__).parent
     assert not [c for c in calls if Path(c[0]).resolve().is_relative_to(package)]  # bigbatch never unpickles
     assert all(Path(c[0]).resolve().is_relative_to(ds) and c[1] is False for c in calls), calls
+
+
+class FilesEngine:
+    """Stands in for a DeepSpeed engine at save: writes one file into the directory it is given."""
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        (Path(root) / tag).mkdir(parents=True)
+        (Path(root) / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+
+
+def test_pruning_keeps_the_checkpoint_just_written_when_a_newer_one_was_skipped(tmp_path):
+    root = tmp_path / "checkpoints"
+    save = lambda step: checkpoint.save(FilesEngine(), root, step, {}, 1, True, lambda: None, 1)  # noqa: E731
+    save(100)
+    # step 100 turns out truncated: the next start finds nothing to resume, trains from step 0 and saves step 50
+    (root / "step00000100" / "mp_rank_00_model_states.pt").write_bytes(b"w")
+    assert checkpoint.choose(root) is None
+    save(50)
+    assert checkpoint.choose(root) == "step00000050"  # counted with the newer, skipped 100 it was pruned at once
+    assert checkpoint.list_tags(root) == ["step00000050", "step00000100"]  # 100 left as it was, for a look

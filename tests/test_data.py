@@ -323,3 +323,13 @@ def test_streaming_and_blended_runs_train_and_a_streamed_run_resumes_exactly(tmp
     assert "blend per epoch:" in capsys.readouterr().out
     mix = json.loads((blended / "data" / "data.json").read_text())["mix"]
     assert [m["share"] for m in mix] == pytest.approx([0.5, 0.5], abs=1e-3)
+
+
+def test_a_held_out_set_smaller_than_the_world_is_one_sentence():
+    # every rank scores len(eval) // world sequences; with none, eval_loss would read 0.0 and perplexity 1
+    from bigbatch.data import TrainingData
+
+    data = TrainingData.__new__(TrainingData)  # only the held-out rows matter here
+    data.eval = np.zeros((3, 8), dtype=np.int32)
+    with pytest.raises(ConfigError, match="held-out set has 3 sequences, fewer than the 4 ranks .* at least 4"):
+        data.eval_batches(0, 4, 2)

@@ -68,6 +68,10 @@ class TrainingData:
         gathers parameters collectively in each one).
         """
         usable = len(self.eval) - len(self.eval) % world
+        if usable == 0:  # every rank sees the same length, so all raise together
+            raise ConfigError(
+                f"the held-out set has {len(self.eval)} sequences, fewer than the {world} ranks that share it; raise "
+                f"--data.eval_samples (and --data.eval_fraction if the held-out text is short) to at least {world}.")
         ids = np.arange(rank, usable, world)
         return [
             self._batch(np.asarray(self.eval[chunk]), chunk, np.full(len(chunk), -1))

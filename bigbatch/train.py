@@ -396,13 +396,21 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
         if resume_tag is not None:
             state = checkpoint.load(engine, run_dir / "checkpoints", resume_tag)
             start_step = int(state["step"])
+            expected = sum(sp.global_batch for sp in steps[:start_step])
+            if int(state["samples"]) != expected:  # the sampler position follows the step table: data would repeat
+                engine.destroy()                   # or be skipped without a word
+                raise ConfigError(
+                    f"{run_dir / 'checkpoints' / resume_tag} was saved after {state['samples']} samples, but this "
+                    f"recipe reaches step {start_step} after {expected}: resume with the batch settings and phases "
+                    f"the run started with (its recipe.json), or start a new run directory.")
             if rank == 0:
-                truncate_metrics(run_dir / "metrics.jsonl", start_step)  # steps after it will be recorded again
                 _say(f"resumed {run_dir} at step {start_step} ({state['samples']} samples)"
                      + (" through a universal checkpoint (another number of ranks)"
                         if resume_tag.endswith("-universal") else ""))
         elif rank == 0:
             _say(f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+        if rank == 0:  # the steps after the checkpoint are recorded again; without one, every step
+            truncate_metrics(run_dir / "metrics.jsonl", start_step if resume_tag is not None else -1)
     if start_step < len(steps) and steps[start_step].phase:
         data = load_phase(steps[start_step].phase)
     stop = StopRequest(run_dir)

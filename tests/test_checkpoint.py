@@ -152,3 +152,24 @@ def test_pruning_keeps_the_checkpoint_just_written_when_a_newer_one_was_skipped(
     save(50)
     assert checkpoint.choose(root) == "step00000050"  # counted with the newer, skipped 100 it was pruned at once
     assert checkpoint.list_tags(root) == ["step00000050", "step00000100"]  # 100 left as it was, for a look
+
+
+def test_a_resume_with_another_batch_is_one_sentence(reference, tmp_path, corpus_file, capsys):
+    # the sampler position follows the step table: a changed batch would silently repeat or skip data
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    code = main(["train", "tiny", "--run-dir", str(run), f"--data.sources={corpus_file}", *SMALL,
+                 "--batch.global_batch=64", "--schedule.steps=8", "--resume"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "was saved after 192 samples, but this recipe reaches step 6 after 384" in err, err[-500:]
+
+
+def test_a_resume_without_a_checkpoint_starts_the_metrics_over(reference, tmp_path, corpus_file):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "checkpoints")
+    assert main(["train", "tiny", "--run-dir", str(run), f"--data.sources={corpus_file}", *SMALL, "--resume"]) == 0
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 7))  # each step once, not the old run's and the new run's
+    assert losses(run) == losses(reference)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 
 from bigbatch import checkpoint, distributed, dsconfig, rundir
@@ -294,6 +293,22 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
     ds_logger.setLevel(logging.WARNING)  # bigbatch prints its own banner and metrics
 
 
+def _choose_resume(recipe: Recipe, ds_config: dict[str, Any], root: Path, world: int) -> Any:
+    """Writer rank: the tag to resume from (None without one), converted to a universal checkpoint when it was written
+    on another number of ranks under ZeRO; a ConfigError, for every rank to raise, when it cannot be resumed here."""
+    tag = checkpoint.choose(root)  # verifies the manifests once
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    if not (tag and stage and checkpoint.saved_world(root / tag) not in (None, world)):
+        return tag
+    lars = recipe.optimizer.type.lower() == "lars"
+    if lars and stage == 3:
+        return ConfigError(
+            f"{root / tag} was written by {checkpoint.saved_world(root / tag)} ranks and this start has {world}: a "
+            "LARS run under ZeRO-3 resumes on the same number of ranks only (its momentum has no universal-checkpoint "
+            "path there yet).")
+    return checkpoint.to_universal(root, tag, lars=lars)
+
+
 def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, overwrite: bool = False,
           argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Runs one recipe to its last step on the ranks of this launch; returns the last metrics record."""
@@ -372,19 +387,13 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
     if mode == "resume":
         root = run_dir / "checkpoints"
         if rank == 0:
-            resume_tag = checkpoint.choose(root)  # verifies the manifests once
-            stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
-            if resume_tag and stage and checkpoint.saved_world(root / resume_tag) not in (None, world):
-                lars = recipe.optimizer.type.lower() == "lars"
-                if lars and stage == 3:
-                    resume_tag = ConfigError(
-                        f"{root / resume_tag} was written by {checkpoint.saved_world(root / resume_tag)} ranks and "
-                        f"this start has {world}: a LARS run under ZeRO-3 resumes on the same number of ranks only "
-                        "(its momentum has no universal-checkpoint path there yet).")
-                else:
-                    resume_tag = checkpoint.to_universal(root, resume_tag, lars=lars)
+            try:
+                resume_tag = _choose_resume(recipe, ds_config, root, world)
+            except Exception as err:  # the others wait in the broadcast below: they raise it too
+                distributed.broadcast(RuntimeError(f"choosing the checkpoint to resume on rank 0 failed: {err}"))
+                raise
         resume_tag = distributed.broadcast(resume_tag)
-        if isinstance(resume_tag, ConfigError):
+        if isinstance(resume_tag, Exception):
             raise resume_tag
         if resume_tag and resume_tag.endswith("-universal"):
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}

@@ -333,3 +333,22 @@ def test_a_held_out_set_smaller_than_the_world_is_one_sentence():
     data.eval = np.zeros((3, 8), dtype=np.int32)
     with pytest.raises(ConfigError, match="held-out set has 3 sequences, fewer than the 4 ranks .* at least 4"):
         data.eval_batches(0, 4, 2)
+
+
+def test_a_writer_failure_reaches_every_rank(tmp_path, monkeypatch):
+    # not bad input but a crash (a full disk, a bug): the writer shares it before raising, so the other ranks raise
+    # too instead of waiting in the broadcast until the process group times out
+    import bigbatch.data as data_module
+    from bigbatch.config import load_recipe
+
+    def crash(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(data_module, "_build", crash)
+    shared = []
+    with pytest.raises(OSError, match="No space left"):
+        data_module.prepare(load_recipe("tiny"), tmp_path / "data", True, lambda x: shared.append(x) or x,
+                            log=lambda m: None)
+    assert shared[0][0] == "failure" and "OSError: No space left on device" in shared[0][1]
+    with pytest.raises(RuntimeError, match="preparing the data on the writer rank failed: OSError"):
+        data_module.prepare(load_recipe("tiny"), tmp_path / "data", False, lambda x: shared[0], rank=1, world=2)

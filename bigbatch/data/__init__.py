@@ -152,15 +152,21 @@ def prepare(recipe: Recipe, data_dir: Path, is_writer: bool, share: Callable[[An
     d = recipe.data
     eval_path, info_path = data_dir / "eval.npy", data_dir / "data.json"
     tokenizer_path = Path(d.tokenizer) if d.tokenizer else data_dir / "tokenizer.model"
-    error = None
+    outcome: tuple[str, str] = ("ok", "")
     if is_writer and not info_path.exists():
         try:
             (_build_stream if d.streaming else _build)(recipe, data_dir, tokenizer_path, log)
         except ConfigError as err:
-            error = str(err)
-    error = share(error)
-    if error:
-        raise ConfigError(error)
+            outcome = ("bad input", str(err))
+        except Exception as err:  # any other failure too, or the other ranks would wait in `share` until timeout
+            outcome = ("failure", f"preparing the data on the writer rank failed: {type(err).__name__}: {err}")
+            share(outcome)
+            raise
+    kind, message = share(outcome)
+    if kind == "bad input":
+        raise ConfigError(message)
+    if kind == "failure":
+        raise RuntimeError(message)
     tok = Tokenizer(tokenizer_path)
     common = dict(arch=recipe.model.arch, eval=np.load(eval_path), tokenizer=tok, seed=recipe.run.seed,
                   mlm_probability=d.mlm_probability, whole_word_masking=d.whole_word_masking)

@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -46,6 +47,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _sha256_all(paths: list[Path]) -> list[str]:
+    """Hashes in threads: the writer rank hashes every rank's files while the others wait at a barrier, and hashlib
+    and file reads release the GIL, so a parallel file system serves several streams at once."""
+    if len(paths) <= 1:
+        return [_sha256(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(8, len(paths), os.cpu_count() or 1)) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -58,7 +68,8 @@ def _write_atomic(path: Path, text: str) -> None:
 def write_manifest(directory: Path, world: int) -> None:
     """Every file with its size and sha256, and the data-parallel world that wrote them."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": digest}
+               for p, digest in zip(files, _sha256_all(files))}
     _write_atomic(directory / MANIFEST, json.dumps({"world": world, "files": entries}, indent=1))
 
 
@@ -81,7 +92,9 @@ def verify(directory: Path) -> Optional[str]:
             return f"{path} is missing"
         if path.stat().st_size != want["bytes"]:
             return f"{path} has {path.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
-        if _sha256(path) != want["sha256"]:
+    paths = [directory / name for name in entries]
+    for path, digest in zip(paths, _sha256_all(paths)):
+        if digest != entries[str(path.relative_to(directory))]["sha256"]:
             return f"{path} does not match its sha256 in the manifest"
     return None
 

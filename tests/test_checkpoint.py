@@ -173,3 +173,15 @@ def test_a_resume_without_a_checkpoint_starts_the_metrics_over(reference, tmp_pa
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 7))  # each step once, not the old run's and the new run's
     assert losses(run) == losses(reference)
+
+
+def test_a_flipped_byte_of_the_same_size_fails_its_sha256(tmp_path):
+    root = tmp_path / "checkpoints"
+    checkpoint.save(FilesEngine(), root, 2, {}, 3, True, lambda: None, 1)
+    for name in ("optim_states.pt", "zero_pp_rank_1_model_states.pt"):  # several files: hashed in threads
+        (root / "step00000002" / name).write_bytes(b"more" * 1000)
+    checkpoint.write_manifest(root / "step00000002", 1)
+    assert checkpoint.verify(root / "step00000002") is None
+    victim = root / "step00000002" / "optim_states.pt"
+    victim.write_bytes(b"mora" + victim.read_bytes()[4:])
+    assert checkpoint.verify(root / "step00000002") == f"{victim} does not match its sha256 in the manifest"

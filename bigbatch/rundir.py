@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from bigbatch.config import REPO_ROOT, ConfigError
 
@@ -51,6 +51,24 @@ def prepare(run_dir: Path, mode: str) -> None:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
+
+
+RECORDS = ("recipe.json", "env.json", "ds_config.json")
+
+
+def keep_records(run_dir: Path) -> Optional[Path]:
+    """Writer rank, on a resume: copies the records of the previous start (recipe, environment, DeepSpeed JSON) to
+    `starts/<n>/` before this start writes its own, so the run keeps how each of its starts was made. A copy, not a
+    move: recipe.json is what marks the directory as a run, should this start fail before writing its own."""
+    present = [name for name in RECORDS if (run_dir / name).exists()]
+    if not present:
+        return None
+    starts = run_dir / "starts"
+    target = starts / str(len(list(starts.iterdir())) + 1 if starts.is_dir() else 1)
+    target.mkdir(parents=True)
+    for name in present:
+        shutil.copy2(run_dir / name, target / name)
+    return target
 
 
 def _git(*args: str) -> str:

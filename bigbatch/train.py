@@ -332,6 +332,8 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
     distributed.barrier()  # every rank has read the directory before the writer changes it
     if rank == 0:
         rundir.prepare(run_dir, mode)
+        if mode == "resume":
+            rundir.keep_records(run_dir)
         clear_markers(run_dir)
     distributed.barrier()
     _setup_logging(run_dir, rank)

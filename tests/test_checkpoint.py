@@ -93,8 +93,13 @@ def test_a_stop_request_checkpoints_and_resume_matches_the_uninterrupted_run(ref
     assert (run / "checkpoints" / "latest").read_text() == checkpoint.tag_for(stopped)
     assert "checkpoint saved" in capsys.readouterr().out
 
+    first_env = json.loads((run / "env.json").read_text())
     assert main([*args, "--resume"]) == 0
     assert not (run / "PREEMPTED").exists() and not (run / "STOP").exists()
+    # the first start's records are kept beside the resumed start's
+    assert json.loads((run / "starts" / "1" / "env.json").read_text()) == first_env
+    assert sorted(p.name for p in (run / "starts" / "1").iterdir()) == ["ds_config.json", "env.json", "recipe.json"]
+    assert (run / "env.json").is_file() and not (run / "starts" / "2").exists()
     # every step once, with the same losses bit for bit, and the same final eval
     assert losses(run) == losses(reference)
     def final_eval(path):

@@ -37,7 +37,8 @@ def machine() -> dict[str, str]:
 
 
 def deepspeed_launch(script: Path, argv: list[str], ranks: int, port: int,
-                     on_line: Optional[Callable[[str], None]] = None, env_extra: Optional[dict[str, str]] = None) -> None:
+                     on_line: Optional[Callable[[str], None]] = None,
+                     env_extra: Optional[dict[str, str]] = None) -> None:
     """`deepspeed --num_gpus ranks script argv` from the repository root, each rank with an equal share of the cores;
     every output line goes to `on_line`, the last 60 into the error when it fails."""
     env = {k: v for k, v in os.environ.items()

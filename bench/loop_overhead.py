@@ -254,7 +254,8 @@ def main() -> None:
         *[f"| {a} | {micro * a} | {t:.0f} | {t / base_rate:.3f} | {e:.3f} | {e / base_engine:.3f} |"
           for a, t, e in accum_rows],
         "",
-        f"Lowest against accumulation 1 (goal: at least 0.95): throughput {min(t for _, t, _ in accum_rows[1:]) / base_rate:.3f}, "
+        "Lowest against accumulation 1 (goal: at least 0.95): throughput "
+        f"{min(t for _, t, _ in accum_rows[1:]) / base_rate:.3f}, "
         f"engine share {min(e for _, _, e in accum_rows[1:]) / base_engine:.3f}.",
         "",
         "## Costs bigbatch logs itself (metrics.jsonl)",

@@ -92,10 +92,10 @@ def verify(directory: Path) -> Optional[str]:
             return f"{path} is missing"
         if path.stat().st_size != want["bytes"]:
             return f"{path} has {path.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
-    paths = [directory / name for name in entries]
-    for path, digest in zip(paths, _sha256_all(paths)):
-        if digest != entries[str(path.relative_to(directory))]["sha256"]:
-            return f"{path} does not match its sha256 in the manifest"
+    digests = _sha256_all([directory / name for name in entries])
+    for (name, want), digest in zip(entries.items(), digests):
+        if digest != want["sha256"]:
+            return f"{directory / name} does not match its sha256 in the manifest"
     return None
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -128,6 +127,11 @@ def ramp_batch(consumed: int, start: int, increment: int, ramp_samples: int, tar
     return min(target, start + int(consumed // per_increment) * increment)
 
 
+def samples_before(steps: list[StepPlan], step: int) -> int:
+    """Samples the run has read before `step` (0-based) of its step table: where a resume at `step` reads on."""
+    return sum(sp.global_batch for sp in steps[:step])
+
+
 def plan_steps(recipe: Recipe, world: int) -> list[StepPlan]:
     """One StepPlan per optimizer step of the whole run (first phase, then `recipe.phases`)."""
     b, opt = recipe.batch, recipe.optimizer
@@ -135,7 +139,7 @@ def plan_steps(recipe: Recipe, world: int) -> list[StepPlan]:
     steps: list[StepPlan] = []
     # The first phase, with the optional ramp (its LR follows the rule at each batch of the ramp).
     s = recipe.schedule
-    batches, consumed = [], 0
+    batches, offsets, consumed = [], [], 0  # each step's batch, and the samples before it
     for _ in range(s.steps):
         batch = first.global_batch
         if b.ramp_start:
@@ -146,25 +150,23 @@ def plan_steps(recipe: Recipe, world: int) -> list[StepPlan]:
                     f"world {world} = {first.micro_batch * world}; make batch.ramp_start and batch.ramp_increment "
                     "multiples of it.")
         batches.append(batch)
+        offsets.append(consumed)
         consumed += batch
     # A warmup in samples under a ramp is one in samples (Megatron's --lr-warmup-samples: LR x samples consumed /
     # warmup samples): counted in steps of the target batch it would end many times too early.
     by_samples = bool(b.ramp_start) and s.warmup >= 1
     if by_samples:
-        totals = itertools.accumulate(batches)
-        warm = next((k + 1 for k, total in enumerate(totals) if total >= s.warmup), s.steps)
+        warm = next((k + 1 for k, (b_k, o_k) in enumerate(zip(batches, offsets)) if o_k + b_k >= s.warmup), s.steps)
     else:
         warm = warmup_steps(s, first.global_batch)
-    consumed = 0
-    for k, batch in enumerate(batches):
+    for k, (batch, offset) in enumerate(zip(batches, offsets)):
         peak, _ = scaled_lr(opt, batch)
         if by_samples and k < warm:
-            factor = min((consumed + batch) / s.warmup, 1.0)
+            factor = min((offset + batch) / s.warmup, 1.0)
         else:
             factor = lr_factor(k, s.steps, warm, s.decay, s.power, s.min_lr_ratio)
         steps.append(StepPlan(k, 0, k, batch, first.micro_batch, batch // (first.micro_batch * world),
-                              recipe.data.seq_len, consumed, peak * factor))
-        consumed += batch
+                              recipe.data.seq_len, offset, peak * factor))
     for p, ph in enumerate(recipe.phases, start=1):
         plan = solve_batch(ph.global_batch, world, ph.micro_batch or first.micro_batch, 0)
         n = ph.num_steps()

@@ -32,7 +32,7 @@ from bigbatch.optim import param_groups
 from bigbatch.optim.layerwise import LayerwiseOptimizer
 from bigbatch.overflow import (DIVERGED, DS_MIN_SCALE_ERROR, OverflowGuard, TrainingStopped, divergence_message)
 from bigbatch.preemption import StopRequest, clear_markers, mark_preempted
-from bigbatch.scaling import BatchPlan, StepPlan, plan_steps, scaled_lr, solve_batch, warmup_steps
+from bigbatch.scaling import BatchPlan, StepPlan, plan_steps, samples_before, scaled_lr, solve_batch, warmup_steps
 
 log = logging.getLogger("bigbatch")
 
@@ -86,13 +86,10 @@ class Trainer:
         loss = total / max(count, 1.0)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
-    def samples_before(self, step: int) -> int:
-        return sum(sp.global_batch for sp in self.steps[:step])
-
     def save(self, step: int) -> None:
         """A checkpoint of the state after `step` steps; its cost goes to metrics.jsonl as `checkpoint_s`."""
         started = time.perf_counter()
-        state = {"step": step, "samples": self.samples_before(step), "recipe": self.recipe.name}
+        state = {"step": step, "samples": samples_before(self.steps, step), "recipe": self.recipe.name}
         checkpoint.save(self.engine, self.run_dir / "checkpoints", step, state, self.recipe.checkpoint.keep_last,
                         self.is_writer, distributed.barrier, self.world)
         self.metrics.write({"step": step, "samples": state["samples"], "checkpoint_s": time.perf_counter() - started})
@@ -143,7 +140,7 @@ class Trainer:
             if self.is_writer:
                 _say(f"step 0: eval loss {first['eval_loss']:.4f} (before any update)")
         bar = self._progress()
-        samples = self.samples_before(self.start_step)
+        samples = samples_before(self.steps, self.start_step)
         tokens = sum(sp.global_batch * sp.seq_len for sp in self.steps[: self.start_step])
         for step in range(self.start_step, self.total_steps):
             sp = self.steps[step]
@@ -407,7 +404,7 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
         if resume_tag is not None:
             state = checkpoint.load(engine, run_dir / "checkpoints", resume_tag)
             start_step = int(state["step"])
-            expected = sum(sp.global_batch for sp in steps[:start_step])
+            expected = samples_before(steps, start_step)
             if int(state["samples"]) != expected:  # the sampler position follows the step table: data would repeat
                 engine.destroy()                   # or be skipped without a word
                 raise ConfigError(

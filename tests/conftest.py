@@ -25,6 +25,16 @@ def launch_env() -> dict[str, str]:
     return env
 
 
+def in_fresh_process(call: str, module: str, timeout: int = 600) -> Any:
+    """`module.call`'s JSON result, computed in a new Python process. An in-process ZeRO-3 engine leaves process-wide
+    state behind that changed the last bits of later in-process runs (a bitwise resume test failed after it)."""
+    code = f"import json, {module} as m; print(json.dumps(m.{call}))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=launch_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def deepspeed_launch(args: list[str], world: int, timeout: int = 900, cwd: Path = ROOT,
                      port: int = 0) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus <world> <args>` on the CPU accelerator; fails the test with the output on error."""

@@ -7,17 +7,12 @@ negative control switches that off and shows the comparison would notice.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from bigbatch.config import ModelConfig
 from bigbatch.model import build_model
-from conftest import launch_env
+from conftest import in_fresh_process
 
 VOCAB = 96
 SHAPES = {
@@ -113,11 +108,5 @@ def test_checkpointed_gradients_equal_under_zero_with_accumulation(stage):
 
 @pytest.mark.slow
 def test_checkpointed_gradients_equal_under_zero3_in_a_process_of_its_own():
-    """An in-process ZeRO-3 engine leaves process-wide state behind that changed the last bits of later in-process
-    runs (a bitwise resume test failed after it), so stage 3 runs in a fresh process."""
-    code = "import json, test_act_ckpt as t; print(json.dumps(t.zero_gaps(3)))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=launch_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    gaps = json.loads(proc.stdout.strip().splitlines()[-1])
+    gaps = in_fresh_process("zero_gaps(3)", "test_act_ckpt")
     assert set(gaps) == {"bert", "gpt2"} and all(g <= 1e-6 for g in gaps.values()), gaps

@@ -7,17 +7,13 @@ The learning rate is 0, so w (and the truth) stays put while the estimator avera
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from bigbatch.noise import GradientNoiseScale, held_gradient_norm, loss_multiplier
-from conftest import launch_env
+from conftest import in_fresh_process
 
 D, SIGMA, TRUE_B = 64, 1.5, 48.0
 
@@ -74,12 +70,7 @@ def test_noise_scale_matches_the_closed_form(stage, micro, accum):
 
 
 def test_noise_scale_under_zero3_in_a_process_of_its_own():
-    """ZeRO-3 in-process leaves state behind that changes later in-process runs' last bits (see test_act_ckpt)."""
-    code = "import json, test_noise as t; print(json.dumps(t.estimate(3, 16, 4)))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=launch_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    check(json.loads(proc.stdout.strip().splitlines()[-1]))
+    check(in_fresh_process("estimate(3, 16, 4)", "test_noise"))
 
 
 def test_one_batch_size_gives_no_estimate():

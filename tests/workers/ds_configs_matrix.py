@@ -17,7 +17,7 @@ from deepspeed.accelerator import get_accelerator
 from bigbatch import dsconfig
 from bigbatch.config import ConfigError, load_recipe
 from bigbatch.distributed import shutdown
-from bigbatch.engine import initialize
+from bigbatch.engine import client_optimizer, initialize
 from bigbatch.model import build_model, wants_checkpointing
 from bigbatch.optim import param_groups
 from bigbatch.scaling import solve_batch
@@ -41,9 +41,7 @@ def optimizer_state_bytes(engine, model):
     partitions, or the fp16 wrapper's fp32 copies) and their state tensors, each storage once, less the model's own
     weights (at stage 0 in fp32 the base optimizer steps them in place; at ZeRO-3 an aliased master would be the
     16-bit partition itself)."""
-    base = engine.optimizer
-    while hasattr(base, "optimizer"):  # ZeRO and fp16 wrappers keep the torch optimizer as .optimizer
-        base = base.optimizer
+    base = client_optimizer(engine)
     model_storages = set()
     for p in model.parameters():
         model_storages.add(p.untyped_storage().data_ptr())

@@ -4,8 +4,11 @@
 # One task per node; each runs torchrun (default) with one process per GPU, or set BIGBATCH_LAUNCHER=deepspeed.
 # Before the time limit SLURM signals this shell (USR1, 180 s ahead): the ranks finish the step, checkpoint, and
 # the job requeues itself; the next start resumes from that checkpoint by itself (SLURM_RESTART_COUNT > 0).
-# Environment: BIGBATCH_PYTHON (default: <repo>/.venv/bin/python), BIGBATCH_RUN_DIR (default:
-# <repo>/runs/<recipe>-<job id>), BIGBATCH_LAUNCHER (torchrun | deepspeed), BIGBATCH_PORT.
+# The run directory: --run-dir DIR (or --run-dir=DIR) among the arguments, or BIGBATCH_RUN_DIR, or by default
+# <repo>/runs/<recipe>-<job id>; a relative one is taken from the directory sbatch was run in. The ranks train there
+# and this shell writes its STOP there; --run-dir and BIGBATCH_RUN_DIR naming two directories are refused.
+# Environment: BIGBATCH_PYTHON (default: <repo>/.venv/bin/python), BIGBATCH_RUN_DIR, BIGBATCH_LAUNCHER (torchrun |
+# deepspeed), BIGBATCH_PORT.
 #SBATCH --job-name=bigbatch
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -25,9 +28,52 @@ shift
 repo="${SLURM_SUBMIT_DIR:?run this script with sbatch}"
 python="${BIGBATCH_PYTHON:-$repo/.venv/bin/python}"
 launcher="${BIGBATCH_LAUNCHER:-torchrun}"
-run_dir="${BIGBATCH_RUN_DIR:-$repo/runs/$(basename "$recipe" .py)-$SLURM_JOB_ID}"
+
+# One run directory for this shell (its STOP file) and the ranks: the user's --run-dir is taken out of the arguments
+# and handed on resolved, so a requeued job (same arguments, same submit directory) resumes in the same place.
+run_dir=""
+run_dir_from=""
+choose_run_dir() {  # $1: the directory as given, $2: how it was given
+  local resolved
+  resolved="$(cd "$repo" && realpath -m -- "$1")"
+  if [ -n "$run_dir" ] && [ "$resolved" != "$run_dir" ]; then
+    echo "bigbatch: error: $run_dir_from and $2 name different run directories; give the run directory one way only." >&2
+    exit 2
+  fi
+  run_dir="$resolved"
+  run_dir_from="$2"
+}
+if [ -n "${BIGBATCH_RUN_DIR:-}" ]; then
+  choose_run_dir "$BIGBATCH_RUN_DIR" "BIGBATCH_RUN_DIR=$BIGBATCH_RUN_DIR"
+fi
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --run-dir=*)
+      choose_run_dir "${1#--run-dir=}" "$1"
+      shift
+      ;;
+    --run-dir)
+      if [ $# -lt 2 ] || [ -z "$2" ]; then
+        echo "bigbatch: error: --run-dir is given without a directory; pass --run-dir DIR." >&2
+        exit 2
+      fi
+      choose_run_dir "$2" "--run-dir $2"
+      shift 2
+      ;;
+    *)
+      args+=("$1")
+      shift
+      ;;
+  esac
+done
+if [ -z "$run_dir" ]; then
+  run_dir="$repo/runs/$(basename "$recipe" .py)-$SLURM_JOB_ID"
+fi
+export BIGBATCH_RUN_DIR="$run_dir"  # what `bigbatch train` reads too, should a rank look at its environment
 nproc="${SLURM_GPUS_ON_NODE:-1}"
-master="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# sed reads the whole list: `head` would leave scontrol writing into a closed pipe (SIGPIPE, fatal under pipefail)
+master="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
 port="${BIGBATCH_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export MASTER_ADDR="$master" MASTER_PORT="$port"  # for processes srun starts directly (the deepspeed launcher)
@@ -43,14 +89,14 @@ case "$launcher" in
     srun --kill-on-bad-exit=1 "$python" -m torch.distributed.run \
       --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node "$nproc" \
       --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d --rdzv-endpoint "$master:$port" \
-      -m bigbatch train "$recipe" --run-dir "$run_dir" "$@" &
+      -m bigbatch train "$recipe" --run-dir "$run_dir" ${args[@]+"${args[@]}"} &
     ;;
   deepspeed)
     hostfile="$(mktemp "${TMPDIR:-/tmp}/bigbatch-hostfile.XXXXXX")"  # not in the run directory: it must stay empty
     scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$nproc/" > "$hostfile"
     "$(dirname "$python")/deepspeed" --hostfile "$hostfile" --launcher slurm --no_ssh_check \
       --master_addr "$master" --master_port "$port" \
-      --module bigbatch train "$recipe" --run-dir "$run_dir" "$@" &
+      --module bigbatch train "$recipe" --run-dir "$run_dir" ${args[@]+"${args[@]}"} &
     ;;
   *)
     echo "BIGBATCH_LAUNCHER=$launcher is not torchrun or deepspeed" >&2

@@ -113,3 +113,33 @@ def test_console_script_exit_code():
     assert proc.returncode == 2
     assert "did you mean --batch.global_batch?" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def handed_to_trainer(monkeypatch):
+    """What `bigbatch train` hands the trainer, without training: {"run_dir": ...} after main() returns."""
+    import bigbatch.train
+
+    seen = {}
+    monkeypatch.setattr(bigbatch.train, "train", lambda recipe, run_dir, **kw: seen.update(run_dir=run_dir))
+    monkeypatch.delenv("BIGBATCH_RUN_DIR", raising=False)
+    return seen
+
+
+def test_run_dir_from_flag_or_environment_is_one_directory(tmp_path, monkeypatch, handed_to_trainer, capsys):
+    # slurm/pretrain.sh exports BIGBATCH_RUN_DIR and passes --run-dir; both ways, or either, mean the same directory
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "tiny"]) == 0 and handed_to_trainer["run_dir"] is None  # the default name
+    assert main(["train", "tiny", "--run-dir=a"]) == 0 and handed_to_trainer["run_dir"] == Path("a")
+    monkeypatch.setenv("BIGBATCH_RUN_DIR", str(tmp_path / "from-env"))
+    assert main(["train", "tiny"]) == 0 and handed_to_trainer["run_dir"] == tmp_path / "from-env"
+    assert main(["train", "tiny", "--run-dir", "sub/../from-env"]) == 0  # the same directory, written otherwise
+    assert handed_to_trainer["run_dir"].resolve() == tmp_path / "from-env"
+    handed_to_trainer.clear()
+    assert main(["train", "tiny", "--run-dir", "other"]) == 2 and not handed_to_trainer
+    assert capsys.readouterr().err == (
+        f"bigbatch: error: --run-dir other and BIGBATCH_RUN_DIR={tmp_path / 'from-env'} name different run "
+        "directories; give the run directory one way only (drop one, or make them the same).\n")
+    # no abbreviation of --run-dir gets past the template's parsing unseen
+    assert main(["train", "tiny", "--run-d", "x"]) == 2
+    assert "unknown argument '--run-d'" in capsys.readouterr().err

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from bigbatch.config import ConfigError
@@ -140,9 +144,17 @@ def test_sources(tmp_path):
     (tmp_path / "b.jsonl").write_text('{"text": "json doc"}\n\n{"text": "another"}\n{"text": "  "}\n')
     assert load_documents((str(tmp_path / "a.txt"),)) == ["first paragraph\nstill first", "second one"]
     assert load_documents((str(tmp_path),)) == ["first paragraph\nstill first", "second one", "json doc", "another"]
-    pq = pytest.importorskip("pyarrow.parquet")
-    import pyarrow as pa
-
+    (tmp_path / "json").mkdir()  # .json: one JSON array of records (JSON lines under that suffix load too)
+    (tmp_path / "json" / "d.json").write_text('[{"text": "from json", "id": 1}, {"text": ""}, {"text": "two"}]')
+    (tmp_path / "json" / "e.json").write_text('{"text": "a line"}\n{"text": "and another"}\n')
+    assert load_documents((str(tmp_path / "json" / "d.json"),)) == ["from json", "two"]
+    assert load_documents((str(tmp_path / "json"),)) == ["from json", "two", "a line", "and another"]
+    (tmp_path / "json" / "e.json").write_text('{"body": "no text field"}\n')
+    with pytest.raises(ConfigError, match=r"e.json has no \"text\" field \(fields: body\); rename"):
+        load_documents((str(tmp_path / "json" / "e.json"),))
+    with pytest.raises(ConfigError, match=r"json could not be read \(.*body.*\); fix the file") as err:
+        load_documents((str(tmp_path / "json"),))  # one file of the directory lacks the field
+    assert "\n" not in str(err.value)  # datasets' multi-line cast error, folded into the one sentence
     pq.write_table(pa.table({"text": ["from parquet", None, "more"], "id": [1, 2, 3]}), tmp_path / "c.parquet")
     assert load_documents((str(tmp_path / "c.parquet"),)) == ["from parquet", "more"]
     with pytest.raises(ConfigError, match=r"data source .*missing.txt does not exist"):
@@ -352,3 +364,96 @@ def test_a_writer_failure_reaches_every_rank(tmp_path, monkeypatch):
     assert shared[0][0] == "failure" and "OSError: No space left on device" in shared[0][1]
     with pytest.raises(RuntimeError, match="preparing the data on the writer rank failed: OSError"):
         data_module.prepare(load_recipe("tiny"), tmp_path / "data", False, lambda x: shared[0], rank=1, world=2)
+
+
+def test_automatic_num_proc_is_one_per_core_up_to_8_above_20000_documents(monkeypatch):
+    from bigbatch.data import pipeline
+
+    cores = list(range(16))
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(cores))
+    assert [pipeline.auto_num_proc(n, 0) for n in (None, 5, 20_000)] == [1, 1, 1]  # a pool costs more than it saves
+    assert pipeline.auto_num_proc(20_001, 0) == 8  # one per core, at most 8
+    cores[:] = range(3)
+    assert pipeline.auto_num_proc(20_001, 0) == 3
+    assert pipeline.auto_num_proc(10, 5) == pipeline.auto_num_proc(10**6, 5) == 5  # data.num_proc as given
+
+    # and preprocess hands that choice to datasets.map (no 20,000 documents go through workers here)
+    class Corpus:
+        cache_files: list = []
+
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def map(self, fn, **kwargs):
+            return kwargs
+
+    tok = Path(__file__)  # preprocess reads the model's bytes only
+    assert pipeline.preprocess(Corpus(50_000), tok, "bert", 64)["num_proc"] == 3
+    assert pipeline.preprocess(Corpus(50_000), tok, "bert", 64, num_proc=1)["num_proc"] is None
+    assert pipeline.preprocess(Corpus(100), tok, "bert", 64)["num_proc"] is None
+
+
+def test_tokenizer_cli_names_its_own_flag_when_the_vocabulary_is_too_large(tmp_path, capsys):
+    from bigbatch.cli import main
+    from bigbatch.data.tokenizer import train_tokenizer
+
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("A short corpus. It has few distinct words.\n\nNot enough for many pieces.\n")
+    assert main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "5000",
+                 "--out", str(tmp_path / "tok")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bigbatch: error: --vocab-size=5000 is more pieces than this corpus can make (at most ")
+    assert err.endswith("); lower --vocab-size or add text.\n") and "--data." not in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "tok.model").exists()
+    # the trainer's own tokenizer training names the recipe key
+    with pytest.raises(ConfigError, match=r"^--data.vocab_size=5000 is more pieces .*; lower --data.vocab_size or"):
+        train_tokenizer([corpus.read_text()], tmp_path / "t", 5000)
+
+
+def test_an_unreachable_hub_is_one_sentence_before_the_run_directory(tmp_path):
+    # a real process (the console's view: exit code, stderr, no traceback), offline and pointed at a closed port so
+    # that nothing ever reaches the internet, with an empty cache of its own
+    import subprocess
+    import sys
+
+    from conftest import ROOT, launch_env
+
+    env = {**launch_env(), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "bigbatch", "train", "tiny", "--run-dir", str(run_dir),
+                           "--data.sources=hf:bigbatch-tests/no-such-corpus"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("bigbatch: error: data source hf:bigbatch-tests/no-such-corpus is not in the "
+                                  "local cache and the Hugging Face hub could not be reached (")
+    assert proc.stderr.endswith("or cache the dataset first where the hub is reachable.\n")
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not run_dir.exists()  # refused before anything was written
+
+
+def test_a_corpus_shorter_than_one_global_batch_is_one_sentence(tmp_path, corpus_file, small_tokenizer, capsys):
+    from bigbatch.cli import main
+
+    short = tmp_path / "short.txt"
+    short.write_text("\n\n".join(corpus_file.read_text().split("\n\n")[:40]))
+    code = main(["train", "tiny", "--run-dir", str(tmp_path / "run"), f"--data.sources={short}",
+                 f"--data.tokenizer={small_tokenizer}", "--data.vocab_size=300", "--data.eval_fraction=0.2",
+                 "--batch.global_batch=256", "--batch.micro_batch=16", "--schedule.steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert re.fullmatch(r"bigbatch: error: the corpus packs into \d+ training sequences of 64 tokens, fewer than one "
+                        r"global batch of 256; add text or lower --batch.global_batch.\n", err), err
+
+
+def test_a_tokenizer_that_does_not_exist_is_one_sentence(tmp_path, capsys):
+    from bigbatch.cli import main
+
+    missing = tmp_path / "no" / "such.model"
+    assert main(["train", "tiny", "--run-dir", str(tmp_path / "run"), f"--data.tokenizer={missing}"]) == 2
+    assert capsys.readouterr().err == (
+        f"bigbatch: error: tokenizer {missing} does not exist; train one with `bigbatch tokenizer train` or leave "
+        "--data.tokenizer empty to train one at the start of the run.\n")
+    assert not (tmp_path / "run").exists()

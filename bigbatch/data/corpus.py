@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+import logging
 import os
 import sysconfig
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -64,13 +66,60 @@ def _clean(batch: dict[str, list[Any]]) -> dict[str, list[str]]:
     return {"text": [t.strip() for t in batch["text"] if isinstance(t, str) and t.strip()]}
 
 
+def _hub_error(source: str, err: Exception) -> ConfigError:
+    """One sentence for an `hf:` source that `datasets` could not open."""
+    import datasets
+
+    if isinstance(err, ConnectionError):  # datasets' word for "no answer from the hub and nothing in the cache"
+        return ConfigError(f"data source {source} is not in the local cache and the Hugging Face hub could not be "
+                           f"reached ({err}); connect to the hub (check HF_ENDPOINT and HF_HUB_OFFLINE) or cache the "
+                           "dataset first where the hub is reachable.")
+    if isinstance(err, datasets.exceptions.DatasetNotFoundError):
+        return ConfigError(f"data source {source} names no dataset the Hugging Face hub gives access to ({err}); "
+                           "fix the name in --data.sources (hf:<dataset>[:<config>]) or log in for a gated one.")
+    return ConfigError(f"data source {source} could not be opened ({type(err).__name__}: {err}); fix the dataset or "
+                       "config name in --data.sources (hf:<dataset>[:<config>]).")
+
+
+@contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """huggingface_hub logs each retry of an unreachable hub as a warning; the user gets one sentence instead."""
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_log.setLevel(level)
+
+
+def check_hub(source: str, cache_dir: Optional[str] = None) -> None:
+    """Opens an `hf:` source's builder (the hub's metadata, or the local cache offline) without reading its data, so
+    an unreachable hub or an unknown name ends in one sentence before anything is written."""
+    import datasets
+
+    dataset, _, config = source[3:].partition(":")
+    datasets.logging.set_verbosity_error()
+    try:
+        with _quiet_hub():
+            datasets.load_dataset_builder(dataset, name=config or None, cache_dir=cache_dir or None)
+    except Exception as err:  # whatever keeps the builder from opening, the run cannot read this source
+        raise _hub_error(source, err) from None
+
+
 def _load(builder: str, what: str, streaming: bool, cache_dir: Optional[str], **kwargs: Any) -> Any:
     import datasets
 
     try:
-        ds = datasets.load_dataset(builder, split="train", streaming=streaming, cache_dir=cache_dir or None, **kwargs)
+        with _quiet_hub():
+            ds = datasets.load_dataset(builder, split="train", streaming=streaming, cache_dir=cache_dir or None,
+                                       **kwargs)
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
+        if not what.startswith("hf:"):
+            raise
+        raise _hub_error(what, err) from None
     except datasets.exceptions.DatasetGenerationError as err:
-        cause = err.__cause__ or err
+        cause = " ".join(str(err.__cause__ or err).split())  # datasets' cast errors run over several lines
         raise ConfigError(f"data source {what} could not be read ({cause}); fix the file (JSON lines need one "
                           "object per line with a \"text\" field).") from None
     except ValueError as err:  # datasets' way of saying that the files hold no record at all
@@ -131,10 +180,14 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-def check_sources(sources: tuple[str, ...]) -> None:
-    """Fails fast, before any process group starts, on a local source that does not exist."""
+def check_sources(sources: tuple[str, ...], cache_dir: Optional[str] = None) -> None:
+    """Fails fast, before any process group starts, on a local source that does not exist or an `hf:` source that
+    cannot be opened (the hub unreachable and the dataset not cached, or an unknown name)."""
     for source in sources:
-        if source == BUILTIN or source.startswith("hf:"):
+        if source.startswith("hf:"):
+            check_hub(source, cache_dir)
+            continue
+        if source == BUILTIN:
             continue
         if source.startswith("builtin:"):
             raise ConfigError(f"data.sources names {source!r}; the only built-in corpus is {BUILTIN!r}.")
@@ -145,5 +198,5 @@ def check_sources(sources: tuple[str, ...]) -> None:
 
 def load_documents(sources: tuple[str, ...], cache_dir: Optional[str] = None) -> list[str]:
     """Every document of every source, in order, in memory (for small corpora: the tokenizer CLI, tests)."""
-    check_sources(sources)
+    check_sources(sources, cache_dir)
     return [t for source in sources for t in open_source(source, cache_dir=cache_dir)["text"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -19,9 +20,10 @@ PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 TOKENIZER_LINES = 4_000_000
 
 
-def train_tokenizer(docs: Iterable[str], prefix: Path, vocab_size: int, model_type: str = "unigram") -> Path:
+def train_tokenizer(docs: Iterable[str], prefix: Path, vocab_size: int, model_type: str = "unigram",
+                    size_flag: str = "--data.vocab_size") -> Path:
     """Trains SentencePiece on `docs` (read up to TOKENIZER_LINES lines); writes `<prefix>.model` and `<prefix>.vocab`
-    and returns the model path."""
+    and returns the model path. `size_flag` is how the caller's user sets the size, for the error sentence."""
     import sentencepiece as spm
 
     if model_type not in ("unigram", "bpe"):
@@ -51,8 +53,12 @@ def train_tokenizer(docs: Iterable[str], prefix: Path, vocab_size: int, model_ty
             minloglevel=2,
         )
     except RuntimeError as err:
+        most = re.search(r"Vocabulary size too high .*value <= (\d+)", str(err))
+        if most:
+            raise ConfigError(f"{size_flag}={vocab_size} is more pieces than this corpus can make (at most "
+                              f"{most.group(1)}); lower {size_flag} or add text.") from None
         raise ConfigError(f"SentencePiece could not train a {vocab_size}-piece tokenizer on this corpus ({err}); "
-                          "lower --data.vocab_size or add text.") from None
+                          f"lower {size_flag} or add text.") from None
     return Path(f"{prefix}.model")
 
 
@@ -132,7 +138,7 @@ def cmd_tokenizer(args: list[str]) -> int:
     if known.vocab_size < 8:
         raise ConfigError(f"--vocab-size={known.vocab_size} is too small; give at least 8 (5 special tokens + text).")
     docs = load_documents(tuple(known.input))
-    path = train_tokenizer(docs, known.out, known.vocab_size, known.model_type)
+    path = train_tokenizer(docs, known.out, known.vocab_size, known.model_type, size_flag="--vocab-size")
     print(f"wrote {path} ({Tokenizer(path).vocab_size} pieces, {known.model_type}, {len(docs)} documents); "
           f"use it with --data.tokenizer={path} --data.vocab_size={known.vocab_size}")
     return 0

@@ -12,9 +12,11 @@ import copy
 import difflib
 import inspect
 import json
+import math
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
+import torch
 from torch import nn
 
 from bigbatch.config import ConfigError
@@ -92,6 +94,56 @@ def refuse_16bit_stage0(config: dict[str, Any]) -> None:
             )
 
 
+class SkipNonFinite:
+    """The optimizer DeepSpeed steps where it checks nothing itself (ZeRO stage 0 in fp32): a step whose global
+    gradient norm is not finite is skipped, weights and optimizer state untouched.
+
+    Why: there DeepSpeed calls the optimizer with no overflow check, and its clipping multiplies an inf gradient by
+    0, making NaN: one bad batch made every weight NaN. The skip signal is the norm DeepSpeed's clipping computes (it
+    discards it; `clip` keeps it), or without clipping the norm of the gradients about to be applied. `overflow` is
+    the attribute DeepSpeed's engine reads after a step, as from its own wrappers: it then counts the step in
+    `skipped_steps` and holds the LR schedule. Everything else is the wrapped optimizer's.
+    """
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+        self.overflow = False
+        self._global_grad_norm: Optional[float] = None  # the engine reports it as get_global_grad_norm()
+        self._clip_norm: Optional[torch.Tensor] = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "optimizer":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    def clip(self, parameters: Iterable[torch.Tensor], max_norm: float, mpu: Any) -> None:
+        """DeepSpeed's fp32 gradient clipping, keeping the global norm it computes (before clipping)."""
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        self._clip_norm = clip_grad_norm_(parameters=parameters, max_norm=max_norm, mpu=mpu)
+
+    def step(self, closure: Any = None) -> Any:
+        norm = self._clip_norm
+        if norm is None:  # no clipping: stage 0 has all-reduced the gradients already, so every rank agrees
+            norm = torch.nn.utils.get_total_norm(
+                [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None])
+        self._clip_norm = None
+        self._global_grad_norm = float(norm)
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        return None if self.overflow else self.optimizer.step(closure)
+
+
+def skip_non_finite(engine: Any) -> None:
+    """Where DeepSpeed steps an optimizer with no overflow check (no `overflow` attribute for the engine to read: ZeRO
+    stage 0 in fp32), put `SkipNonFinite` around it; DeepSpeed's ZeRO, fp16 and bf16 wrappers skip such steps."""
+    if engine.optimizer is None or hasattr(engine.optimizer, "overflow"):
+        return
+    guard = SkipNonFinite(engine.optimizer)
+    # the engine calls its own clip_fp32_gradients() just before the step; this one also keeps the norm
+    engine.clip_fp32_gradients = lambda: guard.clip(engine.module.parameters(), engine.gradient_clipping(), engine.mpu)
+    engine.optimizer = guard
+
+
 def initialize(
     model: Optional[nn.Module] = None,
     config: Union[str, Path, dict[str, Any], None] = None,
@@ -103,7 +155,8 @@ def initialize(
 
     With `"optimizer": {"type": "LAMB" | "LARS", "params": {...}}` in `config`, the optimizer is bigbatch's,
     built over `model_parameters` (None: `model.parameters()`; param-group dicts such as `param_groups(model, wd)`
-    work too) and exact under ZeRO stages 0-3.
+    work too) and exact under ZeRO stages 0-3. At every stage and precision a step whose gradient is not finite is
+    skipped, weights and optimizer state untouched, and counted in `engine.skipped_steps` (see `SkipNonFinite`).
     """
     import deepspeed
 
@@ -136,10 +189,11 @@ def initialize(
                 f"bigbatch's {type(optimizer).__name__} does not support DeepSpeed's {err} layout; use ZeRO stages "
                 "0-3 without offload, or a DeepSpeed version bigbatch was tested with (see constraints.txt)."
             ) from None
+    skip_non_finite(engine)
     return engine, ds_optimizer, loader, scheduler
 
 
 def client_optimizer(engine: Any) -> Any:
-    """The optimizer bigbatch built (unwrapping DeepSpeed's ZeRO or fp16 wrapper)."""
+    """The optimizer bigbatch built (unwrapping DeepSpeed's ZeRO or fp16 wrapper, or `SkipNonFinite`)."""
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)

@@ -5,9 +5,11 @@ overflows). At `min_loss_scale` it has nothing left to lower: ZeRO's scaler then
 `Exception("Current loss scale already at minimum ...")` on the next overflow, and other wrappers skip forever.
 bigbatch takes that decision itself: it switches the raise off and counts steps skipped while the scale was already
 at its minimum (or skipped with no scale to lower at all: fp32 and bf16 skip a step whose gradient norm is not
-finite). After `run.overflow_patience` of them in a row the trainer checkpoints, the parameters and optimizer state
-being those of the last applied update, and stops. A loss that is not finite (a real divergence: loss scaling
-cannot help a forward pass) stops the run at once, before that step's update.
+finite; at ZeRO stage 0 in fp32 that skip is bigbatch's, see `bigbatch.engine.SkipNonFinite`). After
+`run.overflow_patience` of them in a row the trainer checkpoints, the parameters and optimizer state being those of
+the last applied update, and stops. A loss that is not finite (a real divergence: loss scaling cannot help a forward
+pass) stops the run at once, before that step's update. A state that is not finite itself (`state_is_finite`) is
+never saved as the last good one: the sentence names the newest earlier checkpoint instead.
 
 What a skipped step does to the counters (DeepSpeed's behaviour, which bigbatch keeps, as Megatron-LM does): the
 step's samples count as read (the data moves on; `step`, `samples` and `tokens` in metrics.jsonl count data read),
@@ -16,7 +18,9 @@ but no update is applied and the LR schedule does not advance (`updates` counts 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
+
+import torch
 
 DS_MIN_SCALE_ERROR = "Current loss scale already at minimum"
 DIVERGED = "DIVERGED"  # marker in the run directory: the sentence of why the run stopped (SLURM does not requeue)
@@ -51,15 +55,38 @@ class OverflowGuard:
         self.in_a_row = self.in_a_row + 1 if skipped and was_at_minimum else 0
         return self.in_a_row >= self.patience
 
-    def overflow_message(self, step: int, tag: str) -> str:
+    def overflow_message(self, step: int, saved: Optional[str], previous: Optional[str] = None) -> str:
         where = (f"with the fp16 loss scale at its minimum ({float(self.scaler.min_scale):g})" if self.dynamic
                  else "with gradients that are not finite")
-        return (f"stopped at step {step}: {self.in_a_row} steps in a row were skipped {where}; checkpoint {tag} "
-                "holds the last applied update. Try bf16 (e.g. --deepspeed.configs=zero1.json,bf16.json), a lower "
-                "--optimizer.lr or a longer --schedule.warmup, then continue with --resume.")
+        return (f"stopped at step {step}: {self.in_a_row} steps in a row were skipped {where}; "
+                f"{checkpoint_clause(saved, previous, 'the last applied update')}. Try bf16 (e.g. "
+                "--deepspeed.configs=zero1.json,bf16.json), a lower --optimizer.lr or a longer --schedule.warmup, then "
+                "continue with --resume.")
 
 
-def divergence_message(step: int, loss: float, tag: str) -> str:
+def divergence_message(step: int, loss: float, saved: Optional[str], previous: Optional[str] = None) -> str:
     return (f"stopped at step {step}: the training loss is {loss} (not finite), so the run diverged; its update was "
-            f"not applied and checkpoint {tag} holds the last good state. Try a lower --optimizer.lr, a longer "
-            "--schedule.warmup or --optimizer.grad_clip=1.0, then continue with --resume.")
+            f"not applied and {checkpoint_clause(saved, previous, 'the last good state')}. Try a lower "
+            "--optimizer.lr, a longer --schedule.warmup or --optimizer.grad_clip=1.0, then continue with --resume.")
+
+
+def checkpoint_clause(saved: Optional[str], previous: Optional[str], holds: str) -> str:
+    """What to resume from: the checkpoint `saved` at the stop; or, when the state in memory was not finite and so
+    was not saved, the newest one before it (`previous`)."""
+    if saved is not None:
+        return f"checkpoint {saved} holds {holds}"
+    where = (f"resume from checkpoint {previous}, the last one saved" if previous
+             else "there is no earlier checkpoint to resume from")
+    return f"the weights or optimizer state in memory are not finite, so no checkpoint was written; {where}"
+
+
+def state_is_finite(engine: Any) -> bool:
+    """This rank's weights (its ZeRO-3 shards too), fp32 masters and optimizer state hold finite values only."""
+    from bigbatch.engine import client_optimizer
+
+    opt = client_optimizer(engine)
+    tensors = [t for p in engine.module.parameters() for t in (p, getattr(p, "ds_tensor", None)) if t is not None]
+    # the masters: what the optimizer steps (ZeRO-3 empties its param_groups between steps; its state keeps them)
+    tensors += [p for g in opt.param_groups for p in g["params"]] + [k for k in opt.state if torch.is_tensor(k)]
+    tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)

@@ -3,6 +3,7 @@ overrides (a few layers, a small width) that trains a few steps through the real
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from bigbatch.cli import main
 from bigbatch.config import load_recipe, shipped_recipes
 from bigbatch.metrics import read_metrics
 from bigbatch.model import build_model, count_parameters
+from conftest import ROOT
 
 RECIPES = shipped_recipes()
 # Parameter counts the recipes' names promise (transformers' own models, padded vocabularies), within 10%.
@@ -44,27 +46,64 @@ def test_model_size_matches_its_name(name):
 SMOKE = ["--model.hidden_size=32", "--model.num_layers=1", "--model.num_heads=2", "--model.intermediate_size=64",
          "--model.max_position=64", "--data.seq_len=32", "--data.vocab_size=300", "--data.eval_samples=32",
          "--data.eval_fraction=0.05", "--schedule.steps=2", "--batch.global_batch=16", "--batch.micro_batch=8",
-         "--deepspeed.configs=zero1.json,fp32.json", "--run.eval_every=2", "--cluster.gpus_per_node=1",
-         "--data.whole_word_masking=true"]
+         "--run.eval_every=2", "--cluster.gpus_per_node=1", "--data.whole_word_masking=true"]
+# gpt2_xl's ramp, 512 -> 4,096 in steps of 512 (1/8 of the batch each), shrunk to 2 -> 16 in steps of 2, finished in
+# 8 samples. Megatron's rule: a level lasts 8 / ((16 - 2) / 2) = 8/7 samples, so after s samples the batch is
+# 2 + 2 * floor(s / (8/7)): steps of 2 (s=0), 4 (s=2), 12 (s=6), then 16 (s=18, past the ramp).
+RAMP = ["--batch.micro_batch=2", "--batch.ramp_start=2", "--batch.ramp_increment=2", "--batch.ramp_samples=8",
+        "--schedule.steps=4"]
+RAMP_BATCHES = [2, 4, 12, 16]
+
+
+def fragment_settings(configs: tuple[str, ...]) -> tuple[int, bool, bool]:
+    """(ZeRO stage, bf16, activation checkpointing) as the recipe's own ds_configs/ files state them."""
+    merged: dict = {}
+    for name in configs:
+        merged.update(json.loads((ROOT / "ds_configs" / name).read_text()))
+    return (merged["zero_optimization"]["stage"], bool(merged.get("bf16", {}).get("enabled")),
+            "activation_checkpointing" in merged)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RECIPES)
-def test_smoke_train_with_size_overrides(name, tmp_path, corpus_file):
+def test_smoke_train_with_size_overrides(name, tmp_path, corpus_file, monkeypatch):
+    """Each recipe's own DeepSpeed fragments (ZeRO stage, bf16, activation checkpointing), its batch ramp and phases,
+    shrunk in size only; the engine that really ran is read as DeepSpeed built it."""
+    import deepspeed
+    import torch
+
+    built = []
+    real = deepspeed.initialize
+
+    def recording_initialize(*args, **kwargs):
+        result = real(*args, **kwargs)
+        engine = result[0]
+        built.append((engine.zero_optimization_stage(), engine.bfloat16_enabled(),
+                      engine.module.hf.is_gradient_checkpointing, next(engine.module.parameters()).dtype))
+        return result
+
+    monkeypatch.setattr(deepspeed, "initialize", recording_initialize)
     r = load_recipe(name)
     extra = [f"--data.sources={corpus_file}"]
     if r.model.num_kv_heads:
         extra.append("--model.num_kv_heads=1")
     if r.batch.ramp_start:
-        extra += ["--batch.ramp_start=8", "--batch.ramp_increment=8", "--batch.ramp_samples=8"]
+        assert (r.batch.ramp_start * 8, r.batch.ramp_increment * 8) == (r.batch.global_batch,) * 2  # RAMP's shape
+        extra += RAMP
     for i, _ in enumerate(r.phases, start=1):
         extra += [f"--phases.{i}.seq_len=64", f"--phases.{i}.global_batch=8", f"--phases.{i}.micro_batch=4",
                   f"--phases.{i}.steps=1"]
     run = tmp_path / "run"
     assert main(["train", name, "--run-dir", str(run), *SMOKE, *extra]) == 0
+    stage, bf16, checkpointing = fragment_settings(r.deepspeed.configs)
+    assert built and set(built) == {(stage, bf16, checkpointing, torch.bfloat16 if bf16 else torch.float32)}
     records = [x for x in read_metrics(run / "metrics.jsonl") if "loss" in x]
-    assert len(records) == 2 + len(r.phases)
+    steps = len(RAMP_BATCHES) if r.batch.ramp_start else 2
+    assert len(records) == steps + len(r.phases)
     assert all(math.isfinite(x["loss"]) for x in records)
+    if r.batch.ramp_start:
+        samples = [0] + [x["samples"] for x in records]
+        assert [b - a for a, b in zip(samples, samples[1:])] == RAMP_BATCHES
     assert (run / "checkpoints" / "latest").is_file()
 
 

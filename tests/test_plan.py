@@ -12,8 +12,8 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from bigbatch.config import ConfigError, ModelConfig, load_recipe
 from bigbatch.model import CausalLM, MaskedLM, hf_config
-from bigbatch.plan import (CUDA_ALLOWANCE, activation_bytes, buffer_bytes, cmd_plan, model_size,
-                           logits_grad_bytes, model_state_bytes, parse_memory, plan, sdpa_backend)
+from bigbatch.plan import (CUDA_ALLOWANCE, Row, activation_bytes, buffer_bytes, cmd_plan, model_size,
+                           model_state_bytes, parse_memory, plan, sdpa_backend)
 
 VOCAB = 1000
 
@@ -304,19 +304,83 @@ def test_cmd_plan_tiny_does_not_fit_in_a_tiny_gpu(capsys):
     assert "tiny does not fit as written" in out and "Not even micro-batch 1 fits" in out
 
 
+# tiny, worked by hand: BERT, h = 64, L = 2, a = 2, I = 128, s = 64, vocabulary 2,000 (a multiple of 8 already),
+# 2 token types, decoder tied to the word embeddings.
+#   embeddings 2000*64 + 64*64 + 2*64 + LayerNorm 2*64                        = 132,352
+#   a layer: q, k, v, o 4*(64*64 + 64) + LN 128 + 64*128 + 128 + 128*64 + 64 + LN 128 = 33,472, twice = 66,944
+#   MLM head: transform 64*64 + 64 + LN 128 + decoder bias 2,000              = 6,288
+TINY_PARAMS = 205_584
+# The largest module: the decoder Linear, the tied 2000 x 64 embedding and its 2,000-element bias.
+TINY_LARGEST = 130_000
+
+
+def tiny_activations(micro: int) -> int:
+    """tiny's activation bytes (fp32, e = 4, no dropout, SDPA's fused kernels) at `micro` sequences, term by term:
+    Korthikanti et al. 2022 eq. 1 without its 5as/h term (SDPA keeps no probabilities), in fp32, written per token
+    t = s*b and per masked row m = round(0.15 t)."""
+    t = 64 * micro
+    m = round(0.15 * t)
+    layer = (8 * 64 * 4  # 8 h-wide tensors: input, q, k, v, attention out, LN1 in and out, LN2 in
+             + 2 * 128 * 4  # the GELU's input and the second Linear's input, I = 128 wide
+             + 2 * 8  # two LayerNorms' fp32 mean and rstd
+             + 4 * 2) * t  # fp32 log-sum-exp per head
+    embeddings = 8 * t + 8 * 64 + 64 * 4 * t + 8 * t  # int64 token and position ids; LN input and statistics
+    head = t + m * (4 * 64 * 4 + 8 + 4 * 2000 + 8)  # bool mask; per masked row 4 h-wide inputs, LN stats, fp32
+    # log-probabilities, int64 label
+    logits_grad = 2 * 4 * m * 2000  # nll_loss's and log_softmax's fp32 gradients
+    return 2 * layer + embeddings + head + logits_grad
+
+
+def test_tiny_model_size_counted_by_hand():
+    recipe = load_recipe("tiny")
+    assert model_size(recipe.model, recipe.data.vocab_size)[:2] == (TINY_PARAMS, TINY_LARGEST)
+
+
 def test_plan_names_the_largest_micro_batch_that_divides():
-    recipe = load_recipe("tiny")  # global batch 4096, ZeRO-1 fp32
-    m = recipe.model
-    states = sum(model_state_bytes(model_size(m, recipe.data.vocab_size)[0], 1, "fp32", "lamb", 1).values())
+    recipe = load_recipe("tiny")  # global batch 4096, ZeRO-1 fp32, LAMB, one GPU
+    # ZeRO-1 fp32 on one GPU: 4-byte weights, 4-byte gradients plus DeepSpeed's 4-byte fp32 gradient partition, and
+    # 4-byte masters + two 4-byte moments: 24 bytes a parameter
+    params, grads, optimizer = 4 * TINY_PARAMS, 8 * TINY_PARAMS, 12 * TINY_PARAMS
+    assert (params, grads, optimizer) == (822_336, 1_644_672, 2_467_008)
+    buffers = 50_000_000 * 4 + 2 * 2**30  # zero1.json's reduce bucket in fp32 (no overlap_comm), CUDA allowance
+    assert tiny_activations(256) == 167_471_392 and tiny_activations(300) == 196_243_712
+    at_300 = params + grads + optimizer + tiny_activations(300) + buffers
+    assert at_300 == 2_548_661_376
 
-    def total(micro):
-        acts = activation_bytes(m, recipe.data.vocab_size, recipe.data.seq_len, micro, "fp32")
-        acts += logits_grad_bytes(m, recipe.data.vocab_size, recipe.data.seq_len, micro)
-        return states + acts + buffer_bytes({"stage": 1, "reduce_bucket_size": 50_000_000}, 1, "fp32", 0)
-
-    result = plan(recipe, 1, 1, total(300))
+    result = plan(recipe, 1, 1, at_300)
     assert (result.largest_fitting, result.largest_valid) == (300, 256)
     assert result.fits  # the recipe's own micro-batch, 256, is below 300
+    assert result.own == Row(1, "fp32", params, grads, optimizer, tiny_activations(256), buffers,
+                             params + grads + optimizer + tiny_activations(256) + buffers, True)
+    assert plan(recipe, 1, 1, at_300 - 1).largest_fitting == 299
+
+
+def test_bert_large_row_worked_by_hand():
+    """bert_large as planned (64 GPUs, ZeRO-1 bf16, micro-batch 256 at sequence 128, dropout 0.1), every byte."""
+    # embeddings 30528*1024 (30,522 padded to a multiple of 8) + 512*1024 + 2*1024 + LN 2*1024 = 31,789,056;
+    # a layer 4*(1024^2 + 1024) + 2*1024 + 1024*4096 + 4096 + 4096*1024 + 1024 + 2*1024 = 12,596,224, 24 of them;
+    # MLM head 1024^2 + 1024 + 2*1024 + 30,528 = 1,082,176
+    P = 31_789_056 + 24 * 12_596_224 + 1_082_176
+    assert P == 335_180_608
+    N, s, b, h, a = 64, 128, 256, 1024, 16
+    t, m, vocab = s * b, round(0.15 * s * b), 30528
+    # ZeRO-1 bf16: 2-byte weights and gradients whole; the fp32 gradient partition, masters and moments split by N
+    params, grads, optimizer = 2 * P, 2 * P + 4 * P // N, 12 * P // N
+    # Korthikanti et al. eq. 1 per layer, 16-bit with dropout, I = 4h: s*b*h*(34 + 5as/h); SDPA's fused kernels keep
+    # a 4-byte log-sum-exp per head and token instead of the 5as/h probabilities and masks, LayerNorms 2 x 8 bytes
+    layer = 34 * s * b * h + 4 * a * t + 16 * t
+    embeddings = 8 * (t + s) + t * h + 2 * t * h + 8 * t  # ids, dropout mask, LN input, LN statistics
+    head = t + m * (4 * h * 2 + 8 + 4 * vocab + 8)
+    logits_grad = 8 * m * vocab
+    activations = 24 * layer + embeddings + head + logits_grad
+    assert activations == 29_385_436_208
+    buffers = 50_000_000 * 2 + 2 * 2**30
+    total = params + grads + optimizer + activations + buffers
+    assert total == 33_057_437_440  # 33.1 GB of the 80 GB
+
+    result = plan(load_recipe("bert_large"), 8, 8, 80 * 10**9)
+    assert result.num_params == P
+    assert result.own == Row(1, "bf16", params, grads, optimizer, activations, buffers, total, True)
 
 
 def test_cmd_plan_world_the_global_batch_does_not_divide(capsys):

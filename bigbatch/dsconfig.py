@@ -31,7 +31,7 @@ def find_fragment(name: str) -> Path:
 def load_fragment(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}; fix the file.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"DeepSpeed config {path} must hold a JSON object, not {type(data).__name__}.")

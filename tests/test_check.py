@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
+import re
+from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bigbatch.check import check_config, errors
 from bigbatch.cli import main
@@ -58,7 +64,7 @@ def test_each_mistake_is_one_sentence_with_a_hint(tmp_path, capsys):
         "(did you mean 'gradient_clipping'?)",
         "fp16.initial_scale_powr is not a DeepSpeed key (did you mean 'initial_scale_power'?)",
         "fp16.enabled and bf16.enabled are both true",
-        "zero_optimization.stage=5 is invalid",
+        "zero_optimization.stage=5 must be a whole number in [0, 3]",
         "zero_optimization.overlap_com is not a DeepSpeed key (did you mean 'overlap_comm'?)",
         "optimizer.type='Adamm' is not an optimizer DeepSpeed or bigbatch knows (did you mean 'adam'?)",
         "scheduler.type='WarmupLRR' is not a DeepSpeed LR schedule (did you mean 'WarmupLR'?)",
@@ -105,7 +111,7 @@ def test_lamb_and_lars_rules_of_bigbatch_engine():
     base = {"gradient_clipping": 1.0, "optimizer": {"type": "lars", "params": {"lr": 0.1, "momentm": 0.9}},
             "bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}
     found = messages(base)
-    assert any("optimizer.params.momentm is not a LARS parameter; did you mean 'momentum'?" in m for m in found)
+    assert any("optimizer.params.momentm is not a parameter of LARS (did you mean 'momentum'?)" in m for m in found)
     refusal = "bf16.enabled=true with bigbatch's LAMB/LARS needs zero_optimization.stage >= 1"
     assert any(m.startswith(refusal) for m in found)
     offload = {"gradient_clipping": 1.0, "optimizer": {"type": "LAMB"},
@@ -142,3 +148,145 @@ def test_bad_file_and_arguments(tmp_path, capsys):
     assert "is not valid JSON" in capsys.readouterr().err
     assert main(["check", "tiny", "--world", "0"]) == 2
     assert "--world=0 must be at least 1" in capsys.readouterr().err
+
+
+# Corpora of real-world and broken configs: `public` resembles DeepSpeedExamples' (bing_bert's 64K LAMB, cifar,
+# Megatron-LM, Hugging Face "auto" files, 1-bit Adam, compression, MoQ, curriculum); `broken` is malformed on purpose.
+# expected.json says, for every file, the exit code and sentences the output must hold.
+CORPORA = [Path(__file__).parent / "data" / d for d in ("ds_configs_public", "ds_configs_broken")]
+SUMMARY = re.compile(r".*: \d+ error\(s\), \d+ note\(s\)$")
+
+
+def check_output(argv):
+    """bigbatch check in this process: (exit code, stdout, stderr), whatever happens."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["check", *argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_well_formed(code, out, err):
+    """Exit 0 or 2; stdout is one `error:` or `note:` line per finding and the summary; stderr at most one sentence."""
+    assert code in (0, 2)
+    *lines, last = out.splitlines() or [""]
+    assert all(line.startswith(("error: ", "note: ")) for line in lines), out
+    if out:
+        assert SUMMARY.match(last), out
+        assert code == (2 if any(line.startswith("error: ") for line in lines) else 0), out
+    else:
+        assert code == 2 and err.startswith("bigbatch: error: ") and len(err.splitlines()) == 1, err
+    assert "Traceback" not in out + err
+
+
+def corpus_files():
+    shipped = [(p, None) for p in sorted(DS_CONFIGS.glob("*.json"))]
+    listed = []
+    for corpus in CORPORA:
+        expected = json.loads((corpus / "expected.json").read_text())
+        files = sorted(p.name for p in corpus.glob("*.json") if p.name != "expected.json")
+        assert files == sorted(expected), f"{corpus}: every file needs an entry in expected.json"
+        listed += [(corpus / name, expected[name]) for name in files]
+    return shipped + listed
+
+
+@pytest.mark.parametrize("path,expected", corpus_files(), ids=lambda v: v.name if isinstance(v, Path) else "")
+def test_every_config_of_the_corpora_ends_in_sentences(path, expected):
+    code, out, err = check_output([str(path)])
+    assert_well_formed(code, out, err)
+    if expected is not None:
+        assert code == expected["exit"], out + err
+        for text in expected["says"]:
+            assert text in out + err, f"missing: {text}\n{out}{err}"
+
+
+def test_a_removed_block_names_itself_what_deepspeed_does_and_the_fix():
+    (found,) = messages({"gradient_clipping": 1.0, "train_batch_size": 8, "sparse_attention": {"mode": "fixed"}})
+    assert found.startswith("sparse_attention: DeepSpeed Sparse Attention has been removed in DeepSpeed ")
+    assert "refuses any config that still holds it; delete sparse_attention" in found
+    assert found.count(". ") == 0 and found.endswith(".")  # one sentence
+
+
+@pytest.mark.parametrize("kind,params,key", [
+    ("LAMB", {"lr": "fast"}, "lr"), ("LAMB", {"betas": [0.9, 1.5]}, "betas"), ("LAMB", {"eps": 0}, "eps"),
+    ("LAMB", {"min_coeff": 0.3, "max_coeff": 0.01}, "min_coeff"), ("LAMB", {"weight_decay": -1e-4}, "weight_decay"),
+    ("lars", {"lr": "fast"}, "lr"), ("lars", {"momentum": 1.2}, "momentum"), ("lars", {"eps": -1.0}, "eps"),
+    ("lars", {"trust_coefficient": 0}, "trust_coefficient"), ("lars", {"weight_decay": -1e-4}, "weight_decay")])
+def test_lamb_and_lars_values_that_cannot_work_are_errors(kind, params, key):
+    config = {"gradient_clipping": 1.0, "zero_optimization": {"stage": 1},
+              "optimizer": {"type": kind, "params": {"lr": 0.01, **params}}}
+    found = messages(config)
+    value = repr(params[key])
+    assert any(m.startswith(f"optimizer.params.{key}={value} ") for m in found), found
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
+
+
+@settings(max_examples=150, deadline=None)
+@given(lr=finite, b1=finite, b2=finite, momentum=finite, low=finite, high=finite)
+def test_optimizer_ranges_match_the_issue(lr, b1, b2, momentum, low, high):
+    """lr > 0; 0 <= beta < 1; 0 <= momentum < 1; min_coeff <= max_coeff: an error exactly when a bound is broken."""
+    lamb = {"optimizer": {"type": "LAMB", "params": {"lr": lr, "betas": [b1, b2], "min_coeff": abs(low),
+                                                     "max_coeff": abs(high)}}, "zero_optimization": {"stage": 1}}
+    found = " ".join(messages(lamb))
+    assert ("optimizer.params.lr=" in found) == (not lr > 0)
+    assert ("optimizer.params.betas=" in found) == (not (0 <= b1 < 1 and 0 <= b2 < 1))
+    assert ("exceeds optimizer.params.max_coeff" in found) == (abs(low) > abs(high) > 0)
+    sgd = {"optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": momentum}}}
+    assert ("optimizer.params.momentum=" in " ".join(messages(sgd))) == (not 0 <= momentum < 1)
+
+
+def test_settings_deepspeed_ignores_at_the_stage():
+    stage0 = {"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}
+    (found,) = messages(stage0)
+    assert found.startswith("zero_optimization.offload_optimizer.device='cpu' does nothing at zero_optimization.stage=0")
+    assert messages({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}) == []
+    assert messages({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}) == []
+    stage1 = {"zero_optimization": {"stage": 1, "stage3_max_live_parameters": 1e9}}
+    assert messages(stage1) == []
+    assert any("DeepSpeed ignores stage3_max_live_parameters" in n for n in messages(stage1, level="note"))
+
+
+def test_deepspeed_parser_failures_name_the_key_they_were_reading():
+    (found,) = messages({"gradient_clipping": 1.0, "vocabulary_size": "big"})
+    assert found.startswith("DeepSpeed's parser fails on vocabulary_size='big' (TypeError")
+    (found,) = messages({"gradient_clipping": 1.0, "fp16": {"enabled": True, "fp16_master_weights_and_grads": True}})
+    assert found.startswith("DeepSpeed rejects the combination: Fp16_master_weights_and_grads is only supported")
+
+
+def _known_paths():
+    """Every key the checker has a rule for, every section, and a few that only DeepSpeed's parser reads."""
+    from bigbatch.check_values import OPTIMIZER_PARAMS, SCHEDULER_PARAMS, SECTIONS
+
+    paths = [f"{s}.{k}" if s else k for s, rules in SECTIONS.items() for k in rules]
+    paths += [f"optimizer.params.{k}" for k in OPTIMIZER_PARAMS] + [f"scheduler.params.{k}" for k in SCHEDULER_PARAMS]
+    return sorted({*paths, *SECTIONS, "optimizer", "scheduler", "optimizer.params", "scheduler.params",
+                   "optimizer.type", "scheduler.type", "train_batch_size", "train_micro_batch_size_per_gpu",
+                   "gradient_accumulation_steps", "sparse_attention", "zero_optimization.mics_shard_size", "pipeline",
+                   "vocabulary_size", "checkpoint", "aio", "compile", "timers", "comet", "torch_autocast"} - {""})
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 10**10) | st.floats() | st.sampled_from(
+        ["auto", "", "cpu", "LAMB", "lars", "Adam", "SGD", "WarmupLR", "OneCycle", "log", "fp16", "yes"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entries=st.lists(st.tuples(st.sampled_from(_known_paths()), json_values), max_size=8),
+       world=st.none() | st.integers(1, 16))
+def test_fuzz_never_raises(tmp_path_factory, entries, world):
+    """Random JSON values under random known keys: exit 0 or 2, one `error:`/`note:` line each, never a traceback."""
+    config: dict = {}
+    for path, value in entries:
+        *parents, last = path.split(".")
+        node = config
+        for p in parents:
+            node = node.setdefault(p, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node[last] = value
+    path = tmp_path_factory.mktemp("fuzz") / "ds.json"
+    path.write_text(json.dumps(config))
+    code, out, err = check_output([str(path)] + (["--world", str(world)] if world else []))
+    assert_well_formed(code, out, err)

@@ -143,3 +143,22 @@ def test_run_dir_from_flag_or_environment_is_one_directory(tmp_path, monkeypatch
     # no abbreviation of --run-dir gets past the template's parsing unseen
     assert main(["train", "tiny", "--run-d", "x"]) == 2
     assert "unknown argument '--run-d'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_an_existing_run_and_nothing_else_does(finished_run, corpus_file, capsys):
+    target = finished_run.parent / "overwritten"
+    shutil.copytree(finished_run, target)
+    (target / "notes.txt").write_text("left by the old run")
+    short = [a for a in SMALL if not a.startswith("--schedule.steps=")] + ["--schedule.steps=2"]
+    args = ["train", "tiny", "--run-dir", str(target), f"--data.sources={corpus_file}",
+            f"--data.tokenizer={finished_run / 'data' / 'tokenizer.model'}", *short]
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (target / "notes.txt").exists() and (target / "checkpoints" / "step00000004").exists()
+    assert main([*args, "--overwrite"]) == 0
+    # the old run is gone, not continued: a fresh start of 2 steps, its own checkpoint, no record of earlier starts
+    assert not (target / "notes.txt").exists() and not (target / "starts").exists()
+    assert sorted(p.name for p in (target / "checkpoints").glob("step*")) == ["step00000002"]
+    assert [r["step"] for r in read_metrics(target / "metrics.jsonl") if "loss" in r] == [1, 2]
+    assert json.loads((target / "recipe.json").read_text())["recipe"]["schedule"]["steps"] == 2

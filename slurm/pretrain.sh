@@ -80,9 +80,13 @@ export MASTER_ADDR="$master" MASTER_PORT="$port"  # for processes srun starts di
 unset RANK WORLD_SIZE LOCAL_RANK  # each rank's own come from torchrun or from SLURM_PROCID, never from this shell
 
 mkdir -p "$run_dir"
+# PREEMPTED must come from this start: one left by the previous start would requeue a start that failed, forever.
+rm -f "$run_dir/PREEMPTED"
+start="$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"
 echo "bigbatch: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES nodes x $nproc, run $run_dir"
-# The warning signal reaches this shell only (B:); the ranks see it as a STOP file and stop together.
-trap 'echo "bigbatch: stop requested"; touch "$run_dir/STOP"' USR1 TERM
+# The warning signal reaches this shell only (B:); the ranks see it as a STOP file and stop together. The file names
+# this start, so that a later start of the job does not take it for a request of its own.
+trap 'echo "bigbatch: stop requested"; printf "%s\n" "$start" > "$run_dir/STOP"' USR1 TERM
 
 case "$launcher" in
   torchrun)

@@ -158,10 +158,12 @@ def test_sweep_runs_as_a_job_array_and_reports(slurm, tmp_path):
 
 # A launcher stand-in for `srun` (torchrun) and for DeepSpeed's launcher: it records its arguments, sends the batch
 # shell SLURM's warning (as --signal=B:USR1 does), and behaves as the ranks do: it waits for STOP in the run directory
-# it was given (the last --run-dir, as argparse reads it), then writes PREEMPTED there and exits 0.
+# it was given (the last --run-dir, as argparse reads it), then writes PREEMPTED there and exits 0. With STUB_FAIL
+# set it is a start that fails at once (exit 2, bad input), as a resume refused before training would.
 STUB_LAUNCHER = """#!/usr/bin/env bash
 set -euo pipefail
 printf '%s\\n' "$@" > "$STUB_LOG"
+if [ -n "${STUB_FAIL:-}" ]; then exit 2; fi
 dir=""
 prev=""
 for arg in "$@"; do
@@ -194,9 +196,12 @@ def template(tmp_path):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
 
-    def run(args, env_run_dir=None, launcher="torchrun"):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "BIGBATCH_"))}
+    def run(args, env_run_dir=None, launcher="torchrun", fail=False):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "BIGBATCH_", "STUB_"))}
+        if fail:
+            env["STUB_FAIL"] = "1"
         env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SLURM_SUBMIT_DIR=str(submit), SLURM_JOB_ID="42",
+                   SLURM_RESTART_COUNT="1",
                    SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_NUM_NODES="2", BIGBATCH_PYTHON=str(bin_dir / "python"),
                    BIGBATCH_LAUNCHER=launcher, STUB_LOG=str(tmp_path / "launcher.args"),
                    SCONTROL_LOG=str(tmp_path / "requeued"))
@@ -228,8 +233,9 @@ def test_template_and_trainer_share_one_run_directory(template, launcher, args, 
     # the ranks get that directory once, as an absolute path, and the user's other arguments unchanged, in order
     assert launched.count("--run-dir") == 1 and launched[launched.index("--run-dir") + 1] == str(run_dir)
     assert [a for a in launched if a.startswith("--") and "." in a] == ["--schedule.steps=3", "--batch.global_batch=32"]
-    # the template's STOP reached the directory the ranks train in, so they checkpointed and the job requeued
-    assert (run_dir / "STOP").exists() and (run_dir / "PREEMPTED").exists()
+    # the template's STOP reached the directory the ranks train in, so they checkpointed and the job requeued; it
+    # names this start (job 42, restart 1), so a later start of the job does not take it for its own request
+    assert (run_dir / "STOP").read_text() == "42.1\n" and (run_dir / "PREEMPTED").exists()
     assert (template.root / "requeued").read_text() == "42\n"
 
 
@@ -245,3 +251,14 @@ def test_template_refuses_a_run_directory_given_two_ways_before_srun(template, a
     assert proc.stderr.startswith("bigbatch: error: ") and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not any((template.submit / d).exists() for d in ("a", "b", "runs"))
+
+
+def test_a_failed_start_is_not_requeued_on_the_previous_start_s_preempted(template):
+    # the requeued start fails (say, a resume refused, exit 2): PREEMPTED from the start before it must not requeue it
+    # again, or the job would loop through failing starts until someone cancels it
+    run_dir = template.submit / "runs" / "tiny-42"
+    run_dir.mkdir(parents=True)
+    (run_dir / "PREEMPTED").write_text('{"step": 6}\n')
+    proc, launched = template([], fail=True)
+    assert launched is not None and proc.returncode == 2, proc.stdout + proc.stderr
+    assert "requeueing" not in proc.stdout and not (template.root / "requeued").exists()

@@ -111,9 +111,7 @@ def _load(builder: str, what: str, streaming: bool, cache_dir: Optional[str], **
     import datasets
 
     try:
-        with _quiet_hub():
-            ds = datasets.load_dataset(builder, split="train", streaming=streaming, cache_dir=cache_dir or None,
-                                       **kwargs)
+        ds = datasets.load_dataset(builder, split="train", streaming=streaming, cache_dir=cache_dir or None, **kwargs)
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
         if not what.startswith("hf:"):
             raise

@@ -49,17 +49,17 @@ fi
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --run-dir=*)
-      choose_run_dir "${1#--run-dir=}" "$1"
-      shift
-      ;;
-    --run-dir)
-      if [ $# -lt 2 ] || [ -z "$2" ]; then
+    --run-dir | --run-dir=)
+      if [ "$1" = "--run-dir=" ] || [ $# -lt 2 ] || [ -z "$2" ]; then
         echo "bigbatch: error: --run-dir is given without a directory; pass --run-dir DIR." >&2
         exit 2
       fi
       choose_run_dir "$2" "--run-dir $2"
       shift 2
+      ;;
+    --run-dir=*)
+      choose_run_dir "${1#--run-dir=}" "$1"
+      shift
       ;;
     *)
       args+=("$1")

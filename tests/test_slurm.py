@@ -244,6 +244,7 @@ def test_template_and_trainer_share_one_run_directory(template, launcher, args, 
                               "directory one way only."),
     (["--run-dir", "a", "--run-dir=b"], None, "--run-dir a and --run-dir=b name different run directories"),
     (["--schedule.steps=3", "--run-dir"], None, "--run-dir is given without a directory; pass --run-dir DIR."),
+    (["--run-dir=", "--schedule.steps=3"], None, "--run-dir is given without a directory; pass --run-dir DIR."),
 ])
 def test_template_refuses_a_run_directory_given_two_ways_before_srun(template, args, env_run_dir, message):
     proc, launched = template(args, env_run_dir)

@@ -19,43 +19,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import difflib
-import inspect
 import json
 import logging
 import numbers
-import re
 import reprlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from bigbatch import check_values
+from bigbatch.check_values import (Finding, bigbatch_rules, check_shapes, check_stage_context, check_types,
+                                   check_value_rules, delete_path, has_path, hint, one_line, removed_blocks, value_at)
 from bigbatch.config import ConfigError
 
-# The optimizer types bigbatch.engine.initialize builds itself (any casing).
-BIGBATCH_OPTIMIZERS = ("lamb", "lars")
 MAX_PASSES = 20  # DeepSpeed stops at its first error; each pass removes one offending key
-# Sections DeepSpeed reads as JSON objects (a list or a number there fails inside its parser); `zero_optimization`
-# may also be DeepSpeed's deprecated true/false, and an offload block null.
-OBJECT_SECTIONS = (*(s for s in check_values.SECTIONS if s), "optimizer", "scheduler", "optimizer.params",
-                   "scheduler.params", "data_types", "checkpoint", "aio", "autotuning", "compile", "timers", "comet")
-NULLABLE_SECTIONS = ("zero_optimization.offload_optimizer", "zero_optimization.offload_param")
-# ZeRO keys that only stage 3 reads (besides the stage3_* ones).
-STAGE3_KEYS = ("sub_group_size", "zero_hpz_partition_size", "zero_quantized_weights",
-               "zero_quantized_nontrainable_weights")
-
-
-@dataclass(frozen=True)
-class Finding:
-    level: str  # "error" | "note"
-    message: str
-
-    def __str__(self) -> str:
-        # Keys and values come from the user's JSON: a line break inside one must not start a line of its own.
-        text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in self.message)
-        return f"{self.level}: {text}"
 
 
 class _Recording(dict):
@@ -102,38 +78,6 @@ def _walk(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from _walk(value, f"{path}.")
 
 
-def _node(config: dict[str, Any], path: str) -> Any:
-    """The value at a dotted path ("" is the config itself), or None."""
-    node: Any = config
-    for p in filter(None, path.split(".")):
-        node = node.get(p) if isinstance(node, dict) else None
-    return node
-
-
-def _has(config: dict[str, Any], path: str) -> bool:
-    parent, _, key = path.rpartition(".")
-    node = _node(config, parent)
-    return isinstance(node, dict) and key in node
-
-
-def _delete(config: dict[str, Any], path: str) -> None:
-    parent, _, key = path.rpartition(".")
-    node = _node(config, parent)
-    if isinstance(node, dict):
-        node.pop(key, None)
-
-
-def _sentence(text: str) -> str:
-    """One line: DeepSpeed's and pydantic's messages may span several."""
-    return " ".join(text.split()).rstrip(".")
-
-
-def _hint(word: str, choices: Any, otherwise: str = "") -> str:
-    """` (did you mean 'x'?)` for the closest choice, else `otherwise`."""
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else otherwise
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -146,7 +90,7 @@ def _check_batch(config: dict[str, Any], world: Optional[int], out: list[Finding
             v = config[key]
             if not _is_int(v) or v < 1:
                 out.append(Finding("error", f"{key}={v!r} must be a whole number >= 1."))
-                _delete(config, key)
+                delete_path(config, key)
             else:
                 values[key] = v
     tb, mb, gas = (values.get(k) for k in keys)
@@ -166,165 +110,6 @@ def _check_batch(config: dict[str, Any], world: Optional[int], out: list[Finding
                                         f"{world} = {unit}."))
 
 
-def _removed_sentence(path: str, message: str, version: str) -> str:
-    """DeepSpeed's own words for a removed block, as one sentence that ends with the fix."""
-    sentences = [s.strip() for s in message.split(". ") if s.strip()]
-    what = sentences[0].split(";")[0].rstrip(".")
-    instead = [s.rstrip(". ") for s in sentences[1:] if s.startswith(("Use ", "Set "))]
-    alternative = f" and {instead[0][0].lower()}{instead[0][1:]}" if instead else ""
-    link = re.search(r"https://\S+", message)
-    see = f" (see {link.group(0).rstrip('.')})" if link else ""
-    return (f"{path}: {what} in DeepSpeed {version}, which refuses any config that still holds it; "
-            f"delete {path}{alternative}{see}.")
-
-
-def _removed_blocks(config: dict[str, Any], out: list[Finding]) -> None:
-    """Blocks DeepSpeed has removed: its parser raises DeepSpeedConfigError on the first one; here all are named."""
-    import deepspeed
-    from deepspeed.runtime.config import _REMOVED_TOP_LEVEL_CONFIG_KEYS, _REMOVED_ZERO_CONFIG_KEYS
-
-    for prefix, table in (("", _REMOVED_TOP_LEVEL_CONFIG_KEYS), ("zero_optimization.", _REMOVED_ZERO_CONFIG_KEYS)):
-        for key, message in table.items():
-            if _has(config, prefix + key):
-                out.append(Finding("error", _removed_sentence(prefix + key, message, deepspeed.__version__)))
-                _delete(config, prefix + key)
-
-
-def _check_shapes(config: dict[str, Any], out: list[Finding]) -> None:
-    """Every section bigbatch or DeepSpeed reads as a JSON object is one (the checks after this rely on it)."""
-    for path in OBJECT_SECTIONS:
-        if not _has(config, path):
-            continue
-        value = _node(config, path)
-        if (isinstance(value, dict) or (value is None and path in NULLABLE_SECTIONS)
-                or (isinstance(value, bool) and path == "zero_optimization")):
-            continue
-        out.append(Finding("error", f"{path}={reprlib.repr(value)} must be a JSON object {{...}} of its settings; "
-                                    f"write it as one or remove {path}."))
-        _delete(config, path)
-
-
-def _check_stage_context(config: dict[str, Any], out: list[Finding]) -> None:
-    """Settings DeepSpeed ignores at the configured ZeRO stage: offload (an error, since the memory plan counted on
-    it) and stage-3 tuning (a note)."""
-    zero = config.get("zero_optimization")
-    if not isinstance(zero, dict) or not check_values.whole(0, 3).test(zero.get("stage", 0)):
-        return  # DeepSpeed's deprecated true/false form, or a stage reported with the other values
-    stage = int(zero.get("stage", 0))
-    for key, legacy, what, first in (("offload_optimizer", "cpu_offload", "optimizer states", 1),
-                                     ("offload_param", "cpu_offload_param", "parameters", 3)):
-        section = zero.get(key)
-        device = section.get("device") if isinstance(section, dict) else None
-        path, value = f"zero_optimization.{key}.device", device
-        if zero.get(legacy) is True:
-            path, value = f"zero_optimization.{legacy}", True
-        if (value is True or value in ("cpu", "nvme")) and stage < first:
-            out.append(Finding("error", f"{path}={value!r} does nothing at zero_optimization.stage={stage}: DeepSpeed "
-                                        f"offloads {what} only at stage {first}{' or above' if first < 3 else ''}; "
-                                        f"set zero_optimization.stage to {first} or remove it."))
-    stage3 = [k for k in zero if k.startswith("stage3_") or k in STAGE3_KEYS]
-    if stage3 and stage < 3:
-        out.append(Finding("note", f"zero_optimization.stage={stage}: DeepSpeed ignores {', '.join(stage3)}, which "
-                                   "apply at stage 3 only; remove them or set zero_optimization.stage to 3."))
-
-
-def _check_values(config: dict[str, Any], out: list[Finding]) -> None:
-    """The type and range of every key of the sections in `check_values` (optimizer and scheduler params included)."""
-    for section, rules in check_values.SECTIONS.items():
-        node = _node(config, section)
-        if isinstance(node, dict):
-            for key, sentence in check_values.bad_values(node, rules, f"{section}." if section else ""):
-                out.append(Finding("error", sentence))
-                del node[key]
-    opt, sched = config.get("optimizer"), config.get("scheduler")
-    kind = str(opt.get("type", "")).lower() if isinstance(opt, dict) else ""
-    for name, section, rules in (("optimizer", opt, {**check_values.OPTIMIZER_PARAMS,
-                                                     **check_values.PER_OPTIMIZER.get(kind, {})}),
-                                 ("scheduler", sched, check_values.SCHEDULER_PARAMS)):
-        params = section.get("params") if isinstance(section, dict) else None
-        if not isinstance(params, dict):
-            continue
-        for key, sentence in check_values.bad_values(params, rules, f"{name}.params."):
-            out.append(Finding("error", sentence))
-            del params[key]
-        out.extend(Finding("error", s) for s in check_values.misordered(params, f"{name}.params."))
-        if name == "optimizer" and "max_grad_norm" in params:
-            out.append(Finding("error", f"optimizer.params.max_grad_norm={params.pop('max_grad_norm')!r} is refused "
-                                        "by deepspeed.initialize; remove it and set gradient_clipping instead."))
-
-
-def _torch_optimizers() -> dict[str, type]:
-    """DeepSpeed builds any other optimizer type as `getattr(torch.optim, type)` (exact casing)."""
-    import torch
-
-    return {n: c for n, c in vars(torch.optim).items()
-            if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
-
-
-def _check_signature(cls: type, params: dict[str, Any], prefix: str, out: list[Finding]) -> None:
-    """Parameters the constructor DeepSpeed calls with `**params` would refuse (TypeError), or miss."""
-    sig = [p for p in inspect.signature(cls.__init__).parameters.values()
-           if p.name not in ("self", "params", "optimizer") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    names = [p.name for p in sig]
-    for key in [k for k in params if k not in names]:
-        out.append(Finding("error", f"{prefix}{key} is not a parameter of {cls.__name__}"
-                                    f"{_hint(key, names)}; allowed: {', '.join(names)}."))
-        del params[key]
-    for p in sig:
-        if p.default is p.empty and p.name not in params:
-            out.append(Finding("error", f"{prefix}{p.name} is missing: {cls.__name__} has no default for it; add it."))
-
-
-def _check_types_of_sections(config: dict[str, Any], out: list[Finding]) -> None:
-    import deepspeed.runtime.lr_schedules as lr_schedules
-    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
-
-    opt = config.get("optimizer")
-    if isinstance(opt, dict) and "type" in opt:
-        kind, torch_optimizers = opt["type"], _torch_optimizers()
-        known = sorted(set(DEEPSPEED_OPTIMIZERS) | set(BIGBATCH_OPTIMIZERS))
-        if not isinstance(kind, str) or (kind.lower() not in known and kind not in torch_optimizers):
-            out.append(Finding("error", f"optimizer.type={kind!r} is not an optimizer DeepSpeed or bigbatch knows"
-                                        f"{_hint(str(kind).lower(), known) or _hint(str(kind), torch_optimizers)}; "
-                                        f"known: {', '.join(known)}, or a torch.optim class "
-                                        f"({', '.join(sorted(torch_optimizers))})."))
-            _delete(config, "optimizer")
-        elif kind.lower() in BIGBATCH_OPTIMIZERS:
-            from bigbatch.engine import OPTIMIZERS
-
-            _check_signature(OPTIMIZERS[kind.lower()], opt.get("params", {}), "optimizer.params.", out)
-            plain = ("would pick DeepSpeed's CUDA-only FusedLamb" if kind.lower() == "lamb"
-                     else "does not know LARS")
-            out.append(Finding("note", f"optimizer.type={kind!r} is bigbatch's {kind.upper()} when the config goes "
-                                       f"through bigbatch.engine.initialize (deepspeed.initialize {plain})."))
-        elif kind.lower() not in DEEPSPEED_OPTIMIZERS:  # DeepSpeed's own take keys that vary with the device
-            _check_signature(torch_optimizers[kind], opt.get("params", {}), "optimizer.params.", out)
-    sched = config.get("scheduler")
-    if isinstance(sched, dict) and "type" in sched:
-        known = list(lr_schedules.VALID_LR_SCHEDULES)
-        if sched["type"] not in known:
-            out.append(Finding("error", f"scheduler.type={sched['type']!r} is not a DeepSpeed LR schedule"
-                                        f"{_hint(str(sched['type']), known)}; known: {', '.join(known)}."))
-            _delete(config, "scheduler")
-        else:
-            _check_signature(getattr(lr_schedules, sched["type"]), sched.get("params", {}), "scheduler.params.", out)
-
-
-def _bigbatch_rules(config: dict[str, Any], out: list[Finding]) -> None:
-    """What bigbatch.engine.initialize refuses for LAMB/LARS, reported before a run starts."""
-    from bigbatch.engine import refuse_16bit_stage0, refuse_offload
-
-    opt = config.get("optimizer")
-    if isinstance(opt, dict) and str(opt.get("type", "")).lower() in BIGBATCH_OPTIMIZERS:
-        if isinstance(config.get("zero_optimization"), bool):  # DeepSpeed's deprecated form: true means stage 1
-            config = {**config, "zero_optimization": {"stage": int(config["zero_optimization"])}}
-        for rule in (refuse_offload, refuse_16bit_stage0):
-            try:
-                rule(config)
-            except ConfigError as err:
-                out.append(Finding("error", str(err)))
-
-
 def _pydantic_findings(err: Any, config: dict[str, Any], section: str) -> list[tuple[str, str]]:
     """(dotted path, sentence) for each error of a pydantic ValidationError raised inside DeepSpeed's parser while it
     read `section`."""
@@ -339,10 +124,10 @@ def _pydantic_findings(err: Any, config: dict[str, Any], section: str) -> list[t
         path = ".".join(loc if loc and loc[0] in config else [section, *loc])
         if e["type"] == "extra_forbidden":
             fields = list(model.model_fields) if model else []
-            hint = _hint(loc[-1], fields) or _hint(loc[-1], _pydantic_keys(), "; remove it")
-            results.append((path, f"{path} is not a DeepSpeed key{hint}."))
+            suggestion = hint(loc[-1], fields) or hint(loc[-1], _pydantic_keys(), "; remove it")
+            results.append((path, f"{path} is not a DeepSpeed key{suggestion}."))
         else:
-            results.append((path, f"{path}={reprlib.repr(e.get('input'))} is invalid: {_sentence(e['msg'])}; "
+            results.append((path, f"{path}={reprlib.repr(e.get('input'))} is invalid: {one_line(e['msg'])}; "
                                   f"fix or remove {path}."))
     return results
 
@@ -379,15 +164,15 @@ def _parse_with_deepspeed(config: dict[str, Any], out: list[Finding]) -> tuple[O
                 findings = _pydantic_findings(err, work, section)
             except Exception as err:  # DeepSpeed's parser raises whatever its readers raise: each is one finding
                 path = next(reversed(seen), "")
-                if not _has(work, path):  # raised after reading, by a check across keys
-                    out.append(Finding("error", f"DeepSpeed rejects the combination: {_sentence(str(err))}; "
+                if not has_path(work, path):  # raised after reading, by a check across keys
+                    out.append(Finding("error", f"DeepSpeed rejects the combination: {one_line(str(err))}; "
                                                 "change one of the keys it names."))
                     return None, reported
-                findings = [(path, f"DeepSpeed's parser fails on {path}={reprlib.repr(_node(work, path))} "
-                                   f"({type(err).__name__}: {_sentence(str(err))}); fix or remove {path}.")]
+                findings = [(path, f"DeepSpeed's parser fails on {path}={reprlib.repr(value_at(work, path))} "
+                                   f"({type(err).__name__}: {one_line(str(err))}); fix or remove {path}.")]
             for path, sentence in findings:
                 out.append(Finding("error", sentence))
-                _delete(work, path)
+                delete_path(work, path)
                 reported.add(path)
         return None, reported
     finally:
@@ -411,7 +196,7 @@ def _unknown_keys(config: dict[str, Any], seen: set[str], reported: set[str], ou
     for key in config:
         if key not in top_known:
             out.append(Finding("error", f"{key} is not a DeepSpeed key and DeepSpeed would ignore it silently"
-                                        f"{_hint(key, top_known, '; remove it')}."))
+                                        f"{hint(key, top_known, '; remove it')}."))
     for path, _ in _walk(config):
         parent, _, key = path.rpartition(".")
         if not parent or parent in ("optimizer", "scheduler") or "." in parent or path in reported:
@@ -422,7 +207,7 @@ def _unknown_keys(config: dict[str, Any], seen: set[str], reported: set[str], ou
         # unknown keys and raised above if it met one) may be asked for a few keys only: their fields count as known.
         if section_known and key not in section_known and key not in pydantic_keys:
             out.append(Finding("error", f"{path} is not a key of DeepSpeed's {parent} section and would be ignored"
-                                        f"{_hint(key, section_known, '; remove it')}."))
+                                        f"{hint(key, section_known, '; remove it')}."))
 
 
 def check_config(config: dict[str, Any], world: Optional[int] = None) -> list[Finding]:
@@ -439,24 +224,24 @@ def check_config(config: dict[str, Any], world: Optional[int] = None) -> list[Fi
     if "gradient_clipping" not in config:
         out.append(Finding("note", "gradient_clipping is absent: DeepSpeed then clips gradients at global norm 1.0 "
                                    "(bigbatch always writes the recipe's optimizer.grad_clip)."))
-    _removed_blocks(config, out)
-    _check_shapes(config, out)
-    _check_stage_context(config, out)
+    removed_blocks(config, out)
+    check_shapes(config, out)
+    check_stage_context(config, out)
     for path, value in list(_walk(config)):
         if value == "auto" and path != "data_types.keep_in_fp32_modules":  # DeepSpeed's own "auto"
             out.append(Finding("error", f"{path}=\"auto\" is a placeholder only the Hugging Face Trainer fills in "
                                         "(DeepSpeed fails on it with a TypeError); give a value, or leave batch "
                                         "keys out and let bigbatch fill them from the recipe."))
-            _delete(config, path)
+            delete_path(config, path)
     fp16 = (config.get("fp16") or {}).get("enabled") is True
     bf16 = any((config.get(k) or {}).get("enabled") is True for k in ("bf16", "bfloat16"))
     if fp16 and bf16:
         out.append(Finding("error", "fp16.enabled and bf16.enabled are both true; enable one precision only."))
         config["bf16"] = {**(config.get("bf16") or {}), "enabled": False}
     _check_batch(config, world, out)
-    _check_types_of_sections(config, out)  # names first: a value refused below is not then reported missing
-    _check_values(config, out)
-    _bigbatch_rules(config, out)
+    check_types(config, out)  # names first: a value refused below is not then reported missing
+    check_value_rules(config, out)
+    bigbatch_rules(config, out)
     seen, reported = _parse_with_deepspeed(config, out)
     if seen is not None:  # a parse that never got through asked for only some of the keys it knows
         _unknown_keys(config, seen, reported, out)

@@ -1,4 +1,6 @@
-"""Types and ranges of the DeepSpeed keys bigbatch knows, for `bigbatch check`.
+"""What DeepSpeed's config parser does not check, for `bigbatch check`: types and ranges of the keys bigbatch
+knows, the shape of each section, settings the ZeRO stage ignores, blocks DeepSpeed has removed, optimizer and
+scheduler parameters (by each constructor's signature), and bigbatch's own LAMB/LARS rules.
 
 Why: DeepSpeed reads the top level, `activation_checkpointing`, `flops_profiler` and the optimizer's and scheduler's
 `params` with a plain `dict.get` and checks none of them: `"partition_activations": "yes"` is a true flag, betas of
@@ -6,14 +8,66 @@ Why: DeepSpeed reads the top level, `activation_checkpointing`, `flops_profiler`
 zero_optimization, the monitors) coerce `"yes"` to true and `"16"` to 16, but bigbatch's own readers
 (`dsconfig.precision`, `engine.refuse_16bit_stage0`) do not, so JSON booleans and numbers are required throughout.
 Whole numbers may be written as `5e8` (JSON then holds a float), as DeepSpeedExamples' configs do.
+
+Each check appends `Finding`s and deletes the offending key from the (copied) config, so that later checks and
+DeepSpeed's parser see only what is left.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import numbers
+import re
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
+
+from bigbatch.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "error" | "note"
+    message: str
+
+    def __str__(self) -> str:
+        # Keys and values come from the user's JSON: a line break inside one must not start a line of its own.
+        text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in self.message)
+        return f"{self.level}: {text}"
+
+
+def value_at(config: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path ("" is the config itself), or None."""
+    node: Any = config
+    for p in filter(None, path.split(".")):
+        node = node.get(p) if isinstance(node, dict) else None
+    return node
+
+
+def has_path(config: dict[str, Any], path: str) -> bool:
+    parent, _, key = path.rpartition(".")
+    node = value_at(config, parent)
+    return isinstance(node, dict) and key in node
+
+
+def delete_path(config: dict[str, Any], path: str) -> None:
+    parent, _, key = path.rpartition(".")
+    node = value_at(config, parent)
+    if isinstance(node, dict):
+        node.pop(key, None)
+
+
+def one_line(text: str) -> str:
+    """One line: DeepSpeed's and pydantic's messages may span several."""
+    return " ".join(text.split()).rstrip(".")
+
+
+def hint(word: str, choices: Any, otherwise: str = "") -> str:
+    """` (did you mean 'x'?)` for the closest choice, else `otherwise`."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else otherwise
 
 
 @dataclass(frozen=True)
@@ -177,3 +231,174 @@ def misordered(params: dict[str, Any], prefix: str) -> list[str]:
         if _real(a) and _real(b) and a > b:
             out.append(f"{prefix}{low}={a!r} exceeds {prefix}{high}={b!r}; make {low} <= {high}.")
     return out
+
+
+# The optimizer types bigbatch.engine.initialize builds itself (any casing).
+BIGBATCH_OPTIMIZERS = ("lamb", "lars")
+# Sections DeepSpeed reads as JSON objects (a list or a number there fails inside its parser); `zero_optimization`
+# may also be DeepSpeed's deprecated true/false, and an offload block null.
+OBJECT_SECTIONS = (*(s for s in SECTIONS if s), "optimizer", "scheduler", "optimizer.params",
+                   "scheduler.params", "data_types", "checkpoint", "aio", "autotuning", "compile", "timers", "comet")
+NULLABLE_SECTIONS = ("zero_optimization.offload_optimizer", "zero_optimization.offload_param")
+# ZeRO keys that only stage 3 reads (besides the stage3_* ones).
+STAGE3_KEYS = ("sub_group_size", "zero_hpz_partition_size", "zero_quantized_weights",
+               "zero_quantized_nontrainable_weights")
+
+
+def _removed_sentence(path: str, message: str, version: str) -> str:
+    """DeepSpeed's own words for a removed block, as one sentence that ends with the fix."""
+    sentences = [s.strip() for s in message.split(". ") if s.strip()]
+    what = sentences[0].split(";")[0].rstrip(".")
+    instead = [s.rstrip(". ") for s in sentences[1:] if s.startswith(("Use ", "Set "))]
+    alternative = f" and {instead[0][0].lower()}{instead[0][1:]}" if instead else ""
+    link = re.search(r"https://\S+", message)
+    see = f" (see {link.group(0).rstrip('.')})" if link else ""
+    return (f"{path}: {what} in DeepSpeed {version}, which refuses any config that still holds it; "
+            f"delete {path}{alternative}{see}.")
+
+
+def removed_blocks(config: dict[str, Any], out: list[Finding]) -> None:
+    """Blocks DeepSpeed has removed: its parser raises DeepSpeedConfigError on the first one; here all are named."""
+    import deepspeed
+    from deepspeed.runtime.config import _REMOVED_TOP_LEVEL_CONFIG_KEYS, _REMOVED_ZERO_CONFIG_KEYS
+
+    for prefix, table in (("", _REMOVED_TOP_LEVEL_CONFIG_KEYS), ("zero_optimization.", _REMOVED_ZERO_CONFIG_KEYS)):
+        for key, message in table.items():
+            if has_path(config, prefix + key):
+                out.append(Finding("error", _removed_sentence(prefix + key, message, deepspeed.__version__)))
+                delete_path(config, prefix + key)
+
+
+def check_shapes(config: dict[str, Any], out: list[Finding]) -> None:
+    """Every section bigbatch or DeepSpeed reads as a JSON object is one (the checks after this rely on it)."""
+    for path in OBJECT_SECTIONS:
+        if not has_path(config, path):
+            continue
+        value = value_at(config, path)
+        if (isinstance(value, dict) or (value is None and path in NULLABLE_SECTIONS)
+                or (isinstance(value, bool) and path == "zero_optimization")):
+            continue
+        out.append(Finding("error", f"{path}={reprlib.repr(value)} must be a JSON object {{...}} of its settings; "
+                                    f"write it as one or remove {path}."))
+        delete_path(config, path)
+
+
+def check_stage_context(config: dict[str, Any], out: list[Finding]) -> None:
+    """Settings DeepSpeed ignores at the configured ZeRO stage: offload (an error, since the memory plan counted on
+    it) and stage-3 tuning (a note)."""
+    zero = config.get("zero_optimization")
+    if not isinstance(zero, dict) or not whole(0, 3).test(zero.get("stage", 0)):
+        return  # DeepSpeed's deprecated true/false form, or a stage reported with the other values
+    stage = int(zero.get("stage", 0))
+    for key, legacy, what, first in (("offload_optimizer", "cpu_offload", "optimizer states", 1),
+                                     ("offload_param", "cpu_offload_param", "parameters", 3)):
+        section = zero.get(key)
+        device = section.get("device") if isinstance(section, dict) else None
+        path, value = f"zero_optimization.{key}.device", device
+        if zero.get(legacy) is True:
+            path, value = f"zero_optimization.{legacy}", True
+        if (value is True or value in ("cpu", "nvme")) and stage < first:
+            out.append(Finding("error", f"{path}={value!r} does nothing at zero_optimization.stage={stage}: DeepSpeed "
+                                        f"offloads {what} only at stage {first}{' or above' if first < 3 else ''}; "
+                                        f"set zero_optimization.stage to {first} or remove it."))
+    stage3 = [k for k in zero if k.startswith("stage3_") or k in STAGE3_KEYS]
+    if stage3 and stage < 3:
+        out.append(Finding("note", f"zero_optimization.stage={stage}: DeepSpeed ignores {', '.join(stage3)}, which "
+                                   "apply at stage 3 only; remove them or set zero_optimization.stage to 3."))
+
+
+def check_value_rules(config: dict[str, Any], out: list[Finding]) -> None:
+    """The type and range of every key of the sections in `check_values` (optimizer and scheduler params included)."""
+    for section, rules in SECTIONS.items():
+        node = value_at(config, section)
+        if isinstance(node, dict):
+            for key, sentence in bad_values(node, rules, f"{section}." if section else ""):
+                out.append(Finding("error", sentence))
+                del node[key]
+    opt, sched = config.get("optimizer"), config.get("scheduler")
+    kind = str(opt.get("type", "")).lower() if isinstance(opt, dict) else ""
+    for name, section, rules in (("optimizer", opt, {**OPTIMIZER_PARAMS,
+                                                     **PER_OPTIMIZER.get(kind, {})}),
+                                 ("scheduler", sched, SCHEDULER_PARAMS)):
+        params = section.get("params") if isinstance(section, dict) else None
+        if not isinstance(params, dict):
+            continue
+        for key, sentence in bad_values(params, rules, f"{name}.params."):
+            out.append(Finding("error", sentence))
+            del params[key]
+        out.extend(Finding("error", s) for s in misordered(params, f"{name}.params."))
+        if name == "optimizer" and "max_grad_norm" in params:
+            out.append(Finding("error", f"optimizer.params.max_grad_norm={params.pop('max_grad_norm')!r} is refused "
+                                        "by deepspeed.initialize; remove it and set gradient_clipping instead."))
+
+
+def _torch_optimizers() -> dict[str, type]:
+    """DeepSpeed builds any other optimizer type as `getattr(torch.optim, type)` (exact casing)."""
+    import torch
+
+    return {n: c for n, c in vars(torch.optim).items()
+            if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
+
+
+def _check_signature(cls: type, params: dict[str, Any], prefix: str, out: list[Finding]) -> None:
+    """Parameters the constructor DeepSpeed calls with `**params` would refuse (TypeError), or miss."""
+    sig = [p for p in inspect.signature(cls.__init__).parameters.values()
+           if p.name not in ("self", "params", "optimizer") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = [p.name for p in sig]
+    for key in [k for k in params if k not in names]:
+        out.append(Finding("error", f"{prefix}{key} is not a parameter of {cls.__name__}"
+                                    f"{hint(key, names)}; allowed: {', '.join(names)}."))
+        del params[key]
+    for p in sig:
+        if p.default is p.empty and p.name not in params:
+            out.append(Finding("error", f"{prefix}{p.name} is missing: {cls.__name__} has no default for it; add it."))
+
+
+def check_types(config: dict[str, Any], out: list[Finding]) -> None:
+    import deepspeed.runtime.lr_schedules as lr_schedules
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    opt = config.get("optimizer")
+    if isinstance(opt, dict) and "type" in opt:
+        kind, torch_optimizers = opt["type"], _torch_optimizers()
+        known = sorted(set(DEEPSPEED_OPTIMIZERS) | set(BIGBATCH_OPTIMIZERS))
+        if not isinstance(kind, str) or (kind.lower() not in known and kind not in torch_optimizers):
+            out.append(Finding("error", f"optimizer.type={kind!r} is not an optimizer DeepSpeed or bigbatch knows"
+                                        f"{hint(str(kind).lower(), known) or hint(str(kind), torch_optimizers)}; "
+                                        f"known: {', '.join(known)}, or a torch.optim class "
+                                        f"({', '.join(sorted(torch_optimizers))})."))
+            delete_path(config, "optimizer")
+        elif kind.lower() in BIGBATCH_OPTIMIZERS:
+            from bigbatch.engine import OPTIMIZERS
+
+            _check_signature(OPTIMIZERS[kind.lower()], opt.get("params", {}), "optimizer.params.", out)
+            plain = ("would pick DeepSpeed's CUDA-only FusedLamb" if kind.lower() == "lamb"
+                     else "does not know LARS")
+            out.append(Finding("note", f"optimizer.type={kind!r} is bigbatch's {kind.upper()} when the config goes "
+                                       f"through bigbatch.engine.initialize (deepspeed.initialize {plain})."))
+        elif kind.lower() not in DEEPSPEED_OPTIMIZERS:  # DeepSpeed's own take keys that vary with the device
+            _check_signature(torch_optimizers[kind], opt.get("params", {}), "optimizer.params.", out)
+    sched = config.get("scheduler")
+    if isinstance(sched, dict) and "type" in sched:
+        known = list(lr_schedules.VALID_LR_SCHEDULES)
+        if sched["type"] not in known:
+            out.append(Finding("error", f"scheduler.type={sched['type']!r} is not a DeepSpeed LR schedule"
+                                        f"{hint(str(sched['type']), known)}; known: {', '.join(known)}."))
+            delete_path(config, "scheduler")
+        else:
+            _check_signature(getattr(lr_schedules, sched["type"]), sched.get("params", {}), "scheduler.params.", out)
+
+
+def bigbatch_rules(config: dict[str, Any], out: list[Finding]) -> None:
+    """What bigbatch.engine.initialize refuses for LAMB/LARS, reported before a run starts."""
+    from bigbatch.engine import refuse_16bit_stage0, refuse_offload
+
+    opt = config.get("optimizer")
+    if isinstance(opt, dict) and str(opt.get("type", "")).lower() in BIGBATCH_OPTIMIZERS:
+        if isinstance(config.get("zero_optimization"), bool):  # DeepSpeed's deprecated form: true means stage 1
+            config = {**config, "zero_optimization": {"stage": int(config["zero_optimization"])}}
+        for rule in (refuse_offload, refuse_16bit_stage0):
+            try:
+                rule(config)
+            except ConfigError as err:
+                out.append(Finding("error", str(err)))

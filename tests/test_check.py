@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bigbatch.check import check_config, errors
+from bigbatch.check import check_config
 from bigbatch.cli import main
 from bigbatch.dsconfig import DS_CONFIGS
 
@@ -239,7 +239,8 @@ def test_optimizer_ranges_match_the_issue(lr, b1, b2, momentum, low, high):
 def test_settings_deepspeed_ignores_at_the_stage():
     stage0 = {"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}
     (found,) = messages(stage0)
-    assert found.startswith("zero_optimization.offload_optimizer.device='cpu' does nothing at zero_optimization.stage=0")
+    assert found.startswith("zero_optimization.offload_optimizer.device='cpu' does nothing at "
+                            "zero_optimization.stage=0")
     assert messages({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}) == []
     assert messages({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}) == []
     stage1 = {"zero_optimization": {"stage": 1, "stage3_max_live_parameters": 1e9}}

@@ -2,6 +2,12 @@
 
 import sys
 
-from bigbatch.cli import main
+# First, before the imports that take seconds: from here on SIGUSR1/SIGTERM ask the run to stop cleanly instead of
+# killing the rank (see bigbatch.preemption).
+from bigbatch.preemption import install_handlers
+
+install_handlers()
+
+from bigbatch.cli import main  # noqa: E402
 
 sys.exit(main())

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from bigbatch import faults
+
 log = logging.getLogger(__name__)
 TAG = re.compile(r"^step(\d+)$")
 MANIFEST = "manifest.json"
@@ -166,6 +168,7 @@ def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_
         shutil.rmtree(staging)  # left by a save that was killed
     barrier()
     engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
+    faults.at("checkpoint", root.parent)
     if is_writer:
         write_manifest(staging, world)
         if (root / tag).exists():  # the same step saved again (an overwrite of a finished step): replace it

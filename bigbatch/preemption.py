@@ -1,63 +1,153 @@
-"""Stopping cleanly before a time limit or a preemption: finish the step, checkpoint, say so, exit 0.
+"""Stopping cleanly before a time limit or a preemption, at any moment of a start: finish what is running, keep a
+resumable state, write `PREEMPTED`, exit 0.
 
 A stop is asked for by SIGUSR1 or SIGTERM reaching a rank, or by a `STOP` file in the run directory (what
 `slurm/pretrain.sh` writes when SLURM's warning signal reaches the batch shell: a USR1 sent to the job steps would
-kill torchrun instead). Ranks agree through one tiny all-reduce per step, so all of them finish the same step and
-save together. The handler only sets a flag: a second signal during the checkpoint write changes nothing.
+kill torchrun instead). The handlers are installed as the first thing a rank does (`bigbatch.cli.main`), so a signal
+during start-up (rendezvous, tokenizer training, packing, DeepSpeed's initialisation) is a request too, never the
+default action that kills the rank. The handler only sets a flag: a second signal during a checkpoint write changes
+nothing. The flag is looked at where every rank is at the same point (start-up's stages, each step's end, a phase
+change) through one tiny all-reduce, and between the chunks of long data preparation on the writer rank, which
+shares its outcome with the others.
+
+Which `STOP` is a request for this start: a file that names a start (the template writes `<job id>.<restart count>`)
+is for that start only, so one left by an earlier start is told apart and never stops a later one; an empty file
+(`touch STOP`) is a request for whichever start is running or starts next. A request is never erased: only the start
+that acts on it consumes it, recording it in `PREEMPTED`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import threading
 from pathlib import Path
 from typing import Any, Optional
 
-import torch.distributed as dist
-
-from bigbatch import distributed
-
 STOP = "STOP"
 PREEMPTED = "PREEMPTED"
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+log = logging.getLogger(__name__)
+_requested: Optional[str] = None  # set by the handler, from the first moment of the process
+
+
+class Preempted(Exception):
+    """Every rank agreed to stop before the run's last step; the state is resumable as it stands."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _handler(signum: int, frame: Any) -> None:
+    global _requested
+    _requested = _requested or signal.Signals(signum).name
+
+
+def install_handlers() -> bool:
+    """SIGUSR1 and SIGTERM become stop requests from now on; True when they were installed here (main thread).
+    Installing starts with no request: until now a signal had its default action (or an earlier run's request,
+    in the same process, was already acted on)."""
+    global _requested
+    if threading.current_thread() is not threading.main_thread():
+        return False  # signal handlers can only be set from the main thread
+    if all(signal.getsignal(sig) is _handler for sig in SIGNALS):
+        return False
+    _requested = None
+    for sig in SIGNALS:
+        signal.signal(sig, _handler)
+    return True
+
+
+def restore_default_handlers() -> None:
+    """For an in-process caller (tests, notebooks) after its run: signals act as usual again."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def signalled() -> Optional[str]:
+    return _requested
+
+
+def start_id() -> str:
+    """This start's name as the SLURM template writes it into STOP (`<job id>.<restart count>`); '' outside SLURM."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0') or '0'}" if job else ""
+
+
+def stop_file_request(run_dir: Path) -> Optional[str]:
+    """The reason a STOP file in `run_dir` asks this start to stop, or None (no file, or one for another start)."""
+    try:
+        named = (run_dir / STOP).read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError:  # unreadable (mid-write on a network file system): its presence is the request
+        named = ""
+    if named and named != start_id():
+        return None  # written for an earlier start of this run: not a request for this one
+    return f"{STOP} file"
+
+
+def stale_stop_file(run_dir: Path) -> Optional[str]:
+    """Writer rank, at start: the name of the start a leftover STOP file was written for, if it is not this one."""
+    try:
+        named = (run_dir / STOP).read_text().strip()
+    except OSError:
+        return None
+    return named if named and named != start_id() else None
+
+
+def local_request(run_dir: Optional[Path]) -> Optional[str]:
+    """This rank's own reason to stop: a signal, or a STOP file meant for this start."""
+    return _requested or (stop_file_request(run_dir) if run_dir is not None else None)
 
 
 class StopRequest:
+    """What every rank agrees on: whether any of them was asked to stop."""
+
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.reason: Optional[str] = None
 
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.reason = signal.Signals(signum).name
-
-    def _local(self) -> bool:
-        if self.reason is None and (self.run_dir / STOP).exists():
-            self.reason = f"{STOP} file"
-        return self.reason is not None
-
     def agreed(self) -> bool:
-        """True on every rank when any rank was asked to stop (one all-reduce)."""
-        local = 1.0 if self._local() else 0.0
+        """True on every rank when any rank was asked to stop (one all-reduce; collective)."""
+        import torch.distributed as dist
+
+        from bigbatch import distributed
+
+        self.reason = self.reason or local_request(self.run_dir)
+        local = 1.0 if self.reason else 0.0
         # on the accelerator's device, through distributed.sum_across_ranks: NCCL reduces no CPU tensor
         anyone = distributed.sum_across_ranks([local])[0] > 0 if dist.is_initialized() else bool(local)
         if anyone and self.reason is None:
             self.reason = "another rank"
         return anyone
 
+    def check(self) -> None:
+        """Collective: raises Preempted on every rank when any rank was asked to stop."""
+        if self.agreed():
+            raise Preempted(self.reason or "")
+
 
 def clear_markers(run_dir: Path) -> None:
-    """Writer rank, at start: a new start is not stopped by the previous one's request."""
+    """Writer rank, at start: the previous start's outcome markers go; a STOP file stays (see the module doc)."""
     from bigbatch.overflow import DIVERGED
 
-    for name in (STOP, PREEMPTED, DIVERGED):
+    for name in (PREEMPTED, DIVERGED):
         (run_dir / name).unlink(missing_ok=True)
+    stale = stale_stop_file(run_dir)
+    if stale is not None:
+        log.warning("%s was written for start %s, not this one (%s): ignored", run_dir / STOP, stale, start_id())
 
 
-def mark_preempted(run_dir: Path, step: int, reason: str) -> None:
-    (run_dir / PREEMPTED).write_text(json.dumps({"step": step, "reason": reason}) + "\n")
+def mark_preempted(run_dir: Path, step: Optional[int], reason: str, during: str = "training") -> None:
+    """Writer rank: PREEMPTED (what the SLURM template requeues on) with the step a resume continues from; the STOP
+    file this start acted on is consumed with it."""
+    record = {"step": step, "reason": reason, "during": during}
+    (run_dir / PREEMPTED).write_text(json.dumps(record) + "\n")
+    if reason == f"{STOP} file" or stop_file_request(run_dir) is not None:
+        (run_dir / STOP).unlink(missing_ok=True)

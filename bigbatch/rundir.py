@@ -1,7 +1,14 @@
-"""The run directory: refuse to overwrite, record what ran (env.json), pick a default name."""
+"""The run directory: refuse to overwrite, record what ran (env.json), pick a default name.
+
+A directory bigbatch started is always resumable, whatever moment its first start reached: the writer rank marks it
+as a run (`OWNER`) before anything else is written, so a start killed outright during start-up (SIGKILL, a node
+failure, an out-of-memory kill while training the tokenizer) leaves a directory that `--resume` and a requeued
+SLURM job continue, not one that is refused as foreign.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -22,6 +29,14 @@ def slurm_restart() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
+OWNER = "bigbatch-run.json"  # written first by a start in a new directory: this directory is a bigbatch run
+MARKERS = ("STOP", "PREEMPTED")  # may be written by the SLURM template before any rank has started
+
+
+def holds_run(run_dir: Path) -> bool:
+    return (run_dir / "recipe.json").exists() or (run_dir / OWNER).exists()
+
+
 def decide_mode(run_dir: Path, resume: bool, overwrite: bool) -> str:
     """'new', 'resume' or 'overwrite'; an existing run is never replaced unless --overwrite says so.
 
@@ -29,15 +44,14 @@ def decide_mode(run_dir: Path, resume: bool, overwrite: bool) -> str:
     """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one of them.")
-    holds_run = (run_dir / "recipe.json").exists()
-    if holds_run:
+    if holds_run(run_dir):
         if resume or slurm_restart() > 0:
             return "resume"
         if overwrite:
             return "overwrite"
-        raise ConfigError(f"run directory {run_dir} already holds a run (recipe.json); pass --resume to continue it, "
+        raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
                           "--overwrite to replace it, or choose another --run-dir.")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name not in MARKERS for p in run_dir.iterdir()):
         if overwrite:
             return "overwrite"
         raise ConfigError(f"run directory {run_dir} is not empty and holds no bigbatch run; choose another --run-dir "
@@ -46,11 +60,18 @@ def decide_mode(run_dir: Path, resume: bool, overwrite: bool) -> str:
 
 
 def prepare(run_dir: Path, mode: str) -> None:
-    """Writer rank only: create (or, with --overwrite, empty) the directory."""
+    """Writer rank only: create (or, with --overwrite, empty) the directory and mark it as a run. A STOP file
+    survives --overwrite: it may be the request of this very start."""
+    stop = run_dir / "STOP"
+    request = stop.read_bytes() if stop.is_file() else None
     if mode == "overwrite" and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if request is not None and not stop.exists():
+        stop.write_bytes(request)
     (run_dir / "logs").mkdir(exist_ok=True)
+    if not (run_dir / OWNER).exists():
+        (run_dir / OWNER).write_text(json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
 
 
 RECORDS = ("recipe.json", "env.json", "ds_config.json")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from bigbatch import checkpoint, distributed, dsconfig, rundir
+from bigbatch import checkpoint, distributed, dsconfig, faults, resume, rundir
 from bigbatch.check import check_config, raise_on_errors
 from bigbatch.config import ConfigError, Recipe
 from bigbatch.data import TrainingData, prepare
@@ -31,7 +31,8 @@ from bigbatch.noise import GradientNoiseScale, held_gradient_norm, loss_multipli
 from bigbatch.optim import param_groups
 from bigbatch.optim.layerwise import LayerwiseOptimizer
 from bigbatch.overflow import (DIVERGED, DS_MIN_SCALE_ERROR, OverflowGuard, TrainingStopped, divergence_message)
-from bigbatch.preemption import StopRequest, clear_markers, mark_preempted
+from bigbatch.preemption import (Preempted, StopRequest, clear_markers, install_handlers, local_request,
+                                 mark_preempted, restore_default_handlers)
 from bigbatch.scaling import BatchPlan, StepPlan, plan_steps, samples_before, scaled_lr, solve_batch, warmup_steps
 
 log = logging.getLogger("bigbatch")
@@ -61,6 +62,14 @@ class Trainer:
     stop: StopRequest
     start_step: int = 0
     n_params: int = 0
+    overflow_in_a_row: int = 0  # the overflow guard's count at the checkpoint this start resumed from
+
+    def __post_init__(self) -> None:
+        # the guard's count of steps skipped in a row is part of the run's state: saved with each checkpoint, so a
+        # resume in the middle of a run of skips stops where the uninterrupted run would
+        self.guard = OverflowGuard(self.engine, self.recipe.run.overflow_patience)
+        self.guard.in_a_row = self.overflow_in_a_row
+        self.last_saved = self.start_step
 
     @property
     def total_steps(self) -> int:
@@ -81,6 +90,7 @@ class Trainer:
                 n = float((labels != -100).sum()) if self.recipe.model.arch == "bert" else float(labels[:, 1:].numel())
                 total += float(loss) * n
                 count += n
+                faults.at("eval", self.run_dir)
         self.engine.train()
         total, count = distributed.sum_across_ranks([total, count])
         loss = total / max(count, 1.0)
@@ -89,10 +99,24 @@ class Trainer:
     def save(self, step: int) -> None:
         """A checkpoint of the state after `step` steps; its cost goes to metrics.jsonl as `checkpoint_s`."""
         started = time.perf_counter()
-        state = {"step": step, "samples": samples_before(self.steps, step), "recipe": self.recipe.name}
+        state = {"step": step, "samples": samples_before(self.steps, step), "recipe": self.recipe.name,
+                 "overflow_in_a_row": self.guard.in_a_row}
         checkpoint.save(self.engine, self.run_dir / "checkpoints", step, state, self.recipe.checkpoint.keep_last,
                         self.is_writer, distributed.barrier, self.world)
+        self.last_saved = step
         self.metrics.write({"step": step, "samples": state["samples"], "checkpoint_s": time.perf_counter() - started})
+
+    def preempt(self, step: int, reason: str) -> dict[str, Any]:
+        """Every rank, once all agreed to stop: the state after `step` steps checkpointed (unless it already is, or
+        no step has run), `PREEMPTED` written for the SLURM template to requeue on."""
+        if self.last_saved != step:
+            self.save(step)
+        if self.is_writer:
+            mark_preempted(self.run_dir, step, reason)
+            saved = f"checkpoint {checkpoint.tag_for(step)} saved" if step else "no step had run, nothing to save"
+            _say(f"stopped at step {step} ({reason}): {saved}; the next start with --resume (or the requeued SLURM "
+                 "job) continues from it")
+        return {"preempted": True, "stopped_at": step}
 
     def _stop(self, step: int, message: str) -> None:
         """Every rank: checkpoint the current (last good) state as step `step`, say why, and stop the run."""
@@ -112,6 +136,7 @@ class Trainer:
 
     def _enter_phase(self, sp: StepPlan) -> None:
         """At a phase boundary: this phase's data and batch shape; model, optimizer and LR scheduler state stay."""
+        faults.at("phase", self.run_dir)
         self.data = self.load_phase(sp.phase)
         if self.is_writer:
             n = sum(1 for x in self.steps if x.phase == sp.phase)
@@ -130,7 +155,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         r = self.recipe
         engine, optimizer = self.engine, client_optimizer(self.engine)
-        guard = OverflowGuard(engine, r.run.overflow_patience)
+        guard = self.guard
         noise = GradientNoiseScale(engine.module, r.run.noise_scale_ema) if r.run.noise_scale_ema else None
         stage0 = engine.zero_optimization_stage() == 0
         last: dict[str, Any] = {}
@@ -139,13 +164,20 @@ class Trainer:
             self.metrics.write({"step": 0, "samples": 0, "tokens": 0, **first})
             if self.is_writer:
                 _say(f"step 0: eval loss {first['eval_loss']:.4f} (before any update)")
+        if self.stop.agreed():  # asked during start-up's last stages or the first evaluation
+            return self.preempt(self.start_step, self.stop.reason or "")
         bar = self._progress()
         samples = samples_before(self.steps, self.start_step)
         tokens = sum(sp.global_batch * sp.seq_len for sp in self.steps[: self.start_step])
         for step in range(self.start_step, self.total_steps):
             sp = self.steps[step]
             if step > self.start_step and sp.phase != self.steps[step - 1].phase:
-                self._enter_phase(sp)
+                try:
+                    self._enter_phase(sp)  # re-packing at the new length looks at stop requests between chunks
+                except Preempted as stop:
+                    if bar is not None:
+                        bar.close()
+                    return {**last, **self.preempt(step, stop.reason)}
             self._shape_engine(sp)
             torch.manual_seed(_dropout_seed(r.run.seed, step, self.rank))
             skipped_before, was_at_minimum = engine.skipped_steps, guard.at_minimum()
@@ -222,21 +254,15 @@ class Trainer:
                 record["eval_s"] = time.perf_counter() - eval_started
             self.metrics.write(record)
             last = record
+            faults.at(f"step{done}", self.run_dir)
             if guard.update(record["skipped_this_step"], was_at_minimum):
                 self._stop(done, guard.overflow_message(done, checkpoint.tag_for(done)))
-            saved = r.checkpoint.every_steps and done % r.checkpoint.every_steps == 0 and done != self.total_steps
-            if saved:
+            if r.checkpoint.every_steps and done % r.checkpoint.every_steps == 0 and done != self.total_steps:
                 self.save(done)
             if done != self.total_steps and self.stop.agreed():
-                if not saved:
-                    self.save(done)
-                if self.is_writer:
-                    mark_preempted(self.run_dir, done, self.stop.reason or "")
-                    _say(f"stopped at step {done} ({self.stop.reason}): checkpoint saved; the next start with "
-                         "--resume (or the requeued SLURM job) continues from it")
                 if bar is not None:
                     bar.close()
-                return {**last, "preempted": True}
+                return {**last, **self.preempt(done, self.stop.reason or "")}
             if self.is_writer:
                 if "eval_loss" in record:
                     plot_loss(self.run_dir)
@@ -308,7 +334,26 @@ def _choose_resume(recipe: Recipe, ds_config: dict[str, Any], root: Path, world:
 
 def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, overwrite: bool = False,
           argv: Optional[list[str]] = None) -> dict[str, Any]:
-    """Runs one recipe to its last step on the ranks of this launch; returns the last metrics record."""
+    """Runs one recipe to its last step on the ranks of this launch; returns the last metrics record, with
+    `preempted` when a stop request ended this start first (at any moment: start-up, data, a step, an evaluation, a
+    checkpoint write, a phase change), leaving the run resumable."""
+    installed = install_handlers()  # `bigbatch.cli.main` installs them earlier still, as a program's first act
+    try:
+        return _train(recipe, run_dir, resume, overwrite, argv)
+    finally:
+        if installed:  # an in-process caller gets its signals back
+            restore_default_handlers()
+
+
+def _previous_recipe(run_dir: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads((run_dir / "recipe.json").read_text())["recipe"]
+    except (OSError, ValueError, KeyError):
+        return None  # a run whose first start never got as far as writing it
+
+
+def _train(recipe: Recipe, run_dir: Optional[Path], resume_run: bool, overwrite: bool,
+           argv: Optional[list[str]]) -> dict[str, Any]:
     # Everything that can be wrong with the input is checked before the process group starts.
     distributed.ensure_env()
     world = distributed.world_size_from_env()
@@ -319,13 +364,17 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
     check_tokenizer(recipe.data.tokenizer, recipe.data.vocab_size)
     ds_config = dsconfig.build(recipe, plan, lr)
     raise_on_errors(check_config(ds_config, plan.world), f"recipe {recipe.name}")
+    previous = None
     if run_dir is not None:
-        mode = rundir.decide_mode(run_dir, resume, overwrite)
+        mode = rundir.decide_mode(run_dir, resume_run, overwrite)
+        previous = _previous_recipe(run_dir) if mode == "resume" else None
+        if previous is not None:
+            resume.refuse_changes(previous, recipe.to_dict(), run_dir)
 
     rank, world = distributed.init()
     if run_dir is None:
         run_dir = Path(distributed.broadcast(str(rundir.default_run_dir(recipe.run.runs_root, recipe.name))))
-        mode = rundir.decide_mode(run_dir, resume, overwrite)
+        mode = rundir.decide_mode(run_dir, resume_run, overwrite)
     distributed.barrier()  # every rank has read the directory before the writer changes it
     if rank == 0:
         rundir.prepare(run_dir, mode)
@@ -334,9 +383,36 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
         clear_markers(run_dir)
     distributed.barrier()
     _setup_logging(run_dir, rank)
+    stop = StopRequest(run_dir)
+    engine = None
+    try:
+        faults.at("startup", run_dir)
+        stop.check()  # a request that came during rendezvous or the checks above
+        engine, trainer = _start(recipe, run_dir, mode, previous, plan, lr, rule, steps, ds_config, rank, world,
+                                 stop, argv)
+        last = trainer.fit()
+    except Preempted as request:  # during start-up: the run stays as its last checkpoint left it
+        if rank == 0:
+            mark_preempted(run_dir, None, request.reason, during="start-up")
+            _say(f"stopped during start-up ({request.reason}); the next start with --resume (or the requeued SLURM "
+                 "job) continues the run, reusing the data already prepared")
+        return {"preempted": True}
+    finally:
+        if engine is not None:
+            engine.destroy()
+    if rank == 0:
+        plot_loss(run_dir)
+        if not last.get("preempted"):
+            _say(f"done: {run_dir}")
+    return last
 
+
+def _start(recipe: Recipe, run_dir: Path, mode: str, previous: Optional[dict[str, Any]], plan: BatchPlan, lr: float,
+           rule: str, steps: list[StepPlan], ds_config: dict[str, Any], rank: int, world: int, stop: StopRequest,
+           argv: Optional[list[str]]) -> tuple[Any, Trainer]:
+    """Every rank: data, model, engine and resume; the trainer, ready for its loop. Stop requests are looked at
+    between these stages (raising Preempted)."""
     say = _say if rank == 0 else log.info
-    data = prepare(recipe, run_dir / "data", rank == 0, distributed.broadcast, log=say, rank=rank, world=world)
 
     def load_phase(phase: int) -> TrainingData:
         """Phase 0's data, or a later phase's: the same corpus and tokenizer, packed at that phase's length."""
@@ -347,8 +423,16 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
             recipe, data=dataclasses.replace(recipe.data, seq_len=ph.seq_len, tokenizer=str(data.tokenizer.path)),
             batch=dataclasses.replace(recipe.batch, global_batch=ph.global_batch))
         return prepare(phase_recipe, run_dir / "data" / f"phase{phase + 1}", rank == 0, distributed.broadcast, log=say,
-                       rank=rank, world=world)
+                       rank=rank, world=world, stop_requested=requested)
 
+    def requested(moment: str) -> Optional[str]:
+        """Asked by the writer between the stages of data preparation (see `bigbatch.data.prepare`)."""
+        faults.at(moment, run_dir)
+        return local_request(run_dir)
+
+    data = prepare(recipe, run_dir / "data", rank == 0, distributed.broadcast, log=say, rank=rank, world=world,
+                   stop_requested=requested)
+    stop.check()
     torch.manual_seed(recipe.run.seed)
     model = build_model(recipe.model, data.vocab_size, pad_id=0, checkpointing=wants_checkpointing(ds_config))
     n_params = count_parameters(model)
@@ -369,10 +453,15 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
                     "vocab_size": data.vocab_size,
                     "padded_vocab_size": padded_vocab(data.vocab_size, recipe.model.pad_vocab_to_multiple),
                     "parameters": n_params}
+        if previous is not None:  # what this start changed (the previous start's recipe.json is in starts/<n>/)
+            resolved["changed_on_resume"] = resume.changed_keys(previous, recipe.to_dict())
         (run_dir / "recipe.json").write_text(json.dumps({"recipe": recipe.to_dict(), "resolved": resolved}, indent=1))
         env = rundir.environment(list(argv or sys.argv), world, hostnames)
         (run_dir / "env.json").write_text(json.dumps(env, indent=1))
         _say(_banner(recipe, plan, lr, rule, ds_config, run_dir, n_params))
+        if resolved.get("changed_on_resume"):
+            _say("changed at this resume: " + ", ".join(f"{k} {a!r} -> {b!r}"
+                                                       for k, (a, b) in resolved["changed_on_resume"].items()))
         if len(recipe.phases) or recipe.batch.ramp_start:
             _say("phases: " + " -> ".join(
                 f"{ph['phase']}: seq {ph['seq_len']}, {ph['steps']} steps at batch "
@@ -399,39 +488,45 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
 
     groups = param_groups(model, recipe.optimizer.weight_decay)
     engine, *_ = initialize(model=model, config=ds_config, model_parameters=groups, lr_scheduler=schedule)
-    start_step = 0
-    if mode == "resume":
-        if resume_tag is not None:
-            state = checkpoint.load(engine, run_dir / "checkpoints", resume_tag)
-            start_step = int(state["step"])
-            expected = samples_before(steps, start_step)
-            if int(state["samples"]) != expected:  # the sampler position follows the step table: data would repeat
-                engine.destroy()                   # or be skipped without a word
-                raise ConfigError(
-                    f"{run_dir / 'checkpoints' / resume_tag} was saved after {state['samples']} samples, but this "
-                    f"recipe reaches step {start_step} after {expected}: resume with the batch settings and phases "
-                    f"the run started with (its recipe.json), or start a new run directory.")
-            if rank == 0:
-                _say(f"resumed {run_dir} at step {start_step} ({state['samples']} samples)"
-                     + (" through a universal checkpoint (another number of ranks)"
-                        if resume_tag.endswith("-universal") else ""))
-        elif rank == 0:
-            _say(f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
-        if rank == 0:  # the steps after the checkpoint are recorded again; without one, every step
-            truncate_metrics(run_dir / "metrics.jsonl", start_step if resume_tag is not None else -1)
-    if start_step < len(steps) and steps[start_step].phase:
-        data = load_phase(steps[start_step].phase)
-    stop = StopRequest(run_dir)
-    stop.install()
+    try:
+        start_step, overflow_in_a_row = _resume(engine, recipe, run_dir, mode, resume_tag, steps, rank)
+        if start_step < len(steps) and steps[start_step].phase:
+            data = load_phase(steps[start_step].phase)
+        stop.check()
+    except BaseException:
+        engine.destroy()
+        raise
     trainer = Trainer(recipe, run_dir, engine, data, steps, rank, world,
                       MetricsLog(run_dir / "metrics.jsonl", engine.monitor, enabled=rank == 0),
-                      load_phase, stop, start_step=start_step, n_params=n_params)
-    try:
-        last = trainer.fit()
-    finally:
-        engine.destroy()
-    if rank == 0:
-        plot_loss(run_dir)
-        if not last.get("preempted"):
-            _say(f"done: {run_dir}")
-    return last
+                      load_phase, stop, start_step=start_step, n_params=n_params,
+                      overflow_in_a_row=overflow_in_a_row)
+    return engine, trainer
+
+
+def _resume(engine: Any, recipe: Recipe, run_dir: Path, mode: str, tag: Optional[str], steps: list[StepPlan],
+            rank: int) -> tuple[int, int]:
+    """Loads `tag` (every rank) with this start's hyper-parameters put back (`bigbatch.resume`); returns the step to
+    start from and the overflow guard's saved count."""
+    if mode != "resume":
+        return 0, 0
+    start_step = overflow_in_a_row = 0
+    if tag is not None:
+        optimizer = client_optimizer(engine)
+        settings, base_lrs = resume.hyperparameters(optimizer), list(engine.lr_scheduler.base_lrs)
+        state = checkpoint.load(engine, run_dir / "checkpoints", tag)
+        resume.restore(optimizer, engine.lr_scheduler, settings, base_lrs)
+        start_step, overflow_in_a_row = int(state["step"]), int(state.get("overflow_in_a_row", 0))
+        expected = samples_before(steps, start_step)
+        if int(state["samples"]) != expected:  # the sampler position follows the step table: data would repeat
+            raise ConfigError(                 # or be skipped without a word
+                f"{run_dir / 'checkpoints' / tag} was saved after {state['samples']} samples, but this recipe "
+                f"reaches step {start_step} after {expected}: resume with the batch settings and phases the run "
+                "started with (its recipe.json), or start a new run directory.")
+        if rank == 0:
+            _say(f"resumed {run_dir} at step {start_step} ({state['samples']} samples)"
+                 + (" through a universal checkpoint (another number of ranks)" if tag.endswith("-universal") else ""))
+    elif rank == 0:
+        _say(f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+    if rank == 0:  # the steps after the checkpoint are recorded again; without one, every step
+        truncate_metrics(run_dir / "metrics.jsonl", start_step if tag is not None else -1)
+    return start_step, overflow_in_a_row

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -19,6 +20,7 @@ from bigbatch.data.packing import split_documents
 from bigbatch.data.pipeline import iter_rows, preprocess, write_rows
 from bigbatch.data.sampler import GlobalSampler
 from bigbatch.data.tokenizer import PAD, Tokenizer, train_tokenizer
+from bigbatch.preemption import Preempted
 
 TOKENIZER_DOCS = 200_000  # streamed documents a tokenizer is trained on
 
@@ -142,12 +144,17 @@ def _in_split(example: dict[str, Any], index: int, fraction: float, seed: int, h
 
 
 def prepare(recipe: Recipe, data_dir: Path, is_writer: bool, share: Callable[[Any], Any], log=print,
-            rank: int = 0, world: int = 1) -> TrainingData:
+            rank: int = 0, world: int = 1,
+            stop_requested: Callable[[str], Optional[str]] = lambda moment: None) -> TrainingData:
     """Builds (writer rank) or loads (others) the tokenizer and packed arrays in `data_dir`.
 
-    `share(x)` hands the writer's x to every rank (a broadcast): the writer's outcome, so that bad data stops every
-    rank with the same sentence instead of leaving the others waiting. A resumed run finds the arrays there and
-    reuses them, so it trains on exactly the same sequences.
+    `share(x)` hands the writer's x to every rank (a broadcast): the writer's outcome, so that bad data, a failure or
+    a stop request ends every rank the same way instead of leaving the others waiting. The writer asks
+    `stop_requested(moment)` between the stages of the work (`tokenizer`, each source's `pack`, each written
+    `chunk`); a
+    request ends the preparation with `Preempted` on every rank. What was finished stays for the next start: a
+    trained tokenizer in `data_dir` is reused, and `datasets`' cache keeps each finished packing map. A resumed run
+    finds the arrays complete (`data.json` is written last) and reuses them, so it trains on the same sequences.
     """
     d = recipe.data
     eval_path, info_path = data_dir / "eval.npy", data_dir / "data.json"
@@ -155,7 +162,10 @@ def prepare(recipe: Recipe, data_dir: Path, is_writer: bool, share: Callable[[An
     outcome: tuple[str, str] = ("ok", "")
     if is_writer and not info_path.exists():
         try:
-            (_build_stream if d.streaming else _build)(recipe, data_dir, tokenizer_path, log)
+            (_build_stream if d.streaming else _build)(recipe, data_dir, tokenizer_path, log,
+                                                       _stop_check(stop_requested))
+        except Preempted as stop:
+            outcome = ("stop", stop.reason)
         except ConfigError as err:
             outcome = ("bad input", str(err))
         except Exception as err:  # any other failure too, or the other ranks would wait in `share` until timeout
@@ -163,6 +173,8 @@ def prepare(recipe: Recipe, data_dir: Path, is_writer: bool, share: Callable[[An
             share(outcome)
             raise
     kind, message = share(outcome)
+    if kind == "stop":
+        raise Preempted(message)
     if kind == "bad input":
         raise ConfigError(message)
     if kind == "failure":
@@ -175,6 +187,33 @@ def prepare(recipe: Recipe, data_dir: Path, is_writer: bool, share: Callable[[An
     info = json.loads(info_path.read_text())
     blend = Blend(info["train_sequences_per_source"], list(d.weights), recipe.run.seed) if d.weights else None
     return TrainingData(train=np.load(data_dir / "train.npy", mmap_mode="r"), blend=blend, **common)
+
+
+def _stop_check(stop_requested: Callable[[str], Optional[str]]) -> Callable[[str], None]:
+    def check(moment: str) -> None:
+        reason = stop_requested(moment)
+        if reason:
+            raise Preempted(reason)
+
+    return check
+
+
+def _tokenizer(data_dir: Path, vocab_size: int, texts: Callable[[], Iterator[str]], log: Callable[[str], None],
+               what: str) -> None:
+    """The run's own tokenizer in `data_dir`: one a killed start finished is reused when it has the vocabulary asked
+    for; a new one is trained under a temporary prefix and renamed, so `tokenizer.model` is never half-written."""
+    done = data_dir / "tokenizer.model"
+    if done.is_file():
+        try:
+            if Tokenizer(done).vocab_size == vocab_size:
+                log(f"reusing the tokenizer a previous start trained ({done})")
+                return
+        except ConfigError:
+            pass
+    log(f"training a {vocab_size}-piece SentencePiece tokenizer on {what}")
+    train_tokenizer(texts(), data_dir / "tokenizer.tmp", vocab_size)
+    os.replace(data_dir / "tokenizer.tmp.vocab", data_dir / "tokenizer.vocab")
+    os.replace(data_dir / "tokenizer.tmp.model", done)
 
 
 def _open_sources(d: Any, streaming: bool) -> list[Any]:
@@ -198,7 +237,8 @@ def _check_sizes(recipe: Recipe, n_train: int, n_eval: int, what: str) -> None:
                           "--batch.global_batch.")
 
 
-def _build(recipe: Recipe, data_dir: Path, tokenizer_path: Path, log: Callable[[str], None]) -> None:
+def _build(recipe: Recipe, data_dir: Path, tokenizer_path: Path, log: Callable[[str], None],
+           check_stop: Callable[[str], None]) -> None:
     import datasets
 
     d = recipe.data
@@ -209,12 +249,17 @@ def _build(recipe: Recipe, data_dir: Path, tokenizer_path: Path, log: Callable[[
     train_docs = [ds.select(tr) for ds, (tr, _) in zip(sources, splits)]
     eval_docs = [ds.select(ev) for ds, (_, ev) in zip(sources, splits)]
     n_docs = sum(len(ds) for ds in sources)
+    check_stop("tokenizer")
     if not d.tokenizer:
-        log(f"training a {d.vocab_size}-piece SentencePiece tokenizer on {sum(map(len, train_docs))} documents")
-        train_tokenizer(_texts(train_docs), data_dir / "tokenizer", d.vocab_size)
+        _tokenizer(data_dir, d.vocab_size, lambda: _texts(train_docs), log,
+                   f"{sum(map(len, train_docs))} documents")
     tok = Tokenizer(tokenizer_path)
     log(f"tokenizing and packing {n_docs} documents into sequences of {d.seq_len} (datasets.map, cached)")
-    pack = lambda ds, what: preprocess(ds, tok.path, recipe.model.arch, d.seq_len, d.num_proc, what)  # noqa: E731
+
+    def pack(ds: Any, what: str) -> Any:
+        check_stop("pack")  # between maps: each finished one stays in datasets' cache for the next start
+        return preprocess(ds, tok.path, recipe.model.arch, d.seq_len, d.num_proc, what)
+
     train = [pack(ds, f"pack {s}") for ds, s in zip(train_docs, d.sources)]
     held_out = datasets.concatenate_datasets([pack(ds, f"pack held-out {s}") for ds, s in zip(eval_docs, d.sources)])
     if len(held_out) > d.eval_samples:  # a seeded sample of every source's held-out text
@@ -226,8 +271,9 @@ def _build(recipe: Recipe, data_dir: Path, tokenizer_path: Path, log: Callable[[
             raise ConfigError(f"data source {source} has weight {weight} but packs into no training sequence of "
                               f"{d.seq_len} tokens; give it weight 0 or more text.")
     _check_sizes(recipe, sum(sizes), len(held_out), f"{n_docs} documents")
-    n_train = write_rows(datasets.concatenate_datasets(train), data_dir / "train.npy", d.seq_len)
-    n_eval = write_rows(held_out, data_dir / "eval.npy", d.seq_len)
+    n_train = write_rows(datasets.concatenate_datasets(train), data_dir / "train.npy", d.seq_len,
+                         between_chunks=lambda: check_stop("chunk"))
+    n_eval = write_rows(held_out, data_dir / "eval.npy", d.seq_len, between_chunks=lambda: check_stop("chunk"))
     rows = np.load(data_dir / "train.npy", mmap_mode="r")
     info = {"documents": n_docs, "train_documents": sum(map(len, train_docs)),
             "eval_documents": sum(map(len, eval_docs)), "train_sequences": n_train, "eval_sequences": n_eval,
@@ -262,15 +308,18 @@ def _train_stream(recipe: Recipe, tokenizer_path: Path, rank: int, world: int) -
     return preprocess(mine, tokenizer_path, recipe.model.arch, d.seq_len)
 
 
-def _build_stream(recipe: Recipe, data_dir: Path, tokenizer_path: Path, log: Callable[[str], None]) -> None:
+def _build_stream(recipe: Recipe, data_dir: Path, tokenizer_path: Path, log: Callable[[str], None],
+                  check_stop: Callable[[str], None]) -> None:
     """A streamed corpus: the tokenizer (trained on the stream's first documents) and the held-out set on disk."""
     d = recipe.data
     data_dir.mkdir(parents=True, exist_ok=True)
     check_sources(d.sources)
+    check_stop("tokenizer")
     if not d.tokenizer:
-        log(f"training a {d.vocab_size}-piece SentencePiece tokenizer on the first {TOKENIZER_DOCS} streamed documents")
-        docs = (ex["text"] for ex in _stream(recipe, held_out=False).take(TOKENIZER_DOCS))
-        train_tokenizer(docs, data_dir / "tokenizer", d.vocab_size)
+        _tokenizer(data_dir, d.vocab_size,
+                   lambda: (ex["text"] for ex in _stream(recipe, held_out=False).take(TOKENIZER_DOCS)), log,
+                   f"the first {TOKENIZER_DOCS} streamed documents")
+    check_stop("pack")
     tok = Tokenizer(tokenizer_path)
     held = preprocess(_stream(recipe, held_out=True), tok.path, recipe.model.arch, d.seq_len)
     rows = list(itertools.islice((r for chunk in iter_rows(held, chunk=256) for r in chunk), d.eval_samples))

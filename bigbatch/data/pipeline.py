@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -93,13 +93,16 @@ def iter_rows(ds: Any, chunk: int = 8192) -> Iterator[np.ndarray]:
             yield column.flatten().to_numpy(zero_copy_only=False).astype(np.int32).reshape(len(column), -1)
 
 
-def write_rows(ds: Any, path: Path, seq_len: int, limit: int | None = None) -> int:
+def write_rows(ds: Any, path: Path, seq_len: int, limit: int | None = None,
+               between_chunks: Callable[[], None] = lambda: None) -> int:
     """Writes (up to `limit`) packed rows to a .npy file chunk by chunk (a corpus larger than memory never sits in
-    it; the trainer memory-maps the file). Returns the number of rows."""
+    it; the trainer memory-maps the file); `between_chunks` runs before each chunk (a stop request raises there).
+    Returns the number of rows."""
     n = len(ds) if limit is None else min(len(ds), limit)
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(n, seq_len))
     done = 0
     for rows in iter_rows(ds.select(range(n)) if n < len(ds) else ds):
+        between_chunks()
         out[done : done + len(rows)] = rows
         done += len(rows)
     out.flush()

@@ -1,0 +1,54 @@
+"""Faults at named moments of a run: how tests (and anyone checking a deployment) put a real signal, a kill or a STOP
+file at an exact point of start-up, data preparation, evaluation, a checkpoint write or a phase change.
+
+`BIGBATCH_FAULT="<moment>:<action>[:<rank>][,...]"` in the environment arms them; unset, `at()` costs one dict
+lookup. Moments are the names passed to `at()` below (`startup`, `tokenizer`, `pack`, `eval`, `checkpoint`,
+`phase`, `step<N>`). Actions: `usr1` and `term` send that signal to this process, `kill` sends SIGKILL to it,
+`stop` writes an empty STOP file into the run directory. Each armed fault fires once per process, on every rank or
+on the rank given. A fault changes nothing else: what follows is the run's own handling of a real signal or kill.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Optional
+
+ENV = "BIGBATCH_FAULT"
+ACTIONS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL}
+_fired: set[str] = set()
+
+
+def _armed() -> dict[str, tuple[str, Optional[int]]]:
+    spec = os.environ.get(ENV, "")
+    out: dict[str, tuple[str, Optional[int]]] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        moment, action, *rank = item.split(":")
+        if action not in ACTIONS and action != "stop":
+            raise ValueError(f"{ENV}={spec!r}: action {action!r} is not one of {', '.join([*ACTIONS, 'stop'])}.")
+        out[moment] = (action, int(rank[0]) if rank else None)
+    return out
+
+
+def at(moment: str, run_dir: Optional[Path] = None) -> None:
+    """The run reached `moment`: fire the fault armed for it, if any (once per process)."""
+    if ENV not in os.environ or moment in _fired:
+        return
+    armed = _armed().get(moment)
+    if armed is None:
+        return
+    action, rank = armed
+    if rank is not None and rank != int(os.environ.get("RANK", "0")):
+        return
+    _fired.add(moment)
+    if action == "stop":
+        if run_dir is not None:
+            (run_dir / "STOP").write_text("")
+        return
+    os.kill(os.getpid(), ACTIONS[action])
+
+
+def reset() -> None:
+    """Arms every moment again (an in-process caller that runs several times)."""
+    _fired.clear()

@@ -1,0 +1,183 @@
+"""Stop requests and kills at every moment of a run (bigbatch/preemption.py, bigbatch/faults.py, bigbatch/rundir.py).
+
+Each case puts a real signal (SIGUSR1 or SIGTERM to the process), a STOP file or a SIGKILL at one named moment of a
+start: start-up, tokenizer training, packing, writing the packed chunks, an evaluation, a checkpoint write, a phase
+change. The start must end with exit 0 and PREEMPTED (or, killed, leave a directory `--resume` continues), and the
+resumed run must log every step once with the losses of an uninterrupted run, bit for bit. World 1, in this process:
+the handling is the same code on every rank, and the 2-rank agreement is covered by the SLURM and demo launches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from bigbatch import faults
+from bigbatch.cli import main
+from bigbatch.metrics import read_metrics
+from bigbatch.preemption import PREEMPTED, STOP, start_id, stop_file_request
+from bigbatch.rundir import OWNER, decide_mode
+from conftest import ROOT, launch_env
+
+SMALL = ["--schedule.steps=6", "--batch.global_batch=32", "--batch.micro_batch=16", "--run.eval_every=3",
+         "--checkpoint.every_steps=2", "--checkpoint.keep_last=5", "--data.vocab_size=400", "--data.eval_samples=64",
+         "--model.dropout=0.1", "--schedule.warmup=0.67"]
+# tiny with a second phase at another sequence length: the re-packing at its start is a moment of its own
+TWO_PHASES = """import dataclasses
+from bigbatch.config import PhaseConfig, load_recipe_file, REPO_ROOT
+RECIPE = dataclasses.replace(load_recipe_file(REPO_ROOT / 'recipes' / 'tiny.py'), name='tiny_two_phases',
+    phases=(PhaseConfig(global_batch=32, seq_len=32, steps=2, lr=2e-3, warmup=0.5),))
+"""
+
+
+def losses(run):
+    return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in read_metrics(run / "metrics.jsonl") if "step" in r
+            and ("loss" in r or "eval_loss" in r)]
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recipe") / "tiny_two_phases.py"
+    path.write_text(TWO_PHASES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, recipe_file, corpus_file):
+    run = tmp_path_factory.mktemp("ref") / "run"
+    assert main(_args(run, recipe_file, corpus_file)) == 0
+    return run
+
+
+@pytest.fixture
+def fault(monkeypatch):
+    """Arms BIGBATCH_FAULT for the next start in this process only."""
+    def arm(spec: str) -> None:
+        faults.reset()
+        monkeypatch.setenv(faults.ENV, spec)
+
+    yield arm
+    faults.reset()
+
+
+def _args(run, recipe_file, corpus_file):
+    return ["train", str(recipe_file), "--run-dir", str(run), f"--data.sources={corpus_file}", *SMALL]
+
+
+# every moment x a mix of the three ways to ask (each moment is asked at least one way; the kinds rotate)
+MOMENTS = [("startup", "usr1"), ("tokenizer", "term"), ("pack", "usr1"), ("chunk", "stop"), ("eval", "term"),
+           ("step3", "usr1"), ("checkpoint", "usr1"), ("phase", "term")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment,action", MOMENTS)
+def test_a_stop_at_any_moment_exits_0_and_the_resume_matches(reference, tmp_path, recipe_file, corpus_file, fault,
+                                                            monkeypatch, moment, action, capsys):
+    run = tmp_path / "run"
+    fault(f"{moment}:{action}")
+    assert main(_args(run, recipe_file, corpus_file)) == 0  # a stop is not a failure: SLURM must see exit 0 and requeue
+    marker = json.loads((run / PREEMPTED).read_text())
+    assert marker["reason"] in ({"usr1": "SIGUSR1", "term": "SIGTERM", "stop": "STOP file"}[action],)
+    assert not (run / STOP).exists()  # the request this start acted on is consumed, so it cannot stop the next
+    out = capsys.readouterr().out
+    assert "stopped" in out and "done:" not in out
+    stopped_at = marker["step"]
+    if moment in ("startup", "tokenizer", "pack", "chunk"):
+        assert marker["during"] == "start-up" and stopped_at is None and not (run / "checkpoints").exists()
+    elif moment == "eval":  # the first evaluation, before any update: nothing to save
+        assert stopped_at == 0 and not (run / "checkpoints").exists()
+    else:
+        expected = {"step3": 3, "checkpoint": 2, "phase": 6}[moment]
+        assert stopped_at == expected
+        assert (run / "checkpoints" / "latest").read_text() == f"step{expected:08d}"
+    monkeypatch.delenv(faults.ENV)
+    assert main([*_args(run, recipe_file, corpus_file), "--resume"]) == 0
+    assert not (run / PREEMPTED).exists()
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 9))  # every step once
+    assert losses(run) == losses(reference)
+
+
+@pytest.mark.slow
+def test_a_kill_during_the_first_start_up_leaves_a_run_that_resumes(reference, tmp_path, recipe_file, corpus_file):
+    run = tmp_path / "run"
+    env = {**launch_env(), faults.ENV: "pack:kill"}  # SIGKILL after the tokenizer was trained, while packing
+    proc = subprocess.run([sys.executable, "-m", "bigbatch", *_args(run, recipe_file, corpus_file)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (run / OWNER).is_file() and not (run / "recipe.json").exists()
+    assert (run / "data" / "tokenizer.model").is_file() and not (run / "data" / "data.json").exists()
+    tokenizer = (run / "data" / "tokenizer.model").read_bytes()
+    # what a requeued SLURM job does (restart count > 0 implies --resume), and what --resume does
+    assert decide_mode(run, resume=True, overwrite=False) == "resume"
+    assert main([*_args(run, recipe_file, corpus_file), "--resume"]) == 0
+    assert (run / "data" / "tokenizer.model").read_bytes() == tokenizer  # the finished tokenizer was reused
+    assert losses(run) == losses(reference)
+
+
+def test_a_stop_file_names_the_start_it_is_for(tmp_path, monkeypatch):
+    """The SLURM template writes `<job>.<restart>`: a leftover from an earlier start never stops a later one, an
+    empty file (touch) is a request for whichever start runs, and a file for this start is one."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert start_id() == "77.2"
+    assert stop_file_request(tmp_path) is None
+    (tmp_path / STOP).write_text("77.1\n")
+    assert stop_file_request(tmp_path) is None
+    (tmp_path / STOP).write_text("77.2\n")
+    assert stop_file_request(tmp_path) == "STOP file"
+    (tmp_path / STOP).write_text("")
+    assert stop_file_request(tmp_path) == "STOP file"
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    (tmp_path / STOP).write_text("77.0")
+    assert stop_file_request(tmp_path) == "STOP file"
+
+
+def test_a_directory_with_only_the_templates_markers_is_new(tmp_path):
+    """slurm/pretrain.sh creates the run directory and may write STOP before any rank starts."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / STOP).write_text("5.0")
+    assert decide_mode(run, resume=False, overwrite=False) == "new"
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and holds no bigbatch run"):
+        decide_mode(run, resume=True, overwrite=False)
+
+
+def test_a_stop_file_written_before_the_start_stops_it_at_once(tmp_path, recipe_file, corpus_file, monkeypatch):
+    """A request made between `sbatch`'s launch and the ranks' start is not lost (nor deleted as stale)."""
+    monkeypatch.delenv(faults.ENV, raising=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / STOP).write_text("")
+    assert main(_args(run, recipe_file, corpus_file)) == 0
+    marker = json.loads((run / PREEMPTED).read_text())
+    assert marker == {"step": None, "reason": "STOP file", "during": "start-up"}
+    assert not (run / STOP).exists()
+
+
+def test_faults_are_parsed_strictly_and_fire_once_on_their_rank(monkeypatch):
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        monkeypatch.setenv(faults.ENV, "eval:explode")
+        faults.reset()
+        with pytest.raises(ValueError, match="action 'explode'"):
+            faults.at("eval")
+        monkeypatch.setenv(faults.ENV, "eval:usr1:1")  # armed for rank 1 only
+        monkeypatch.setenv("RANK", "0")
+        faults.at("eval")
+        assert received == []
+        monkeypatch.setenv("RANK", "1")
+        faults.at("pack")  # another moment: nothing
+        faults.at("eval")
+        faults.at("eval")  # once per process
+        assert received == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        faults.reset()

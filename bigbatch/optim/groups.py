@@ -17,7 +17,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        target = plain if p.ndim < 2 else decay
+        # Under deepspeed.zero.Init every parameter is a 1-D placeholder; ds_shape is its real shape.
+        target = plain if len(getattr(p, "ds_shape", p.shape)) < 2 else decay
         target[0].append(p)
         target[1].append(name)
     groups = []

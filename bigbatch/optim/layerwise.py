@@ -47,9 +47,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     """Base of LAMB and LARS: keeps the layouts and the trust ratios of the last step."""
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        self._built_with: set[int] = set()  # filled by add_param_group, which torch's __init__ calls
         super().__init__(params, defaults)
         self._layouts: dict[int, FlatLayout] = {}
         self._last_ratios: dict[tuple[str, ...], Tensor] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._built_with.update(id(p) for p in self.param_groups[-1]["params"])
 
     # -- layouts ------------------------------------------------------------------------------------------------------
     def set_layout(self, tensor: Tensor, layout: FlatLayout) -> None:
@@ -63,6 +68,16 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         layout = self._layouts.get(id(p))
         if layout is not None:
             return layout
+        if id(p) not in self._built_with:
+            # DeepSpeed's ZeRO (or fp16) wrapper swapped in a flat partition that no layout describes: its norms
+            # would mix slices of several layers, the per-partition trust ratio bigbatch exists to avoid.
+            kind = type(self).__name__
+            raise RuntimeError(
+                f"{kind} was handed a tensor it was not built with and has no partition layout for (DeepSpeed "
+                f"flattens parameters under ZeRO, so its trust ratios would mix layers); build the engine with "
+                f"bigbatch.engine.initialize and \"optimizer\": {{\"type\": \"{kind}\"}} instead of "
+                "deepspeed.initialize."
+            )
         names = group.get("param_names")
         name = names[j] if names is not None and len(names) == len(group["params"]) else f"group{group_index}.{j}"
         return whole_tensor_layout(p, name)

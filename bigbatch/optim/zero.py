@@ -10,8 +10,11 @@ DeepSpeed internals relied on (read from DeepSpeed 0.19.8; `check_layouts` fails
   checkpoints use.
 - ZeRO 3 (`runtime/zero/stage3.py`, `DeepSpeedZeroOptimizer_Stage3`): the client steps
   `fp32_partitioned_groups_flat[s]`, the concatenation, in order, of the local shards (`partition_numel()` elements
-  each) of the parameters in `fp16_groups[s]`, over `sub_group_process_groups[s]`. On the last rank each shard ends
-  in `groups_padding[s][j]` elements of padding that are not zeroed: they must stay out of every norm.
+  each) of the parameters in `fp16_groups[s]`, over `sub_group_process_groups[s]`. The shard of the rank r of that
+  group starts at element r * partition_numel() of the parameter (`partition_parameters.py`, `_partition_param`);
+  past the parameter's `ds_numel` elements it holds padding that is not zeroed and must stay out of every norm.
+  `groups_padding[s][j]` reports that padding on the last rank only, but a parameter of fewer than about world^2
+  elements pads the ends of earlier ranks too, so the real elements are counted from the shard's position.
 - fp16/bf16 at stage 0 (`FP16_UnfusedOptimizer`) is refused before this point: see `bigbatch.engine`.
 """
 
@@ -19,7 +22,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from bigbatch.optim.layerwise import FlatLayout, LayerwiseOptimizer, whole_tensor_layout
 
@@ -59,6 +64,41 @@ def _hp_mapped_layout(flat: Any, params: list[Any], names: dict[int, str], group
     return FlatLayout(tuple(ordered), tuple(segments), group)
 
 
+def shard_real_numel(numel: int, shard_numel: int, rank: int) -> int:
+    """Real (non-padding) elements of a `numel`-element parameter in the shard of `rank`, when every rank holds
+    `shard_numel` elements and rank r's shard starts at element r * shard_numel (ZeRO-3)."""
+    return min(max(numel - rank * shard_numel, 0), shard_numel)
+
+
+def _stage3_segments(flat: Tensor, params: list[Any], group: Any, padding: list[int], s: int
+                     ) -> tuple[tuple[int, int, int], ...]:
+    """(start, numel, index) of the real elements of each shard in ZeRO-3 sub-group `s`'s flat master.
+
+    Checked against DeepSpeed's own bookkeeping, so a change of layout fails here rather than in the norms: the
+    shards fill the flat master, DeepSpeed's padding agrees on the last rank, and the real elements of each
+    parameter add up to its size over the group (one all-reduce at start-up).
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    segments, start, real = [], 0, []
+    for j, p in enumerate(params):
+        n = p.partition_numel()
+        count = shard_real_numel(p.ds_numel, n, rank)
+        if rank == world - 1 and count != max(n - padding[j], 0):
+            raise UnsupportedLayout(f"ZeRO-3 sub-group {s}: padding of parameter {j} disagrees with groups_padding")
+        if count:
+            segments.append((start, count, j))
+        real.append(count)
+        start += n
+    if start != flat.numel():
+        raise UnsupportedLayout(
+            f"ZeRO-3 sub-group {s}: shards add up to {start} elements but the flat master holds {flat.numel()}")
+    totals = torch.tensor(real, dtype=torch.int64, device=flat.device)
+    dist.all_reduce(totals, group=group)
+    if totals.tolist() != [p.ds_numel for p in params]:
+        raise UnsupportedLayout(f"ZeRO-3 sub-group {s}: shards' real elements do not add up to the parameters' sizes")
+    return tuple(segments)
+
+
 def attach_layouts(ds_optimizer: Any, client: LayerwiseOptimizer, model: nn.Module) -> str:
     """Registers a layout for every tensor DeepSpeed will hand `client.step()`; returns the wrapper's class name."""
     names = _names(model)
@@ -85,19 +125,10 @@ def attach_layouts(ds_optimizer: Any, client: LayerwiseOptimizer, model: nn.Modu
             raise UnsupportedLayout("offload_optimizer")
         for s, params in enumerate(ds_optimizer.fp16_groups):
             flat = ds_optimizer.fp32_partitioned_groups_flat[s]
-            padding = ds_optimizer.groups_padding[s]  # the last rank's shards end in uninitialised padding
-            segments, start = [], 0
-            for j, p in enumerate(params):
-                n = p.partition_numel()
-                if n - padding[j] > 0:
-                    segments.append((start, n - padding[j], j))
-                start += n
-            if start != flat.numel():
-                raise UnsupportedLayout(
-                    f"ZeRO-3 sub-group {s}: shards add up to {start} elements but the flat master holds {flat.numel()}"
-                )
+            group = ds_optimizer.sub_group_process_groups[s]
             ordered = tuple(_name(names, p, f"subgroup{s}.{j}") for j, p in enumerate(params))
-            client.set_layout(flat, FlatLayout(ordered, tuple(segments), ds_optimizer.sub_group_process_groups[s]))
+            segments = _stage3_segments(flat, params, group, ds_optimizer.groups_padding[s], s)
+            client.set_layout(flat, FlatLayout(ordered, segments, group))
     else:
         raise UnsupportedLayout(kind)
     return kind

@@ -120,3 +120,13 @@ def held_out_loss(model: Any, run_dir: Path) -> float:
             total += float(F.cross_entropy(logits.double(), labels, reduction="sum"))
             count += labels.numel()
     return total / count
+
+
+def compiled_calls(run: Any) -> int:
+    """How many times `run()` entered code compiled by `torch.compile`, counted from the profiler events Dynamo
+    emits around every compiled region: tells a compiled path from a silent eager fallback."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(e.name.startswith("Torch-Compiled Region") for e in prof.events())

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import compiled_calls
 
 from bigbatch.optim import LARS
 
@@ -28,14 +29,24 @@ def lars_reference(weights, grads_per_step, lr, momentum=0.9, wd=1e-4, tc=0.001,
 
 
 def run_lars(weights, grads_per_step, **kw):
+    """(weights after the steps, the optimizer, how many times the steps entered compiled code)."""
     params = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in weights]
     adapt = kw.pop("adapt", True)
     opt = LARS([{"params": params, "adapt": adapt}], **kw)
-    for grads in grads_per_step:
-        for p, g in zip(params, grads):
-            p.grad = torch.tensor(g, dtype=torch.float64)
-        opt.step()
-    return [p.detach().tolist() for p in params], opt
+
+    def run():
+        for grads in grads_per_step:
+            for p, g in zip(params, grads):
+                p.grad = torch.tensor(g, dtype=torch.float64)
+            opt.step()
+
+    compiled = compiled_calls(run)
+    return [p.detach().tolist() for p in params], opt, compiled
+
+
+def expected_compiled_calls(fused, grads_per_step):
+    """The fused path runs one compiled pass per tensor and step; foreach none."""
+    return sum(len(grads) for grads in grads_per_step) if fused else 0
 
 
 def case(seed, shapes=(6, 10, 4), steps=5):
@@ -60,8 +71,9 @@ def test_matches_algorithm_1(kw, fused):
     weights, grads = case(0)
     expected, ratios = lars_reference(weights, grads, **kw)
     names = {"wd": "weight_decay", "tc": "trust_coefficient"}
-    got, opt = run_lars(weights, grads, fused=fused, **{names.get(k, k): v for k, v in kw.items()})
+    got, opt, compiled = run_lars(weights, grads, fused=fused, **{names.get(k, k): v for k, v in kw.items()})
     assert close(got, expected)
+    assert compiled == expected_compiled_calls(fused, grads)
     assert list(opt.trust_ratios().values()) == pytest.approx(ratios, rel=1e-12)
 
 
@@ -70,20 +82,21 @@ def test_zero_weights_or_grads_use_local_lr_one(fused):
     weights = [[0.0, 0.0, 0.0], [1.0, 2.0]]
     grads = [[[1.0, -1.0, 0.5], [0.0, 0.0]]] * 3
     expected, ratios = lars_reference(weights, grads, lr=0.1)
-    got, _ = run_lars(weights, grads, fused=fused, lr=0.1)
+    got, _, compiled = run_lars(weights, grads, fused=fused, lr=0.1)
     assert close(got, expected)
+    assert compiled == expected_compiled_calls(fused, grads)
     assert ratios[1] == 1.0
 
 
 def test_group_without_adaptation_is_momentum_sgd():
     weights, grads = case(1)
     expected, _ = lars_reference(weights, grads, lr=0.05, adapt=False)
-    got, opt = run_lars(weights, grads, lr=0.05, adapt=False)
+    got, opt, _ = run_lars(weights, grads, lr=0.05, adapt=False)
     assert close(got, expected)
     assert opt.trust_ratios() == {}
 
 
 def test_state_dict_names_momentum_buffer():
     weights, grads = case(2, steps=1)
-    _, opt = run_lars(weights, grads, lr=0.1)
+    _, opt, _ = run_lars(weights, grads, lr=0.1)
     assert set(opt.state_dict()["state"][0]) == {"momentum_buffer"}

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch._dynamo.exc import TorchDynamoException
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,13 @@ def lars_apply(g: Tensor, w: Tensor, buf: Tensor, momentum: Tensor, wd: Tensor, 
 
 class Compiled:
     """A function compiled on first use; falls back to eager, once and with a warning, where compiling fails
-    (no C++ compiler, an unsupported platform). Compiling fails before anything runs, so no tensor is half-updated."""
+    (no C++ compiler, an unsupported platform).
+
+    Only Dynamo's own exceptions (`TorchDynamoException`; inductor's `InductorError` is one) fall back: Dynamo raises
+    them while tracing or compiling, before the compiled code runs, so no tensor has been written. Any other
+    exception comes from running the kernels, which update moments and weights in place; rerunning eagerly would
+    apply the update twice, so it propagates.
+    """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
@@ -80,7 +87,7 @@ class Compiled:
             self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
         try:
             return self._compiled(*args)
-        except Exception as err:  # noqa: BLE001 - any compiler failure means: run the same math eagerly
+        except TorchDynamoException as err:
             log.warning("torch.compile of %s failed (%s); using the eager version", self.fn.__name__, err)
             self._eager = True
             return self.fn(*args)

@@ -73,7 +73,7 @@ class LAMB(LayerwiseOptimizer):
                 continue
             beta1, beta2 = group["betas"]
             grads = [p.grad for p in params]
-            exp_avgs, exp_avg_sqs = [], []
+            exp_avgs, exp_avg_sqs, steps = [], [], []
             for p in params:
                 state = self.state[p]
                 if not state:
@@ -83,24 +83,24 @@ class LAMB(LayerwiseOptimizer):
                 state["step"] += 1
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
-            step = self.state[params[0]]["step"]
+                steps.append(state["step"])
+            bc1, bc2 = _bias_corrections(group, steps)
             if group["adapt"] and use_fused(self.fused, params):
-                self._fused_step(group, params, layouts, grads, exp_avgs, exp_avg_sqs, step)
+                self._fused_step(group, params, layouts, grads, exp_avgs, exp_avg_sqs, bc1, bc2)
                 continue
 
             torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
             torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
 
-            bc1 = 1.0 - beta1**step if group["bias_correction"] else 1.0
-            bc2 = 1.0 - beta2**step if group["bias_correction"] else 1.0
             # u = (m / bc1) / (sqrt(v / bc2) + eps) + wd * w
             denom = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denom, math.sqrt(bc2))
+            if group["bias_correction"]:
+                torch._foreach_div_(denom, [math.sqrt(b) for b in bc2])
             torch._foreach_add_(denom, group["eps"])
             update = torch._foreach_div(exp_avgs, denom)
             del denom
-            if bc1 != 1.0:
+            if group["bias_correction"]:
                 torch._foreach_div_(update, bc1)
             if group["weight_decay"]:
                 torch._foreach_add_(update, params, alpha=group["weight_decay"])
@@ -124,18 +124,19 @@ class LAMB(LayerwiseOptimizer):
         grads: list[Tensor],
         exp_avgs: list[Tensor],
         exp_avg_sqs: list[Tensor],
-        step: int,
+        bc1: list[float],
+        bc2: list[float],
     ) -> None:
         """The same update in two compiled passes over each segment (see `bigbatch.optim.kernels`)."""
         beta1, beta2 = group["betas"]
-        bc1 = 1.0 - beta1**step if group["bias_correction"] else 1.0
-        bc2 = 1.0 - beta2**step if group["bias_correction"] else 1.0
         like = params[0]
         b1, b2 = (scalar(beta1, like), scalar(1.0 - beta1, like)), (scalar(beta2, like), scalar(1.0 - beta2, like))
-        c, e = scalar(math.sqrt(bc2) / bc1, like), scalar(group["eps"] * math.sqrt(bc2), like)
         wd = scalar(group["weight_decay"], like)
+        # per tensor: c = sqrt(bc2) / bc1, e = eps * sqrt(bc2) (each tensor has its own step count)
+        ces = [(scalar(math.sqrt(c2) / c1, like), scalar(group["eps"] * math.sqrt(c2), like))
+               for c1, c2 in zip(bc1, bc2)]
         partials = []
-        for p, g, m, v, lay in zip(params, grads, exp_avgs, exp_avg_sqs, layouts):
+        for p, g, m, v, lay, (c, e) in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, ces):
             flat = [t.view(-1) for t in (g, m, v, p)]
             rows = [
                 LAMB_MOMENTS_AND_NORMS(*(t.narrow(0, s, n) for t in flat), *b1, *b2, c, e, wd)
@@ -148,10 +149,18 @@ class LAMB(LayerwiseOptimizer):
         ratios = [_trust_ratio(n[0], n[1], group) for n in norms]
         self._record(layouts, ratios)
         lr = group["lr"]
-        for p, m, v, lay, r in zip(params, exp_avgs, exp_avg_sqs, layouts, ratios):
+        for p, m, v, lay, r, (c, e) in zip(params, exp_avgs, exp_avg_sqs, layouts, ratios, ces):
             flat = [t.view(-1) for t in (m, v, p)]
             for s, n, i in lay.segments:
                 LAMB_APPLY(*(t.narrow(0, s, n) for t in flat), c, e, wd, lr * r[i])
+
+
+def _bias_corrections(group: dict[str, Any], steps: list[int]) -> tuple[list[float], list[float]]:
+    """Adam's 1 - beta^t for each tensor's own step count t (a tensor without a gradient skips a step)."""
+    if not group["bias_correction"]:
+        return [1.0] * len(steps), [1.0] * len(steps)
+    beta1, beta2 = group["betas"]
+    return [1.0 - beta1**t for t in steps], [1.0 - beta2**t for t in steps]
 
 
 def _trust_ratio(w_norm: Tensor, u_norm: Tensor, group: dict[str, Any]) -> Tensor:

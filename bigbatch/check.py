@@ -172,8 +172,11 @@ def _parse_with_deepspeed(config: dict[str, Any], out: list[Finding]) -> tuple[O
                                    f"({type(err).__name__}: {one_line(str(err))}); fix or remove {path}.")]
             for path, sentence in findings:
                 out.append(Finding("error", sentence))
-                delete_path(work, path)
                 reported.add(path)
+            if not any(has_path(work, path) for path, _ in findings):
+                return None, reported  # nothing to drop: another pass would fail the same way
+            for path, _ in findings:
+                delete_path(work, path)
         return None, reported
     finally:
         ds_logger.setLevel(level)
@@ -310,7 +313,10 @@ def cmd_check(args: list[str]) -> int:
     if known.world is not None and known.world < 1:
         raise ConfigError(f"--world={known.world} must be at least 1.")
     path = Path(known.target)
-    if path.suffix == ".json" and path.is_file() and not _is_recipe_json(path):
+    if path.suffix == ".json" and not path.is_file():
+        raise ConfigError(f"{path} is not a file; give the path of a DeepSpeed JSON or of a run's recipe.json, or a "
+                          "recipe name.")
+    if path.suffix == ".json" and not _is_recipe_json(path):
         from bigbatch.dsconfig import load_fragment
 
         findings = check_config(load_fragment(path), known.world)

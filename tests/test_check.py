@@ -148,6 +148,8 @@ def test_bad_file_and_arguments(tmp_path, capsys):
     assert "is not valid JSON" in capsys.readouterr().err
     assert main(["check", "tiny", "--world", "0"]) == 2
     assert "--world=0 must be at least 1" in capsys.readouterr().err
+    assert main(["check", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json is not a file; give the path of a DeepSpeed JSON" in capsys.readouterr().err
 
 
 # Corpora of real-world and broken configs: `public` resembles DeepSpeedExamples' (bing_bert's 64K LAMB, cifar,

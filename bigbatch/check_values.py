@@ -119,6 +119,7 @@ def choice(*values: Any) -> Rule:
 
 
 BOOL = Rule("true or false", lambda v: isinstance(v, bool))
+OPTIONAL_BOOL = Rule("null, true or false", lambda v: v is None or isinstance(v, bool))
 STRING = Rule("a string", lambda v: isinstance(v, str))
 OPTIONAL_STRING = Rule("null or a string", lambda v: v is None or isinstance(v, str))
 STRINGS = Rule("a list of strings", lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v))
@@ -141,7 +142,7 @@ SECTIONS: dict[str, dict[str, Rule]] = {
         "communication_data_type": choice("fp32", "fp16", "bf16", None),
         "gradient_allreduce_op": choice("mean", "sum"),
         **flags("prescale_gradients", "wall_clock_breakdown", "memory_breakdown", "zero_allow_untested_optimizer",
-                 "zero_force_ds_cpu_optimizer", "dump_state", "disable_allgather", "dataloader_drop_last"),
+                "zero_force_ds_cpu_optimizer", "dump_state", "disable_allgather", "dataloader_drop_last"),
     },
     "fp16": {
         "loss_scale": number(0), "initial_scale_power": whole(0, 64), "loss_scale_window": whole(1),
@@ -149,18 +150,17 @@ SECTIONS: dict[str, dict[str, Rule]] = {
         **flags("enabled", "auto_cast", "consecutive_hysteresis", "fp16_master_weights_and_grads"),
     },
     "bf16": flags("enabled", "immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads",
-                   "bf16_optimizer_states"),
+                  "bf16_optimizer_states"),
     "zero_optimization": {
         "stage": whole(0, 3), "reduce_bucket_size": whole(1), "allgather_bucket_size": whole(0),
         "sub_group_size": whole(0), "stage3_prefetch_bucket_size": whole(0),
         "stage3_param_persistence_threshold": whole(0), "stage3_model_persistence_threshold": whole(0),
         "stage3_max_live_parameters": whole(0), "stage3_max_reuse_distance": whole(0),
-        "zero_hpz_partition_size": whole(1), "overlap_comm": Rule("null, true or false", lambda v: v in (None, True,
-                                                                                                        False)),
+        "zero_hpz_partition_size": whole(1), "overlap_comm": OPTIONAL_BOOL,
         **flags("contiguous_gradients", "reduce_scatter", "allgather_partitions", "load_from_fp32_weights",
-                 "elastic_checkpoint", "round_robin_gradients", "ignore_unused_parameters", "cpu_offload",
-                 "cpu_offload_param", "cpu_offload_use_pin_memory", "stage3_gather_16bit_weights_on_model_save",
-                 "stage3_gather_fp16_weights_on_model_save", "zero_quantized_weights", "zero_quantized_gradients"),
+                "elastic_checkpoint", "round_robin_gradients", "ignore_unused_parameters", "cpu_offload",
+                "cpu_offload_param", "cpu_offload_use_pin_memory", "stage3_gather_16bit_weights_on_model_save",
+                "stage3_gather_fp16_weights_on_model_save", "zero_quantized_weights", "zero_quantized_gradients"),
     },
     "zero_optimization.offload_optimizer": {
         "device": OFFLOAD_DEVICE, "nvme_path": OPTIONAL_STRING, "buffer_count": whole(0), "ratio": number(0, 1),
@@ -173,7 +173,7 @@ SECTIONS: dict[str, dict[str, Rule]] = {
     "activation_checkpointing": {
         "number_checkpoints": whole(1, null=True),
         **flags("partition_activations", "contiguous_memory_optimization", "cpu_checkpointing",
-                 "synchronize_checkpoint_boundary", "profile"),
+                "synchronize_checkpoint_boundary", "profile"),
     },
     "flops_profiler": {
         "enabled": BOOL, "recompute_fwd_factor": number(0), "profile_step": whole(1), "module_depth": whole(-1),
@@ -194,10 +194,10 @@ OPTIMIZER_PARAMS: dict[str, Rule] = {
     "lr": number(0, low_open=True), "betas": BETAS, "eps": number(0, low_open=True), "weight_decay": number(0),
     "momentum": number(0, 1, high_open=True), "dampening": number(0), "trust_coefficient": number(0, low_open=True),
     "min_coeff": number(0), "max_coeff": number(0, low_open=True, inf=True),
-    "fused": Rule("null, true or false", lambda v: v in (None, True, False)),
+    "fused": OPTIONAL_BOOL,
     **flags("bias_correction", "amsgrad", "nesterov", "torch_adam", "adam_w_mode", "maximize"),
 }
-# LARS without eps is the paper's (You et al. 2017, eq. 6): eps = 0 is its default.
+# LARS as You et al. (2017) define it has no eps: 0 is bigbatch's default.
 PER_OPTIMIZER = {"lars": {"eps": number(0)}}
 
 SCHEDULER_PARAMS: dict[str, Rule] = {
@@ -308,7 +308,7 @@ def check_stage_context(config: dict[str, Any], out: list[Finding]) -> None:
 
 
 def check_value_rules(config: dict[str, Any], out: list[Finding]) -> None:
-    """The type and range of every key of the sections in `check_values` (optimizer and scheduler params included)."""
+    """The type and range of every key in SECTIONS, OPTIMIZER_PARAMS and SCHEDULER_PARAMS; ORDERED pairs."""
     for section, rules in SECTIONS.items():
         node = value_at(config, section)
         if isinstance(node, dict):
@@ -355,6 +355,7 @@ def _check_signature(cls: type, params: dict[str, Any], prefix: str, out: list[F
 
 
 def check_types(config: dict[str, Any], out: list[Finding]) -> None:
+    """The optimizer and scheduler types DeepSpeed or bigbatch can build, and the parameter names each accepts."""
     import deepspeed.runtime.lr_schedules as lr_schedules
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 

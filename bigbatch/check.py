@@ -32,6 +32,7 @@ from bigbatch.check_values import (Finding, bigbatch_rules, check_shapes, check_
 from bigbatch.config import ConfigError
 
 MAX_PASSES = 20  # DeepSpeed stops at its first error; each pass removes one offending key
+DEEPSPEED_AUTO = ("data_types.keep_in_fp32_modules", "pipeline.stages")  # "auto" is DeepSpeed's own value here
 
 
 class _Recording(dict):
@@ -231,7 +232,7 @@ def check_config(config: dict[str, Any], world: Optional[int] = None) -> list[Fi
     check_shapes(config, out)
     check_stage_context(config, out)
     for path, value in list(_walk(config)):
-        if value == "auto" and path != "data_types.keep_in_fp32_modules":  # DeepSpeed's own "auto"
+        if value == "auto" and path not in DEEPSPEED_AUTO:
             out.append(Finding("error", f"{path}=\"auto\" is a placeholder only the Hugging Face Trainer fills in "
                                         "(DeepSpeed fails on it with a TypeError); give a value, or leave batch "
                                         "keys out and let bigbatch fill them from the recipe."))

@@ -189,6 +189,9 @@ def test_a_resume_with_another_batch_is_one_sentence(reference, tmp_path, corpus
     # the sampler position follows the step table: a changed batch would silently repeat or skip data
     run = tmp_path / "run"
     shutil.copytree(reference, run)
+    # without recipe.json (a first start killed before writing it) the checkpoint's own sample count is the guard;
+    # with it, the changed key is refused first (tests/test_resume_settings.py)
+    (run / "recipe.json").unlink()
     code = main(["train", "tiny", "--run-dir", str(run), f"--data.sources={corpus_file}", *SMALL,
                  "--batch.global_batch=64", "--schedule.steps=8", "--resume"])
     assert code == 2

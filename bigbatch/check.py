@@ -90,7 +90,7 @@ def _check_batch(config: dict[str, Any], world: Optional[int], out: list[Finding
         if key in config:
             v = config[key]
             if not _is_int(v) or v < 1:
-                out.append(Finding("error", f"{key}={v!r} must be a whole number >= 1."))
+                out.append(Finding("error", f"{key}={reprlib.repr(v)} must be a whole number >= 1."))
                 delete_path(config, key)
             else:
                 values[key] = v

@@ -77,7 +77,12 @@ class Rule:
 
 
 def _real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
+
+
+def _finite(v: Any) -> bool:
+    """Python ints are unbounded (JSON may hold 10**400, which float() and math.isfinite reject)."""
+    return isinstance(v, numbers.Integral) or math.isfinite(v)
 
 
 def _bound(low: Optional[float], high: Optional[float], low_open: bool, high_open: bool) -> str:
@@ -95,7 +100,7 @@ def number(low: Optional[float] = None, high: Optional[float] = None, *, low_ope
     def test(v: Any) -> bool:
         if v is None:
             return null
-        return (_real(v) and (inf or math.isfinite(v))
+        return (_real(v) and (inf or _finite(v))
                 and (low is None or (v > low if low_open else v >= low))
                 and (high is None or (v < high if high_open else v <= high)))
 
@@ -108,7 +113,7 @@ def whole(low: int, high: Optional[int] = None, *, null: bool = False) -> Rule:
     def test(v: Any) -> bool:
         if v is None:
             return null
-        return (_real(v) and math.isfinite(v) and float(v).is_integer() and v >= low
+        return (_real(v) and _finite(v) and (isinstance(v, numbers.Integral) or float(v).is_integer()) and v >= low
                 and (high is None or v <= high))
 
     return Rule(f"{'null or ' if null else ''}a whole number{_bound(low, high, False, False)}", test)
@@ -219,7 +224,7 @@ ORDERED = (("min_coeff", "max_coeff"), ("warmup_min_lr", "warmup_max_lr"), ("cyc
 
 def bad_values(node: dict[str, Any], rules: dict[str, Rule], prefix: str) -> list[tuple[str, str]]:
     """(key, sentence) for each key of `node` whose value breaks its rule."""
-    return [(key, f"{prefix}{key}={node[key]!r} must be {rule.must}.")
+    return [(key, f"{prefix}{key}={reprlib.repr(node[key])} must be {rule.must}.")
             for key, rule in rules.items() if key in node and not rule.test(node[key])]
 
 
@@ -229,7 +234,8 @@ def misordered(params: dict[str, Any], prefix: str) -> list[str]:
     for low, high in ORDERED:
         a, b = params.get(low), params.get(high)
         if _real(a) and _real(b) and a > b:
-            out.append(f"{prefix}{low}={a!r} exceeds {prefix}{high}={b!r}; make {low} <= {high}.")
+            out.append(f"{prefix}{low}={reprlib.repr(a)} exceeds {prefix}{high}={reprlib.repr(b)}; "
+                       f"make {low} <= {high}.")
     return out
 
 

@@ -333,6 +333,6 @@ def cmd_check(args: list[str]) -> int:
 def _is_recipe_json(path: Path) -> bool:
     try:
         data = json.loads(path.read_text())
-    except (ValueError, OSError):  # not JSON, or not UTF-8: load_fragment says which
+    except (ValueError, OSError, RecursionError):  # not JSON, not UTF-8, too deep: load_fragment says which
         return False
     return isinstance(data, dict) and "recipe" in data and "resolved" in data

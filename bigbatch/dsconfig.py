@@ -16,6 +16,9 @@ from bigbatch.config import REPO_ROOT, ConfigError, Recipe
 from bigbatch.scaling import BatchPlan
 
 DS_CONFIGS = REPO_ROOT / "ds_configs"
+# DeepSpeed's deepest keys sit 6 levels down (data_efficiency.data_routing.random_ltd...); far deeper input would
+# only exhaust Python's recursion in the parser or the checker.
+MAX_DEPTH = 32
 RECIPE_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                 "gradient_clipping", "optimizer", "scheduler")
 
@@ -28,13 +31,28 @@ def find_fragment(name: str) -> Path:
     raise ConfigError(f"DeepSpeed config {name!r} not found (looked in . and ds_configs/); shipped: {shipped}.")
 
 
+def _depth(value: Any) -> int:
+    """How many objects or lists deep `value` nests, counted without recursion."""
+    depth, level = 0, [value]
+    while level:
+        level = [v for x in level if isinstance(x, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)]
+        depth += 1
+    return depth - 1
+
+
 def load_fragment(path: Path) -> dict[str, Any]:
+    too_deep = (f"DeepSpeed config {path} nests more than {MAX_DEPTH} levels of objects or lists, deeper than any "
+                "DeepSpeed key; fix the file.")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}; fix the file.") from None
+    except RecursionError:
+        raise ConfigError(too_deep) from None
     if not isinstance(data, dict):
         raise ConfigError(f"DeepSpeed config {path} must hold a JSON object, not {type(data).__name__}.")
+    if _depth(data) > MAX_DEPTH:
+        raise ConfigError(too_deep)
     return data
 
 

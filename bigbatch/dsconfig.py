@@ -49,6 +49,8 @@ def load_fragment(path: Path) -> dict[str, Any]:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}; fix the file.") from None
     except RecursionError:
         raise ConfigError(too_deep) from None
+    except OSError as err:
+        raise ConfigError(f"DeepSpeed config {path} cannot be read ({err.strerror}); check its permissions.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"DeepSpeed config {path} must hold a JSON object, not {type(data).__name__}.")
     if _depth(data) > MAX_DEPTH:

@@ -8,6 +8,7 @@ import itertools
 import json
 import re
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -309,3 +310,26 @@ def test_an_unreadable_file_is_one_sentence(tmp_path, monkeypatch):
     assert code == 2 and out == ""
     sentence = f"bigbatch: error: DeepSpeed config {path} cannot be read (Permission denied); check its permissions."
     assert sentence in err.splitlines() and "Traceback" not in err
+
+
+def test_every_scalar_field_of_deepspeeds_models_has_a_rule():
+    """The sections bigbatch knows are type-checked key by key: every scalar field DeepSpeed's own pydantic models
+    define for them (a new DeepSpeed may add some) has a rule in check_values."""
+    from deepspeed.comm.config import CommsLoggerConfig
+    from deepspeed.monitor.config import CSVConfig, TensorBoardConfig, WandbConfig
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import (DeepSpeedZeroOffloadOptimizerConfig,
+                                                       DeepSpeedZeroOffloadParamConfig)
+
+    from bigbatch.check_values import SECTIONS
+
+    models = {"fp16": DeepSpeedFP16Config, "bf16": DeepSpeedBF16Config, "zero_optimization": DeepSpeedZeroConfig,
+              "zero_optimization.offload_optimizer": DeepSpeedZeroOffloadOptimizerConfig,
+              "zero_optimization.offload_param": DeepSpeedZeroOffloadParamConfig, "tensorboard": TensorBoardConfig,
+              "wandb": WandbConfig, "csv_monitor": CSVConfig, "comms_logger": CommsLoggerConfig}
+    scalars = (bool, int, float, str, Optional[bool], Optional[str], list)
+    missing = [f"{section}.{info.alias or name}" for section, model in models.items()
+               for name, info in model.model_fields.items()
+               if info.annotation in scalars and (info.alias or name) not in SECTIONS[section]]
+    assert missing == []

@@ -37,9 +37,18 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records; a last line cut short by a kill mid-write is left out (a resume records that step again)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        records += [json.loads(line) for line in lines[-1:]]
+    except ValueError:
+        if text.endswith("\n"):  # a whole line that does not parse is not a torn write
+            raise
+    return records
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -181,3 +181,20 @@ def test_faults_are_parsed_strictly_and_fire_once_on_their_rank(monkeypatch):
     finally:
         signal.signal(signal.SIGUSR1, previous)
         faults.reset()
+
+
+def test_a_metrics_line_torn_by_a_kill_is_left_out(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}]
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')  # a whole line that does not parse: an error
+    with pytest.raises(ValueError):
+        read_metrics(path)
+
+
+def test_only_a_training_process_turns_signals_into_requests():
+    from bigbatch.preemption import trains
+
+    assert trains(["train", "tiny"]) and trains(["--local_rank=1", "train", "tiny"])
+    assert trains(["--local_rank", "1", "train"]) and trains(["--local-rank=0", "train"])
+    assert not trains(["check", "x.json"]) and not trains(["plan", "tiny", "--train"]) and not trains([])

@@ -189,6 +189,13 @@ def prepare(recipe: Recipe, data_dir: Path, is_writer: bool, share: Callable[[An
     return TrainingData(train=np.load(data_dir / "train.npy", mmap_mode="r"), blend=blend, **common)
 
 
+def _write_last(path: Path, text: str) -> None:
+    """data.json marks the directory complete: written whole (a temporary file renamed) or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _stop_check(stop_requested: Callable[[str], Optional[str]]) -> Callable[[str], None]:
     def check(moment: str) -> None:
         reason = stop_requested(moment)
@@ -285,7 +292,7 @@ def _build(recipe: Recipe, data_dir: Path, tokenizer_path: Path, log: Callable[[
         info["mix"] = blend.describe(list(d.sources))
         log("blend per epoch: " + ", ".join(f"{m['source']} {m['share']:.1%} ({m['passes_per_epoch']:.2f} passes)"
                                             for m in info["mix"]))
-    (data_dir / "data.json").write_text(json.dumps(info, indent=1))
+    _write_last(data_dir / "data.json", json.dumps(info, indent=1))
 
 
 def _stream(recipe: Recipe, held_out: bool) -> Any:
@@ -329,4 +336,4 @@ def _build_stream(recipe: Recipe, data_dir: Path, tokenizer_path: Path, log: Cal
     np.save(data_dir / "eval.npy", np.stack(rows).astype(np.int32))
     info = {"streaming": True, "eval_sequences": len(rows), "seq_len": d.seq_len, "tokenizer": str(tokenizer_path),
             "vocab_size": tok.vocab_size, "sources": list(d.sources), "shuffle_buffer": d.shuffle_buffer}
-    (data_dir / "data.json").write_text(json.dumps(info, indent=1))
+    _write_last(data_dir / "data.json", json.dumps(info, indent=1))

@@ -4,9 +4,10 @@ import sys
 
 # First, before the imports that take seconds: from here on SIGUSR1/SIGTERM ask the run to stop cleanly instead of
 # killing the rank (see bigbatch.preemption).
-from bigbatch.preemption import install_handlers
+from bigbatch.preemption import install_handlers, trains
 
-install_handlers()
+if trains(sys.argv[1:]):
+    install_handlers()
 
 from bigbatch.cli import main  # noqa: E402
 

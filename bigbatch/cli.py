@@ -108,7 +108,11 @@ def _as_program(code: int) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    if argv is None:
+    if argv is None:  # a program (the `bigbatch` script): a training's signals are stop requests from here on
+        from bigbatch.preemption import install_handlers, trains
+
+        if trains(sys.argv[1:]):
+            install_handlers()
         return _as_program(main(sys.argv[1:]))
     argv = _drop_local_rank(list(argv))
     if not argv or argv[0] in ("-h", "--help"):
@@ -137,6 +141,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 def run_recipe(recipe_file: str, argv: Optional[list[str]] = None) -> int:
     """`python recipes/<name>.py [--key=value ...]`: train that recipe in this process (or under a launcher)."""
     if argv is None:
+        from bigbatch.preemption import install_handlers
+
+        install_handlers()
         return _as_program(run_recipe(recipe_file, sys.argv[1:]))
     try:
         return cmd_train(_drop_local_rank(list(argv)), recipe_path=recipe_file)

@@ -62,6 +62,15 @@ def install_handlers() -> bool:
     return True
 
 
+def trains(argv: list[str]) -> bool:
+    """Whether a `bigbatch` command line trains (the launcher's --local_rank may come first): only a training
+    process turns signals into stop requests; `bigbatch plan` or `check` stay killable by SIGTERM."""
+    words = list(argv)
+    while words and words[0].startswith(("--local_rank", "--local-rank")):
+        words = words[1:] if "=" in words[0] else words[2:]
+    return bool(words) and words[0] == "train"
+
+
 def restore_default_handlers() -> None:
     """For an in-process caller (tests, notebooks) after its run: signals act as usual again."""
     if threading.current_thread() is threading.main_thread():

@@ -360,7 +360,7 @@ def _train(recipe: Recipe, run_dir: Optional[Path], resume_run: bool, overwrite:
     plan = solve_batch(recipe.batch.global_batch, world, recipe.batch.micro_batch, recipe.batch.grad_accum)
     lr, rule = scaled_lr(recipe.optimizer, plan.global_batch)
     steps = plan_steps(recipe, world)
-    check_sources(recipe.data.sources)
+    check_sources(recipe.data.sources, recipe.data.cache_dir or None)
     check_tokenizer(recipe.data.tokenizer, recipe.data.vocab_size)
     ds_config = dsconfig.build(recipe, plan, lr)
     raise_on_errors(check_config(ds_config, plan.world), f"recipe {recipe.name}")

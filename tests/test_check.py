@@ -314,7 +314,8 @@ def test_an_unreadable_file_is_one_sentence(tmp_path, monkeypatch):
 
 def test_every_scalar_field_of_deepspeeds_models_has_a_rule():
     """The sections bigbatch knows are type-checked key by key: every scalar field DeepSpeed's own pydantic models
-    define for them (a new DeepSpeed may add some) has a rule in check_values."""
+    define for them, and every key of the sections it reads with dict.get, has a rule in check_values (a new
+    DeepSpeed may add some)."""
     from deepspeed.comm.config import CommsLoggerConfig
     from deepspeed.monitor.config import CSVConfig, TensorBoardConfig, WandbConfig
     from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
@@ -333,3 +334,11 @@ def test_every_scalar_field_of_deepspeeds_models_has_a_rule():
                for name, info in model.model_fields.items()
                if info.annotation in scalars and (info.alias or name) not in SECTIONS[section]]
     assert missing == []
+    # the sections DeepSpeed reads key by key: their keys are its named constants
+    from deepspeed.profiling import constants
+    from deepspeed.runtime.activation_checkpointing.config import ACT_CHKPT_DEFAULT
+
+    profiler = {v for k, v in vars(constants).items()
+                if k.startswith("FLOPS_PROFILER_") and not k.endswith(("_DEFAULT", "_FORMAT"))}
+    assert set(ACT_CHKPT_DEFAULT) <= set(SECTIONS["activation_checkpointing"])
+    assert profiler and profiler <= set(SECTIONS["flops_profiler"])

@@ -17,6 +17,7 @@ from bigbatch.metrics import read_metrics
 from bigbatch.optim import param_groups
 from bigbatch.resume import changed_keys, hyperparameters, refuse_changes, restore
 from conftest import TINY_RUN
+from test_overflow import inject  # noqa: F401  (the fixture that injects non-finite gradients)
 
 RUN = [*TINY_RUN, "--schedule.steps=4", "--checkpoint.every_steps=2", "--run.eval_every=4", "--schedule.decay=constant",
        "--schedule.warmup=0.5"]
@@ -136,3 +137,23 @@ def test_restore_puts_this_starts_hyperparameters_back_and_keeps_the_moments(tmp
     for name, value in saved.items():
         assert torch.equal(state[name], value), name  # moments and step counts from the checkpoint
     engine.destroy()
+
+
+@pytest.mark.slow
+def test_the_overflow_count_survives_a_resume(tmp_path, corpus_file, inject, monkeypatch, capsys):
+    """Patience 3, gradients not finite from step 3 on: the run must stop after step 5 whether or not it was
+    preempted after step 4, with 2 skips counted (a resume that forgot the count would skip on to step 7)."""
+    from bigbatch import faults
+    from test_overflow import SMALL as OVERFLOW_RUN
+
+    inject["inf_grad"] = set(range(3, 100))
+    run = tmp_path / "run"
+    args = ["train", "tiny", f"--data.sources={corpus_file}", "--run-dir", str(run), "--schedule.steps=8",
+            "--run.overflow_patience=3", "--deepspeed.configs=zero1.json,fp32.json", *OVERFLOW_RUN]
+    faults.reset()
+    monkeypatch.setenv(faults.ENV, "step4:usr1")
+    assert main(args) == 0 and json.loads((run / "PREEMPTED").read_text())["step"] == 4
+    monkeypatch.delenv(faults.ENV)
+    assert main([*args, "--resume"]) == 3
+    assert "stopped at step 5: 3 steps in a row were skipped" in capsys.readouterr().err
+    faults.reset()

@@ -326,7 +326,8 @@ def cmd_check(args: list[str]) -> int:
     for f in findings:
         print(f)
     bad = errors(findings)
-    print(f"{known.target}: {len(bad)} error(s), {len(findings) - len(bad)} note(s)")
+    # stdout is one line per finding, for scripts; the count is for the person reading
+    print(f"{known.target}: {len(bad)} error(s), {len(findings) - len(bad)} note(s)", file=sys.stderr)
     return 2 if bad else 0
 
 

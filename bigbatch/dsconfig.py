@@ -8,6 +8,7 @@ with a different value is refused, naming both.
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,26 @@ def _depth(value: Any) -> int:
     return depth - 1
 
 
+class _DuplicateKeys(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Why: json keeps the last of two equal keys silently; DeepSpeed's own file loader refuses them."""
+    twice = [k for k, n in collections.Counter(k for k, _ in pairs).items() if n > 1]
+    if twice:
+        raise _DuplicateKeys(", ".join(map(repr, twice)))
+    return dict(pairs)
+
+
 def load_fragment(path: Path) -> dict[str, Any]:
     too_deep = (f"DeepSpeed config {path} nests more than {MAX_DEPTH} levels of objects or lists, deeper than any "
                 "DeepSpeed key; fix the file.")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
+    except _DuplicateKeys as err:
+        raise ConfigError(f"DeepSpeed config {path} states {err} more than once in one object; keep one "
+                          "(DeepSpeed refuses duplicate keys).") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}; fix the file.") from None
     except RecursionError:

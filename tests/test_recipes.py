@@ -1,5 +1,6 @@
 """Every shipped recipe: planned and checked at its real scale (arithmetic, no GPU), and a CPU smoke run with size
-overrides (a few layers, a small width) that trains a few steps through the real trainer."""
+overrides (a few layers, a small width) that trains a few steps through the real trainer with the recipe's own
+DeepSpeed fragments, ramp and phases."""
 
 from __future__ import annotations
 

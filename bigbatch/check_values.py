@@ -65,9 +65,11 @@ def one_line(text: str) -> str:
 
 
 def hint(word: str, choices: Any, otherwise: str = "") -> str:
-    """` (did you mean 'x'?)` for the closest choice, else `otherwise`."""
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else otherwise
+    """` (did you mean 'x'?)` for the closest choice, else `otherwise`; a dict maps the form compared to the form
+    shown."""
+    shown = choices if isinstance(choices, dict) else {c: c for c in choices}
+    match = difflib.get_close_matches(word, list(shown), n=1, cutoff=0.6)
+    return f" (did you mean {shown[match[0]]!r}?)" if match else otherwise
 
 
 @dataclass(frozen=True)
@@ -377,8 +379,10 @@ def check_types(config: dict[str, Any], out: list[Finding]) -> None:
         kind, torch_optimizers = opt["type"], _torch_optimizers()
         known = sorted(set(DEEPSPEED_OPTIMIZERS) | set(BIGBATCH_OPTIMIZERS))
         if not isinstance(kind, str) or (kind.lower() not in known and kind not in torch_optimizers):
+            # compared in lower case: DeepSpeed's and bigbatch's types take any casing, torch.optim's only their own
+            spelled = {**{n.lower(): n for n in torch_optimizers}, **{k: k for k in known}}
             out.append(Finding("error", f"optimizer.type={kind!r} is not an optimizer DeepSpeed or bigbatch knows"
-                                        f"{hint(str(kind).lower(), known) or hint(str(kind), torch_optimizers)}; "
+                                        f"{hint(str(kind).lower(), spelled)}; "
                                         f"known: {', '.join(known)}, or a torch.optim class "
                                         f"({', '.join(sorted(torch_optimizers))})."))
             delete_path(config, "optimizer")

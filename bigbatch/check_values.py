@@ -252,8 +252,8 @@ def misordered(params: dict[str, Any], prefix: str) -> list[str]:
 BIGBATCH_OPTIMIZERS = ("lamb", "lars")
 # Sections DeepSpeed reads as JSON objects (a list or a number there fails inside its parser); `zero_optimization`
 # may also be DeepSpeed's deprecated true/false, and an offload block null.
-OBJECT_SECTIONS = (*(s for s in SECTIONS if s), "optimizer", "scheduler", "optimizer.params",
-                   "scheduler.params", "data_types", "checkpoint", "aio", "autotuning", "compile", "timers", "comet", "pipeline")
+OBJECT_SECTIONS = (*(s for s in SECTIONS if s), "optimizer", "scheduler", "optimizer.params", "scheduler.params",
+                   "checkpoint", "aio", "autotuning", "compile", "timers", "comet", "pipeline")
 NULLABLE_SECTIONS = ("zero_optimization.offload_optimizer", "zero_optimization.offload_param")
 # ZeRO keys that only stage 3 reads (besides the stage3_* ones).
 STAGE3_KEYS = ("sub_group_size", "zero_hpz_partition_size", "zero_quantized_weights",

@@ -349,4 +349,5 @@ def test_torch_optimizers_are_built_by_their_exact_name():
     """DeepSpeed builds an unknown type as getattr(torch.optim, type): "SGD" works, "sgd" fails at initialize."""
     assert messages({"gradient_clipping": 1.0, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}) == []
     (found,) = messages({"gradient_clipping": 1.0, "optimizer": {"type": "sgd", "params": {"lr": 0.1}}})
-    assert found.startswith("optimizer.type='sgd' is not an optimizer DeepSpeed or bigbatch knows (did you mean 'SGD'?)")
+    assert found.startswith("optimizer.type='sgd' is not an optimizer DeepSpeed or bigbatch knows "
+                            "(did you mean 'SGD'?)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 DS_MIN_SCALE_ERROR = "Current loss scale already at minimum"
 DIVERGED = "DIVERGED"  # marker in the run directory: the sentence of why the run stopped (SLURM does not requeue)
@@ -80,13 +81,55 @@ def checkpoint_clause(saved: Optional[str], previous: Optional[str], holds: str)
     return f"the weights or optimizer state in memory are not finite, so no checkpoint was written; {where}"
 
 
-def state_is_finite(engine: Any) -> bool:
-    """This rank's weights (its ZeRO-3 shards too), fp32 masters and optimizer state hold finite values only."""
+def state_tensors(engine: Any) -> list[torch.Tensor]:
+    """This rank's weights (at ZeRO-3 its shards), fp32 masters and optimizer state: what a skipped step must leave
+    bit-identical and a checkpoint of the last good state must hold finite. Views of the real elements only: ZeRO-3
+    pads each shard with uninitialised memory, which may hold any bits (NaN seen)."""
     from bigbatch.engine import client_optimizer
 
     opt = client_optimizer(engine)
-    tensors = [t for p in engine.module.parameters() for t in (p, getattr(p, "ds_tensor", None)) if t is not None]
+    runs = _stage3_real_runs(engine.optimizer) if engine.zero_optimization_stage() == 3 else {}
+
+    def real(t: torch.Tensor, owner: Any = None) -> list[torch.Tensor]:
+        spans = runs.get(id(owner if owner is not None else t))
+        if spans is None or t.numel() != sum(n for _, n, _ in spans):
+            return [t]
+        return [t.view(-1).narrow(0, start, count) for start, _, count in spans if count]
+
+    tensors = [_real_shard(p) for p in engine.module.parameters()]
     # the masters: what the optimizer steps (ZeRO-3 empties its param_groups between steps; its state keeps them)
-    tensors += [p for g in opt.param_groups for p in g["params"]] + [k for k in opt.state if torch.is_tensor(k)]
-    tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    masters = {id(m): m for m in [p for g in opt.param_groups for p in g["params"]] + list(opt.state)}
+    tensors += [v for m in masters.values() if torch.is_tensor(m) for v in real(m)]
+    return tensors + [v for key, st in opt.state.items() for t in st.values() if torch.is_tensor(t)
+                      for v in real(t, key)]
+
+
+def _real_shard(p: torch.Tensor) -> torch.Tensor:
+    """A parameter, or at ZeRO-3 the real elements of this rank's shard of it."""
+    if not hasattr(p, "ds_tensor"):
+        return p
+    from bigbatch.optim.zero import shard_real_numel
+
+    n = p.partition_numel()
+    return p.ds_tensor.view(-1).narrow(0, 0, shard_real_numel(p.ds_numel, n, dist.get_rank(p.ds_process_group)))
+
+
+def _stage3_real_runs(ds_optimizer: Any) -> dict[int, list[tuple[int, int, int]]]:
+    """ZeRO-3: (start, shard size, real elements) of each parameter's shard in each sub-group's flat fp32 master,
+    keyed by the master's id; the shards lie end to end in the order of `fp16_groups`."""
+    from bigbatch.optim.zero import shard_real_numel
+
+    runs = {}
+    for s, params in enumerate(ds_optimizer.fp16_groups):
+        rank = dist.get_rank(ds_optimizer.sub_group_process_groups[s])
+        start, spans = 0, []
+        for p in params:
+            n = p.partition_numel()
+            spans.append((start, n, shard_real_numel(p.ds_numel, n, rank)))
+            start += n
+        runs[id(ds_optimizer.fp32_partitioned_groups_flat[s])] = spans
+    return runs
+
+
+def state_is_finite(engine: Any) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in state_tensors(engine))

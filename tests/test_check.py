@@ -229,17 +229,23 @@ finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
 
 
 @settings(max_examples=150, deadline=None)
-@given(lr=finite, b1=finite, b2=finite, momentum=finite, low=finite, high=finite)
-def test_optimizer_ranges_match_the_issue(lr, b1, b2, momentum, low, high):
-    """lr > 0; 0 <= beta < 1; 0 <= momentum < 1; min_coeff <= max_coeff: an error exactly when a bound is broken."""
-    lamb = {"optimizer": {"type": "LAMB", "params": {"lr": lr, "betas": [b1, b2], "min_coeff": abs(low),
-                                                     "max_coeff": abs(high)}}, "zero_optimization": {"stage": 1}}
-    found = " ".join(messages(lamb))
+@given(lr=finite, b1=finite, b2=finite, eps=finite, wd=finite, momentum=finite, trust=finite, low=finite,
+       high=finite)
+def test_optimizer_ranges_match_the_issue(lr, b1, b2, eps, wd, momentum, trust, low, high):
+    """lr > 0; 0 <= beta < 1; eps > 0 (LARS: >= 0); weight_decay >= 0; 0 <= momentum < 1; trust_coefficient > 0;
+    min_coeff <= max_coeff: an error exactly when a bound is broken."""
+    lamb = {"type": "LAMB", "params": {"lr": lr, "betas": [b1, b2], "eps": eps, "weight_decay": wd,
+                                       "min_coeff": abs(low), "max_coeff": abs(high)}}
+    lars = {"type": "LARS", "params": {"lr": 0.1, "eps": eps, "momentum": momentum, "trust_coefficient": trust}}
+    found, found_lars = (" ".join(messages({"optimizer": o, "zero_optimization": {"stage": 1}})) for o in (lamb, lars))
     assert ("optimizer.params.lr=" in found) == (not lr > 0)
     assert ("optimizer.params.betas=" in found) == (not (0 <= b1 < 1 and 0 <= b2 < 1))
+    assert ("optimizer.params.eps=" in found) == (not eps > 0)
+    assert ("optimizer.params.weight_decay=" in found) == (not wd >= 0)
     assert ("exceeds optimizer.params.max_coeff" in found) == (abs(low) > abs(high) > 0)
-    sgd = {"optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": momentum}}}
-    assert ("optimizer.params.momentum=" in " ".join(messages(sgd))) == (not 0 <= momentum < 1)
+    assert ("optimizer.params.eps=" in found_lars) == (not eps >= 0)
+    assert ("optimizer.params.momentum=" in found_lars) == (not 0 <= momentum < 1)
+    assert ("optimizer.params.trust_coefficient=" in found_lars) == (not trust > 0)
 
 
 def test_settings_deepspeed_ignores_at_the_stage():

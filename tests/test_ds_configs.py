@@ -1,4 +1,5 @@
-"""Every shipped ds_configs/ combination (ZeRO 0-3 x fp32/fp16/bf16 x activation checkpointing on/off) trains."""
+"""Every shipped ds_configs/ combination (ZeRO 0-3 x fp32/fp16/bf16 x activation checkpointing on/off) trains, 16 bits
+as the same configuration does in fp32."""
 
 from __future__ import annotations
 
@@ -10,10 +11,21 @@ from conftest import WORKERS, deepspeed_launch, read_json
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 
-def test_every_shipped_combination_runs_three_steps(tmp_path):
-    out = tmp_path / "result.json"
+# 16 bits against fp32, LAMB, after 3 steps: about 3x what was measured on 2 ranks. The parameters' distance from the
+# fp32 run in units of the fp32 run's whole update (fp16 1.1e-2, bf16 9.0e-2; a step lost measures 0.32, DeepSpeed's
+# unscale switched off 0.28), and the largest difference of a step's loss (fp16 4.5e-5, bf16 5.4e-4).
+FP32_DEVIATION = {"fp16": 3.5e-2, "bf16": 0.25}
+FP32_LOSS_DEVIATION = {"fp16": 1.5e-4, "bf16": 1.6e-3}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds-configs") / "result.json"
     deepspeed_launch([str(WORKERS / "ds_configs_matrix.py"), "--out", str(out)], world=2)
-    result = read_json(out)
+    return read_json(out)
+
+
+def test_every_shipped_combination_runs_three_steps(result):
     # every shipped file takes part in the matrix
     used = {c for case in result["cases"] for c in case["configs"]}
     assert used == set(result["shipped"]), f"shipped but never run: {set(result['shipped']) - used}"
@@ -31,11 +43,27 @@ def test_every_shipped_combination_runs_three_steps(tmp_path):
         precision = next(p for p in ("fp32", "fp16", "bf16") if f"{p}.json" in c["configs"])
         planned = model_state_bytes(c["num_params"], stage, precision, c["optimizer"], result["world"])["optimizer"]
         assert c["optimizer_bytes"] == pytest.approx(planned, rel=0.03), label
-        # fp16 may skip its first steps while the dynamic scale (2^16) comes down; otherwise every step updates
-        if not c["fp16"]:
-            assert c["skipped"] == 0 and c["moved"] == c["params"], label
-        else:  # 16-bit weights: an update below half an ulp (LayerNorm weights at 1.0) may round away
-            assert c["skipped"] < 3 and c["moved"] > 0, label
+        if c["wrapper"] == "FP16_UnfusedOptimizer":
+            continue  # DeepSpeed's AdamW at stage 0 in 16 bits: see the test below
+        # every step updates every parameter (the fp32 masters: 16-bit weights round away a LayerNorm weight's update)
+        assert c["skipped"] == 0 and c["moved"] == c["params"], label
+        if precision != "fp32":  # the same configuration (stage, activation checkpointing) in fp32, same steps
+            assert c["fp32_deviation"] < FP32_DEVIATION[precision], label
+            assert c["fp32_loss_deviation"] < FP32_LOSS_DEVIATION[precision], label
     refused = [c for c in result["cases"] if "refused" in c]
     assert len(refused) == 2 * 2  # zero0 x {fp16, bf16} x {ckpt off, on}
     assert all(c["refused"] and "zero_optimization.stage >= 1" in c["refused"] for c in refused)
+
+
+@pytest.mark.xfail(strict=True, reason="DeepSpeed 0.19's stage-0 16-bit wrapper (FP16_UnfusedOptimizer) divides "
+                   "gradients by a loss scale engine.backward never applied and steps once on zero gradients; "
+                   "bigbatch refuses it for LAMB/LARS only (measured for AdamW: fp16 0.96 of the update off, bf16 "
+                   "0.21). Strict: a fix makes this pass and must remove the mark.")
+def test_deepspeeds_adamw_at_stage0_in_16_bits_matches_fp32(result):
+    cases = [c for c in result["cases"] if c.get("wrapper") == "FP16_UnfusedOptimizer"]
+    assert len(cases) == 4  # {fp16, bf16} x {checkpointing off, on}
+    for c in cases:
+        precision = "fp16" if c["fp16"] else "bf16"
+        assert c["skipped"] == 0 and c["moved"] == c["params"], c["configs"]
+        assert c["fp32_deviation"] < FP32_DEVIATION[precision], c["configs"]
+        assert c["fp32_loss_deviation"] < FP32_LOSS_DEVIATION[precision], c["configs"]

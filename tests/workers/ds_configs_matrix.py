@@ -13,6 +13,7 @@ import math
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import safe_get_full_fp32_param
 
 from bigbatch import dsconfig
 from bigbatch.config import ConfigError, load_recipe
@@ -71,7 +72,7 @@ def run(configs, optimizer, world, rank):
     num_params = sum(p.numel() for p in model.parameters())
     engine, *_ = initialize(model=model, config=ds_config,
                             model_parameters=param_groups(model, recipe.optimizer.weight_decay))
-    before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    before = weights(engine)
     losses = []
     for step in range(STEPS):
         ids, mask, labels = batch(step, rank)
@@ -79,12 +80,11 @@ def run(configs, optimizer, world, rank):
         engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach()))
-    params = dict(engine.module.named_parameters())
-    with deepspeed.zero.GatheredParameters(list(params.values())):
-        moved = sum(int(not torch.equal(p.detach().float(), before[n])) for n, p in params.items())
+    after = weights(engine)
+    moved = sum(int(not torch.equal(after[n], before[n])) for n in after)
     result = {
         "configs": list(configs), "optimizer": optimizer, "losses": losses,
-        "finite": all(math.isfinite(x) for x in losses), "moved": moved, "params": len(params),
+        "finite": all(math.isfinite(x) for x in losses), "moved": moved, "params": len(after),
         "stage": engine.zero_optimization_stage(), "fp16": engine.fp16_enabled(), "bf16": engine.bfloat16_enabled(),
         "checkpointing": bool(getattr(model.hf, "is_activation_checkpointing", None)
                               or getattr(model.hf, "is_gradient_checkpointing", False)),
@@ -92,7 +92,27 @@ def run(configs, optimizer, world, rank):
         "num_params": num_params, "optimizer_bytes": optimizer_state_bytes(engine, model),
     }
     engine.destroy()
-    return result
+    return result, (before, after)
+
+
+def weights(engine):
+    """Each parameter's fp32 master where DeepSpeed keeps one apart (ZeRO 1-3, BF16_Optimizer: 16-bit weights cannot
+    show an update below half an ulp, a LayerNorm weight's at 1.0), else the parameter itself, whole (gathered at
+    ZeRO-3, where the module holds empty placeholders between steps)."""
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        own = {n: p.detach().float().clone() for n, p in params.items()}
+    masters = {n: safe_get_full_fp32_param(p) for n, p in params.items()}  # collective: every rank calls it
+    return {n: own[n] if masters[n] is None else masters[n].detach().float().clone() for n in params}
+
+
+def update_deviation(run, reference):
+    """|a - b| / |b - b0| over all parameters at once: the 16-bit run's distance from the fp32 run in units of the
+    fp32 run's whole update (per tensor ratios are noise on the attention key bias, which has no gradient)."""
+    (_, a), (b0, b) = run, reference
+    diff = torch.cat([(a[n] - b[n]).flatten() for n in b])
+    update = torch.cat([(b[n] - b0[n]).flatten() for n in b])
+    return (diff.norm() / update.norm()).item()
 
 
 def main():
@@ -106,9 +126,11 @@ def main():
     stages = sorted(p.name for p in dsconfig.DS_CONFIGS.glob("zero*.json"))
     precisions = ("fp32.json", "fp16.json", "bf16.json")
     results = []
+    fp32 = {}  # (optimizer, stage, checkpointing): the parameters of the fp32 run of that configuration
     for stage, precision, ckpt in itertools.product(stages, precisions, (False, True)):
         configs = [stage, precision] + (["act_ckpt.json"] if ckpt else [])
         sixteen_stage0 = stage == "zero0.json" and precision != "fp32.json"
+        optimizer = "adamw" if sixteen_stage0 else "lamb"
         if sixteen_stage0:  # refused for LAMB/LARS by design; DeepSpeed's AdamW runs it
             try:
                 run(configs, "lamb", world, rank)
@@ -116,7 +138,16 @@ def main():
             except ConfigError as err:
                 refused = str(err)
             results.append({"configs": configs, "optimizer": "lamb", "refused": refused})
-        results.append(run(configs, "adamw" if sixteen_stage0 else "lamb", world, rank))
+        if precision != "fp32.json" and (optimizer, stage, ckpt) not in fp32:  # AdamW's fp32 reference at stage 0
+            fp32[(optimizer, stage, ckpt)] = run([stage, "fp32.json"] + configs[2:], optimizer, world, rank)
+        result, params = run(configs, optimizer, world, rank)
+        if precision == "fp32.json":
+            fp32[(optimizer, stage, ckpt)] = result, params
+        else:  # against the same configuration in fp32
+            ref_result, ref_params = fp32[(optimizer, stage, ckpt)]
+            result["fp32_deviation"] = update_deviation(params, ref_params)
+            result["fp32_loss_deviation"] = max(abs(a - b) for a, b in zip(result["losses"], ref_result["losses"]))
+        results.append(result)
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump({"world": world, "shipped": sorted(p.name for p in dsconfig.DS_CONFIGS.glob("*.json")),

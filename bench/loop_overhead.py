@@ -35,12 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bigbatch.cli import main as bigbatch  # noqa: E402
-from bigbatch.config import load_recipe  # noqa: E402
 from bigbatch.data import prepare  # noqa: E402
 from bigbatch.engine import initialize  # noqa: E402
 from bigbatch.metrics import plot_loss, read_metrics  # noqa: E402
 from bigbatch.model import build_model  # noqa: E402
 from bigbatch.optim import param_groups  # noqa: E402
+from bigbatch.recipe_files import load_recipe  # noqa: E402
 from bigbatch.scaling import plan_steps  # noqa: E402
 from common import machine, write_results  # noqa: E402
 

@@ -31,10 +31,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bigbatch.config import load_recipe  # noqa: E402
 from bigbatch.distributed import free_port  # noqa: E402
 from bigbatch.plan import (CUDA_ALLOWANCE, activation_bytes, buffer_bytes, logits_grad_bytes,  # noqa: E402
                            model_size, model_state_bytes)
+from bigbatch.recipe_files import load_recipe  # noqa: E402
 from common import deepspeed_launch, machine, write_results  # noqa: E402
 from memory_worker import model_overrides, resolve  # noqa: E402
 

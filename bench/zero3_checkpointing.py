@@ -61,11 +61,11 @@ def worker(out: Path, warmup: int, steps: int) -> None:
     import deepspeed
 
     from bigbatch import dsconfig
-    from bigbatch.config import load_recipe
     from bigbatch.distributed import shutdown
     from bigbatch.engine import initialize
     from bigbatch.model import build_model
     from bigbatch.optim import param_groups
+    from bigbatch.recipe_files import load_recipe
     from bigbatch.scaling import solve_batch
 
     deepspeed.init_distributed(dist_backend="gloo")

@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from bigbatch.config import ConfigError, load_recipe, parse_override_args
+from bigbatch.config import ConfigError
 from bigbatch.overflow import EXIT_STOPPED, TrainingStopped
+from bigbatch.overrides import parse_override_args
+from bigbatch.recipe_files import load_recipe
 
 EXIT_BAD_INPUT = 2
 

@@ -1,19 +1,17 @@
-"""The recipe tree: small frozen dataclasses composed into one `Recipe`, with command-line overrides.
+"""The recipe tree: small frozen dataclasses composed into one `Recipe`, and its validation.
 
 Each number has one home here. The DeepSpeed JSON that a run hands to DeepSpeed is *generated* from this tree plus the
 `ds_configs/` fragments it names (see `bigbatch.dsconfig`), never written by hand with a second copy of a number.
+Overrides are parsed in `bigbatch.overrides`, recipe files found and loaded in `bigbatch.recipe_files`, model shapes
+named in `bigbatch.shapes`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -286,184 +284,14 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{extra}; set --{key}=<one of them>.")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Overrides: --section.key=value on the tree's own names.
+def __getattr__(name: str) -> Any:
+    """Temporary (issue 17): bigbatch/check.py still imports these two from here; import them from their modules."""
+    if name == "load_recipe":
+        from bigbatch.recipe_files import load_recipe
 
+        return load_recipe
+    if name == "parse_override_args":
+        from bigbatch.overrides import parse_override_args
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _parse_value(key: str, text: str, kind: Any) -> Any:
-    """Turns the text of an override into the field's declared type."""
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if text.lower() in ("none", "null", ""):
-            return None
-        return _parse_value(key, text, args[0])
-    if origin is tuple:
-        args = typing.get_args(kind)
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_parse_value(key, t, args[0]) for t in items)
-        if len(items) != len(args):
-            raise ConfigError(f"--{key}={text!r} needs {len(args)} comma-separated values.")
-        return tuple(_parse_value(key, t, a) for t, a in zip(items, args))
-    try:
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if kind is int:
-            value = float(text)
-            if value != int(value):
-                raise ValueError(text)
-            return int(value)
-        if kind is float:
-            return float(text)
-    except ValueError:
-        raise ConfigError(f"--{key}={text!r} is not a valid {kind.__name__}; give e.g. --{key}=1.") from None
-    return text
-
-
-def _unknown(key: str, known: list[str]) -> ConfigError:
-    hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    extra = f"; did you mean --{hint[0]}?" if hint else f"; known keys: {', '.join(known)}"
-    return ConfigError(f"unknown recipe key --{key}{extra}")
-
-
-def all_keys(recipe: Recipe) -> list[str]:
-    keys = ["name"]
-    for section in dataclasses.fields(recipe):
-        value = getattr(recipe, section.name)
-        if dataclasses.is_dataclass(value):
-            keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(value)]
-    for i, _ in enumerate(recipe.phases, start=1):
-        keys += [f"phases.{i}.{f.name}" for f in dataclasses.fields(PhaseConfig)]
-    return keys
-
-
-def apply_overrides(recipe: Recipe, overrides: dict[str, str]) -> Recipe:
-    """Returns a new recipe with `{"batch.global_batch": "8192", ...}` applied; unknown keys raise with a hint."""
-    known = all_keys(recipe)
-    sections: dict[str, dict[str, Any]] = {}
-    top: dict[str, Any] = {}
-    for key, text in overrides.items():
-        if key not in known:
-            raise _unknown(key, known)
-        if "." not in key:
-            top[key] = text
-            continue
-        section, name = key.split(".", 1)
-        if section == "phases":  # phases.<i>.<field>, 1-based like the phases after the first
-            index, name = name.split(".", 1)
-            kind = _field_types(PhaseConfig)[name]
-        else:
-            kind = _field_types(type(getattr(recipe, section)))[name]
-            index = ""
-        sections.setdefault(section + (f".{index}" if index else ""), {})[name] = _parse_value(key, text, kind)
-    phases = list(recipe.phases)
-    for section in [s for s in sections if s.startswith("phases.")]:
-        i = int(section.split(".")[1]) - 1
-        phases[i] = dataclasses.replace(phases[i], **sections.pop(section))
-    changes = {s: dataclasses.replace(getattr(recipe, s), **v) for s, v in sections.items()}
-    return dataclasses.replace(recipe, **top, **changes, phases=tuple(phases))
-
-
-def parse_override_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Splits `--a.b=c` / `--a.b c` overrides from the rest; returns (overrides, leftover args)."""
-    overrides: dict[str, str] = {}
-    rest: list[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("--") and "." in arg.split("=", 1)[0] or arg.startswith("--name"):
-            body = arg[2:]
-            if "=" in body:
-                key, value = body.split("=", 1)
-            elif i + 1 < len(args):
-                key, value = body, args[i + 1]
-                i += 1
-            else:
-                raise ConfigError(f"{arg} has no value; write {arg}=<value>.")
-            overrides[key] = value
-        else:
-            rest.append(arg)
-        i += 1
-    return overrides, rest
-
-
-def recipe_from_dict(data: dict[str, Any]) -> Recipe:
-    """Rebuilds a recipe from `recipe.json` (as written into a run directory); unknown keys raise."""
-    known = all_keys(Recipe())
-    kwargs: dict[str, Any] = {}
-    hints = _field_types(Recipe)
-    for section, value in data.items():
-        if section not in hints:
-            raise _unknown(section, known)
-        if section == "phases":
-            kwargs[section] = tuple(PhaseConfig(**p) for p in value)
-            continue
-        if not isinstance(value, dict):
-            kwargs[section] = value
-            continue
-        cls = hints[section]
-        types_ = _field_types(cls)
-        fields: dict[str, Any] = {}
-        for name, v in value.items():
-            if name not in types_:
-                raise _unknown(f"{section}.{name}", known)
-            fields[name] = tuple(v) if isinstance(v, list) else v
-        kwargs[section] = cls(**fields)
-    return Recipe(**kwargs)
-
-
-def load_recipe_file(path: Path) -> Recipe:
-    """A recipe is a Python file defining `RECIPE`, or a `recipe.json` written by an earlier run."""
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"recipe file {path} is not valid JSON ({err}); fix or regenerate it.") from None
-        data = data.get("recipe", data)
-        return recipe_from_dict(data)
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"bigbatch_recipe_{path.stem}", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    recipe = getattr(module, "RECIPE", None)
-    if not isinstance(recipe, Recipe):
-        raise ConfigError(f"recipe file {path} defines no RECIPE = bigbatch.config.Recipe(...); add one.")
-    return recipe
-
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def shipped_recipes() -> list[str]:
-    """The pretraining recipes in recipes/ (recipes/finetune_*.py are fine-tuning scripts, not recipe trees)."""
-    return sorted(p.stem for p in (REPO_ROOT / "recipes").glob("*.py") if not p.stem.startswith("finetune_"))
-
-
-def find_recipe(name: str) -> Path:
-    """`tiny`, `recipes/tiny.py`, a path to a .py, or a run directory's `recipe.json`."""
-    candidates = [Path(name)]
-    if not name.endswith((".py", ".json")):
-        candidates += [Path("recipes") / f"{name}.py", REPO_ROOT / "recipes" / f"{name}.py"]
-    for c in candidates:
-        if c.is_file():
-            return c
-    shipped = shipped_recipes()
-    hint = difflib.get_close_matches(Path(name).stem, shipped, n=1)
-    extra = f"did you mean {hint[0]!r}? " if hint else ""
-    raise ConfigError(f"recipe {name!r} not found; {extra}shipped recipes: {', '.join(shipped)}.")
-
-
-def load_recipe(name: str, overrides: Optional[dict[str, str]] = None) -> Recipe:
-    recipe = load_recipe_file(find_recipe(name))
-    return apply_overrides(recipe, overrides or {}).validate()
+        return parse_override_args
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,10 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bigbatch.config import REPO_ROOT, ConfigError, Recipe
+from bigbatch.config import ConfigError, Recipe
+from bigbatch.recipe_files import shipped_dir
 from bigbatch.scaling import BatchPlan
 
-DS_CONFIGS = REPO_ROOT / "ds_configs"
+DS_CONFIGS = shipped_dir("ds_configs")
 # DeepSpeed's deepest keys sit 6 levels down (data_efficiency.data_routing.random_ltd...); far deeper input would
 # only exhaust Python's recursion in the parser or the checker.
 MAX_DEPTH = 32
@@ -25,11 +26,14 @@ RECIPE_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_
 
 
 def find_fragment(name: str) -> Path:
-    for candidate in (Path(name), DS_CONFIGS / name, DS_CONFIGS / f"{name}.json"):
+    """A path, else `name` (or `name`.json) in the user's own ./ds_configs, else the shipped one."""
+    folders = (Path("ds_configs"), DS_CONFIGS)
+    for candidate in (Path(name), *(d / n for d in folders for n in (name, f"{name}.json"))):
         if candidate.is_file():
             return candidate
     shipped = ", ".join(sorted(p.name for p in DS_CONFIGS.glob("*.json")))
-    raise ConfigError(f"DeepSpeed config {name!r} not found (looked in . and ds_configs/); shipped: {shipped}.")
+    raise ConfigError(f"DeepSpeed config {name!r} not found (looked in ., ./ds_configs and the shipped ones); "
+                      f"shipped: {shipped}.")
 
 
 def _depth(value: Any) -> int:

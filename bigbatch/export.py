@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bigbatch import checkpoint
-from bigbatch.config import ConfigError, Recipe, load_recipe_file
+from bigbatch.config import ConfigError, Recipe
+from bigbatch.recipe_files import load_recipe_file
 
 AUTO_CLASS = {"bert": "AutoModelForMaskedLM", "gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM"}
 

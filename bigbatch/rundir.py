@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from bigbatch.config import REPO_ROOT, ConfigError
+from bigbatch.config import ConfigError
 
 
 def default_run_dir(root: str, recipe_name: str) -> Path:
@@ -93,8 +93,13 @@ def keep_records(run_dir: Path) -> Optional[Path]:
 
 
 def _git(*args: str) -> str:
+    """git's answer about the checkout bigbatch runs from; "" for an installed package (a wheel has no commit, and
+    git run in site-packages would answer for whatever repository holds the environment)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / ".git").exists():
+        return ""
     try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.TimeoutExpired):
         return ""

@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from bigbatch.config import REPO_ROOT, ConfigError, load_recipe, parse_override_args
+from bigbatch.config import ConfigError
 from bigbatch.metrics import read_metrics
+from bigbatch.overrides import parse_override_args
+from bigbatch.recipe_files import load_recipe
 
 
 def parse_grid(specs: list[str]) -> dict[str, list[str]]:
@@ -128,6 +130,10 @@ def cmd_sweep(args: list[str]) -> int:
         return 0
     if not known.recipe:
         raise ConfigError("bigbatch sweep needs a recipe (or --report DIR); see `bigbatch sweep --help`.")
+    # slurm/sweep.sh, like pretrain.sh, takes the directory sbatch ran in for the repository: submit from its root
+    script = Path("slurm") / "sweep.sh"
+    if not known.no_submit and not script.is_file():
+        raise ConfigError(f"{Path.cwd()} has no slurm/sweep.sh; run `bigbatch sweep` from the repository root.")
     grid = parse_grid(known.grid)
     name = Path(known.recipe).stem
     sweep_dir = (known.out or Path("runs") / f"sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
@@ -138,7 +144,7 @@ def cmd_sweep(args: list[str]) -> int:
     (sweep_dir / "grid.json").write_text(json.dumps(
         {"recipe": known.recipe, "fixed": overrides, "grid": grid, "points": points}, indent=1) + "\n")
     command = ["sbatch", f"--array=0-{len(points) - 1}", "--output", str(sweep_dir / "point%a-%A.out"),
-               *shlex.split(known.sbatch_args), str(REPO_ROOT / "slurm" / "sweep.sh"), str(sweep_dir)]
+               *shlex.split(known.sbatch_args), str(script.resolve()), str(sweep_dir)]
     print(f"{len(points)} points in {sweep_dir / 'grid.json'}")
     if known.no_submit:
         print(shlex.join(command))

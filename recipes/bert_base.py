@@ -12,13 +12,15 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from bigbatch.config import ClusterConfig, load_recipe_file
+from bigbatch.config import ClusterConfig
+from bigbatch.recipe_files import load_recipe_file
+from bigbatch.shapes import shape
 
 LARGE = load_recipe_file(Path(__file__).with_name("bert_large.py"))
 RECIPE = dataclasses.replace(
     LARGE,
     name="bert_base",
-    model=dataclasses.replace(LARGE.model, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    model=shape("bert-base"),
     batch=dataclasses.replace(LARGE.batch, micro_batch=512),  # `bigbatch plan`: 1024 is the largest that fits
     phases=(dataclasses.replace(LARGE.phases[0], micro_batch=64),),
     cluster=ClusterConfig(nodes=4, gpus_per_node=8, gpu_memory="80GB"),  # 32 A100/H100 80GB

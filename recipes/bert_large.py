@@ -14,13 +14,13 @@ v1.1 F1 90.58 with this schedule in 8,599 steps. Those LRs are for a LAMB withou
 
 import sys
 
-from bigbatch.config import (BatchConfig, ClusterConfig, DataConfig, DeepSpeedSection, ModelConfig, OptimizerConfig,
-                             PhaseConfig, Recipe, RunConfig, ScheduleConfig, CheckpointConfig)
+from bigbatch.config import (BatchConfig, CheckpointConfig, ClusterConfig, DataConfig, DeepSpeedSection,
+                             OptimizerConfig, PhaseConfig, Recipe, RunConfig, ScheduleConfig)
+from bigbatch.shapes import shape
 
 RECIPE = Recipe(
     name="bert_large",
-    model=ModelConfig(arch="bert", hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
-                      max_position=512, dropout=0.1),
+    model=shape("bert-large"),
     # English Wikipedia from the hub (BookCorpus is no longer distributed); a 30,522-piece tokenizer is trained on it
     # at the start unless data.tokenizer names one.
     data=DataConfig(sources=("hf:wikimedia/wikipedia:20231101.en",), vocab_size=30522, seq_len=128,

@@ -9,13 +9,15 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from bigbatch.config import ClusterConfig, DeepSpeedSection, load_recipe_file
+from bigbatch.config import ClusterConfig, DeepSpeedSection
+from bigbatch.recipe_files import load_recipe_file
+from bigbatch.shapes import shape
 
 SMALL = load_recipe_file(Path(__file__).with_name("gpt2_small.py"))
 RECIPE = dataclasses.replace(
     SMALL,
     name="gpt2_medium",
-    model=dataclasses.replace(SMALL.model, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+    model=dataclasses.replace(shape("gpt2-355m"), dropout=SMALL.model.dropout),
     # GPT-3 medium's 3e-4 at 512 sequences x sqrt(4096 / 512) = 8.5e-4 at the global batch
     optimizer=dataclasses.replace(SMALL.optimizer, lr=3e-4, base_batch=512),
     # 4,096 sequences x 1,024 tokens = 4.2M tokens a step; 4,800 steps = 20B tokens

@@ -10,15 +10,16 @@ derived by rule, not a tuned result.
     deepspeed --num_gpus 8 --module bigbatch train gpt2_small
 """
 
+import dataclasses
 import sys
 
-from bigbatch.config import (BatchConfig, CheckpointConfig, ClusterConfig, DataConfig, DeepSpeedSection, ModelConfig,
+from bigbatch.config import (BatchConfig, CheckpointConfig, ClusterConfig, DataConfig, DeepSpeedSection,
                              OptimizerConfig, Recipe, RunConfig, ScheduleConfig)
+from bigbatch.shapes import shape
 
 RECIPE = Recipe(
     name="gpt2_small",
-    model=ModelConfig(arch="gpt2", hidden_size=768, num_layers=12, num_heads=12,
-                      intermediate_size=3072, max_position=1024, dropout=0.0),
+    model=dataclasses.replace(shape("gpt2-124m"), dropout=0.0),
     # OpenWebText from the hub; a SentencePiece tokenizer of 50257 pieces is trained on it at the start unless
     # data.tokenizer names one.
     data=DataConfig(sources=("hf:Skylion007/openwebtext",), vocab_size=50257, seq_len=1024, eval_fraction=0.001,

@@ -12,13 +12,15 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from bigbatch.config import ClusterConfig, DeepSpeedSection, load_recipe_file
+from bigbatch.config import ClusterConfig, DeepSpeedSection
+from bigbatch.recipe_files import load_recipe_file
+from bigbatch.shapes import shape
 
 SMALL = load_recipe_file(Path(__file__).with_name("gpt2_small.py"))
 RECIPE = dataclasses.replace(
     SMALL,
     name="gpt2_xl",
-    model=dataclasses.replace(SMALL.model, hidden_size=1600, num_layers=48, num_heads=25, intermediate_size=6400),
+    model=dataclasses.replace(shape("gpt2-1.5b"), dropout=SMALL.model.dropout),
     # GPT-3 XL's 2e-4 at 1,024 sequences (its 1M tokens) x sqrt(4096 / 1024) = 4e-4 at the full batch
     optimizer=dataclasses.replace(SMALL.optimizer, lr=2e-4, base_batch=1024),
     # 4,096 sequences x 1,024 tokens = 4.2M tokens a step at full batch; about 40B tokens

@@ -11,13 +11,13 @@ The shape of TinyLlama (Zhang et al. 2024: width 2,048, 22 layers, 32 heads, 4 k
 
 import sys
 
-from bigbatch.config import (BatchConfig, CheckpointConfig, ClusterConfig, DataConfig, DeepSpeedSection, ModelConfig,
+from bigbatch.config import (BatchConfig, CheckpointConfig, ClusterConfig, DataConfig, DeepSpeedSection,
                              OptimizerConfig, Recipe, RunConfig, ScheduleConfig)
+from bigbatch.shapes import shape
 
 RECIPE = Recipe(
     name="llama_1b",
-    model=ModelConfig(arch="llama", hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4,
-                      intermediate_size=5632, max_position=2048, dropout=0.0),
+    model=shape("llama-1.1b"),
     # OpenWebText from the hub; a SentencePiece tokenizer of 32000 pieces is trained on it at the start unless
     # data.tokenizer names one.
     data=DataConfig(sources=("hf:Skylion007/openwebtext",), vocab_size=32000, seq_len=2048, eval_fraction=0.001,

@@ -102,8 +102,8 @@ def held_out_loss(model: Any, run_dir: Path) -> float:
     import torch
     import torch.nn.functional as F
 
-    from bigbatch.config import load_recipe_file
     from bigbatch.data import prepare
+    from bigbatch.recipe_files import load_recipe_file
 
     recipe = load_recipe_file(run_dir / "recipe.json")
     world = read_json(run_dir / "recipe.json")["resolved"]["world"]

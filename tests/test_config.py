@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from bigbatch.config import ConfigError, Recipe, apply_overrides, load_recipe, parse_override_args, recipe_from_dict
+from bigbatch.config import ConfigError, Recipe
+from bigbatch.overrides import apply_overrides, parse_override_args
+from bigbatch.recipe_files import load_recipe, recipe_from_dict
 
 
 def test_tiny_recipe_loads_and_validates():

@@ -171,7 +171,7 @@ def test_sources(tmp_path):
 
 
 def _recipe(corpus, **data):
-    from bigbatch.config import load_recipe
+    from bigbatch.recipe_files import load_recipe
 
     overrides = {"data.sources": str(corpus), "data.vocab_size": "300", "batch.global_batch": "16",
                  "data.eval_samples": "64", **{f"data.{k}": str(v) for k, v in data.items()}}
@@ -351,7 +351,7 @@ def test_a_writer_failure_reaches_every_rank(tmp_path, monkeypatch):
     # not bad input but a crash (a full disk, a bug): the writer shares it before raising, so the other ranks raise
     # too instead of waiting in the broadcast until the process group times out
     import bigbatch.data as data_module
-    from bigbatch.config import load_recipe
+    from bigbatch.recipe_files import load_recipe
 
     def crash(*args, **kwargs):
         raise OSError("No space left on device")

@@ -88,8 +88,8 @@ def demo_setup(tmp_path: Path, corpus: Path):
     """The demo's model and DeepSpeed JSON (ZeRO-1, fp32, LAMB with its clamp and clipping, the peak LR the demo
     reaches), shrunk in batch only to one process; real MLM batches of the built-in text's kind."""
     from bigbatch import dsconfig
-    from bigbatch.config import load_recipe
     from bigbatch.data import prepare
+    from bigbatch.recipe_files import load_recipe
     from bigbatch.scaling import scaled_lr, solve_batch
 
     recipe = load_recipe("tiny")

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from bigbatch import dsconfig
-from bigbatch.config import ConfigError, load_recipe
+from bigbatch.config import ConfigError
+from bigbatch.recipe_files import load_recipe
 from bigbatch.scaling import solve_batch
 
 SHIPPED = sorted(p.name for p in dsconfig.DS_CONFIGS.glob("*.json"))

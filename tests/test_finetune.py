@@ -1,10 +1,9 @@
-"""recipes/finetune_classification.py: an exported tiny model learns a held-out word-family task well above chance
+"""bigbatch/finetune.py: an exported tiny model learns a held-out word-family task well above chance
 (BERT and GPT-2, JSON lines and TSV input); bad input exits 2 with one sentence."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import random
 import subprocess
@@ -14,20 +13,12 @@ from pathlib import Path
 import pytest
 
 from bigbatch.cli import main as bigbatch
-from bigbatch.config import REPO_ROOT
+from bigbatch.finetune import main as finetune
+from conftest import ROOT
 
-SCRIPT = REPO_ROOT / "recipes" / "finetune_classification.py"
 WATER = ["river", "ocean", "water", "rain", "lake", "stream", "wave", "shore"]
 MACHINE = ["engine", "piston", "gear", "motor", "wheel", "brake", "fuel", "valve"]
 FILLER = ["the", "a", "of", "and", "is", "with", "in", "on", "to", "it", "for", "this"]
-
-
-@pytest.fixture(scope="module")
-def finetune():
-    spec = importlib.util.spec_from_file_location("finetune_classification", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def word_families(n: int, seed: int) -> list[dict]:
@@ -49,7 +40,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,stage", [("bert", 2), ("gpt2", 3)])
-def test_finetuned_export_classifies_held_out_text(finetune, tiny_runs, arch, stage, tmp_path):
+def test_finetuned_export_classifies_held_out_text(tiny_runs, arch, stage, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     model = tmp_path / "export"
@@ -99,7 +90,7 @@ def fake_export(tmp_path) -> Path:
     ([{"text": "a", "label": 0}, {"text": "b", "label": 1}], [{"text": "c", "label": 2}], "never shows"),
     ("{not json\n", None, "line 1 is not JSON"),
 ])
-def test_bad_input_is_one_sentence(finetune, fake_export, tmp_path, capsys, records, eval_records, message):
+def test_bad_input_is_one_sentence(fake_export, tmp_path, capsys, records, eval_records, message):
     train = tmp_path / "train.jsonl"
     if isinstance(records, str):
         train.write_text(records)
@@ -110,11 +101,11 @@ def test_bad_input_is_one_sentence(finetune, fake_export, tmp_path, capsys, reco
         args += ["--eval", str(write_jsonl(tmp_path / "eval.jsonl", eval_records))]
     assert finetune(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("finetune_classification: error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("bigbatch.finetune: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
-def test_not_an_export_and_existing_out_are_refused(finetune, fake_export, tmp_path, capsys):
+def test_not_an_export_and_existing_out_are_refused(fake_export, tmp_path, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", word_families(4, seed=0))
     assert finetune(["--model", str(tmp_path / "nowhere"), "--train", str(train)]) == 2
     assert "is not an exported model" in capsys.readouterr().err
@@ -128,7 +119,7 @@ def test_not_an_export_and_existing_out_are_refused(finetune, fake_export, tmp_p
 
 
 def test_script_exit_code_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tmp_path), "--train", str(tmp_path / "x")],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "bigbatch.finetune", "--model", str(tmp_path), "--train",
+                           str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "is not an exported model" in proc.stderr and "Traceback" not in proc.stderr

@@ -20,8 +20,8 @@ import torch
 
 import bigbatch.train
 from bigbatch.cli import main
-from bigbatch.config import load_recipe
 from bigbatch.metrics import read_metrics
+from bigbatch.recipe_files import load_recipe
 from bigbatch.scaling import plan_steps
 
 SMALL = ["--batch.global_batch=32", "--batch.micro_batch=16", "--run.eval_every=100", "--checkpoint.every_steps=1",

@@ -10,8 +10,10 @@ import shutil
 import pytest
 
 from bigbatch.cli import main
-from bigbatch.config import BatchConfig, ConfigError, PhaseConfig, ScheduleConfig, apply_overrides, load_recipe
+from bigbatch.config import BatchConfig, ConfigError, PhaseConfig, ScheduleConfig
 from bigbatch.metrics import read_metrics
+from bigbatch.overrides import apply_overrides
+from bigbatch.recipe_files import load_recipe
 from bigbatch.scaling import plan_steps, ramp_batch
 
 
@@ -115,9 +117,9 @@ def test_run_across_a_phase_boundary_and_resume_after_it(tmp_path, capsys, corpu
     recipe_file = tmp_path / "two_phase.py"
     recipe_file.write_text(
         "from bigbatch.config import BatchConfig, PhaseConfig, ScheduleConfig\n"
-        "from bigbatch.config import load_recipe_file, REPO_ROOT\n"
+        "from bigbatch.recipe_files import find_recipe, load_recipe_file\n"
         "import dataclasses\n"
-        "RECIPE = dataclasses.replace(load_recipe_file(REPO_ROOT / 'recipes' / 'tiny.py'), name='two_phase',\n"
+        "RECIPE = dataclasses.replace(load_recipe_file(find_recipe('tiny')), name='two_phase',\n"
         "    batch=BatchConfig(global_batch=64, micro_batch=16, ramp_start=32, ramp_increment=16, ramp_samples=64),\n"
         "    schedule=ScheduleConfig(steps=4, warmup=0.25),\n"
         "    phases=(PhaseConfig(global_batch=32, seq_len=64, steps=3, lr=2e-3, warmup=0.67),))\n")

@@ -10,9 +10,9 @@ import math
 import pytest
 
 from bigbatch.cli import main
-from bigbatch.config import load_recipe, shipped_recipes
 from bigbatch.metrics import read_metrics
 from bigbatch.model import build_model, count_parameters
+from bigbatch.recipe_files import load_recipe, shipped_recipes
 from conftest import ROOT
 
 RECIPES = shipped_recipes()

@@ -29,8 +29,9 @@ SMALL = ["--schedule.steps=6", "--batch.global_batch=32", "--batch.micro_batch=1
          "--model.dropout=0.1", "--schedule.warmup=0.67"]
 # tiny with a second phase at another sequence length: the re-packing at its start is a moment of its own
 TWO_PHASES = """import dataclasses
-from bigbatch.config import PhaseConfig, load_recipe_file, REPO_ROOT
-RECIPE = dataclasses.replace(load_recipe_file(REPO_ROOT / 'recipes' / 'tiny.py'), name='tiny_two_phases',
+from bigbatch.config import PhaseConfig
+from bigbatch.recipe_files import find_recipe, load_recipe_file
+RECIPE = dataclasses.replace(load_recipe_file(find_recipe('tiny')), name='tiny_two_phases',
     phases=(PhaseConfig(global_batch=32, seq_len=32, steps=2, lr=2e-3, warmup=0.5),))
 """
 

@@ -1,6 +1,6 @@
 """Fine-tune an exported model (`bigbatch export`) for sequence classification on a local labelled file.
 
-    python recipes/finetune_classification.py --model runs/tiny-.../export --train train.jsonl [--eval eval.jsonl]
+    python -m bigbatch.finetune --model runs/tiny-.../export --train train.jsonl [--eval eval.jsonl]
         [--epochs 3] [--lr 5e-5] [--batch-size 32] [--max-len 128] [--warmup 0.1] [--seed 0] [--out DIR] [--overwrite]
 
 Input: JSON lines with "text" and "label" (an int or a string), or a .csv/.tsv file whose header names text and label.
@@ -31,7 +31,7 @@ EXIT_BAD_INPUT = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="finetune_classification.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bigbatch.finetune", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="a directory written by `bigbatch export`")
     p.add_argument("--train", type=Path, required=True, help=".jsonl (text, label), .csv or .tsv")
     p.add_argument("--eval", type=Path, default=None, help="held-out examples in the same format")
@@ -235,7 +235,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         finetune(args)
     except ConfigError as err:
-        print(f"finetune_classification: error: {err}", file=sys.stderr)
+        print(f"bigbatch.finetune: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 

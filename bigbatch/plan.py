@@ -11,8 +11,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from bigbatch.config import ConfigError, ModelConfig, Recipe, load_recipe, parse_override_args
+from bigbatch.config import ConfigError, ModelConfig, Recipe
 from bigbatch.model import padded_vocab
+from bigbatch.overrides import parse_override_args
+from bigbatch.recipe_files import load_recipe
 
 STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "fp16", "bf16")

@@ -16,11 +16,12 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param
 
 from bigbatch import dsconfig
-from bigbatch.config import ConfigError, load_recipe
+from bigbatch.config import ConfigError
 from bigbatch.distributed import shutdown
 from bigbatch.engine import client_optimizer, initialize
 from bigbatch.model import build_model, wants_checkpointing
 from bigbatch.optim import param_groups
+from bigbatch.recipe_files import load_recipe
 from bigbatch.scaling import solve_batch
 
 STEPS = 3

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,14 @@ from bigbatch.scaling import plan_steps
 SMALL = ["--batch.global_batch=32", "--batch.micro_batch=16", "--run.eval_every=100", "--checkpoint.every_steps=1",
          "--checkpoint.keep_last=20", "--data.vocab_size=400", "--data.eval_samples=32", "--data.seq_len=32",
          "--model.max_position=64", "--optimizer.lr=2e-3", "--schedule.warmup=0.5"]
+
+
+def train_tiny(tmp_path, corpus_file, steps: int, *extra: str) -> tuple[int, Path]:
+    """`bigbatch train tiny`, shrunk, in this process: (exit code, run directory)."""
+    run = tmp_path / "run"
+    code = main(["train", "tiny", f"--data.sources={corpus_file}", "--run-dir", str(run), f"--schedule.steps={steps}",
+                 *extra, *SMALL])
+    return code, run
 
 
 @pytest.fixture
@@ -116,11 +125,9 @@ def same(a, b) -> bool:
 @pytest.mark.parametrize("optimizer", ["lamb", "lars"])
 def test_fp16_overflow_skips_the_step_halves_the_scale_and_holds_the_lr(tmp_path, corpus_file, inject, optimizer):
     inject["inf_grad"] = {4}
-    run = tmp_path / "run"
-    args = ["train", "tiny", f"--data.sources={corpus_file}", "--run-dir", str(run), "--schedule.steps=8",
-            f"--optimizer.type={optimizer}",
-            fp16_fragment(tmp_path, initial_scale_power=8, loss_scale_window=3, min_loss_scale=1), *SMALL]
-    assert main(args) == 0
+    code, run = train_tiny(tmp_path, corpus_file, 8, f"--optimizer.type={optimizer}",
+                           fp16_fragment(tmp_path, initial_scale_power=8, loss_scale_window=3, min_loss_scale=1))
+    assert code == 0
     records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert [r["skipped_this_step"] for r in records] == [s == 4 for s in range(1, 9)]
     assert [r["skipped_steps"] for r in records] == [0, 0, 0, 1, 1, 1, 1, 1]
@@ -141,11 +148,9 @@ def test_fp16_overflow_skips_the_step_halves_the_scale_and_holds_the_lr(tmp_path
 @pytest.mark.slow
 def test_overflows_at_the_minimum_scale_checkpoint_and_stop(tmp_path, corpus_file, inject, capsys):
     inject["inf_grad"] = set(range(3, 100))
-    run = tmp_path / "run"
-    args = ["train", "tiny", f"--data.sources={corpus_file}", "--run-dir", str(run), "--schedule.steps=12",
-            "--run.overflow_patience=2",
-            fp16_fragment(tmp_path, initial_scale_power=2, loss_scale_window=1000, min_loss_scale=1), *SMALL]
-    assert main(args) == 3
+    code, run = train_tiny(tmp_path, corpus_file, 12, "--run.overflow_patience=2",
+                           fp16_fragment(tmp_path, initial_scale_power=2, loss_scale_window=1000, min_loss_scale=1))
+    assert code == 3
     err = capsys.readouterr().err
     # scale 4 at step 3 -> 2, step 4 -> 1 (the minimum), steps 5 and 6 overflow at the minimum: stop after step 6
     sentence = ("stopped at step 6: 2 steps in a row were skipped with the fp16 loss scale at its minimum (1); "
@@ -163,9 +168,8 @@ def test_overflows_at_the_minimum_scale_checkpoint_and_stop(tmp_path, corpus_fil
 @pytest.mark.slow
 def test_a_nan_loss_stops_the_run_before_its_update(tmp_path, corpus_file, inject, capsys):
     inject["nan_loss"] = {3}
-    run = tmp_path / "run"
-    args = ["train", "tiny", f"--data.sources={corpus_file}", "--run-dir", str(run), "--schedule.steps=6", *SMALL]
-    assert main(args) == 3
+    code, run = train_tiny(tmp_path, corpus_file, 6)
+    assert code == 3
     err = capsys.readouterr().err
     assert ("stopped at step 3: the training loss is nan (not finite), so the run diverged; its update was not "
             "applied and checkpoint step00000002 holds the last good state.") in err
@@ -183,10 +187,8 @@ def test_a_nan_loss_stops_the_run_before_its_update(tmp_path, corpus_file, injec
 def test_non_finite_gradients_in_fp32_and_bf16_skip_and_stop_after_patience(tmp_path, corpus_file, inject, capsys,
                                                                             configs):
     inject["inf_grad"] = set(range(3, 100))
-    run = tmp_path / "run"
-    args = ["train", "tiny", f"--data.sources={corpus_file}", "--run-dir", str(run), "--schedule.steps=8",
-            "--run.overflow_patience=2", f"--deepspeed.configs={configs}", *SMALL]
-    assert main(args) == 3
+    code, run = train_tiny(tmp_path, corpus_file, 8, "--run.overflow_patience=2", f"--deepspeed.configs={configs}")
+    assert code == 3
     sentence = ("stopped at step 4: 2 steps in a row were skipped with gradients that are not finite; checkpoint "
                 "step00000004 holds the last applied update.")
     assert sentence in capsys.readouterr().err and sentence in (run / "DIVERGED").read_text()
@@ -201,9 +203,8 @@ def test_non_finite_gradients_in_fp32_and_bf16_skip_and_stop_after_patience(tmp_
 @pytest.mark.slow
 def test_a_divergence_with_a_non_finite_state_keeps_the_last_good_checkpoint(tmp_path, corpus_file, inject, capsys):
     inject["inf_weight"] = {3}  # as if step 2's update had overflowed a weight: step 3's loss is NaN
-    run = tmp_path / "run"
-    args = ["train", "tiny", f"--data.sources={corpus_file}", "--run-dir", str(run), "--schedule.steps=6", *SMALL]
-    assert main(args) == 3
+    code, run = train_tiny(tmp_path, corpus_file, 6)
+    assert code == 3
     sentence = ("stopped at step 3: the training loss is nan (not finite), so the run diverged; its update was not "
                 "applied and the weights or optimizer state in memory are not finite, so no checkpoint was written; "
                 "resume from checkpoint step00000002, the last one saved.")
@@ -221,11 +222,9 @@ def test_deepspeeds_raise_at_the_minimum_scale_is_caught_and_stops_with_a_checkp
     monkeypatch.setattr(DynamicLossScaler, "raise_error_at_min_scale", property(lambda s: True, lambda s, v: None),
                         raising=False)
     inject["inf_grad"] = set(range(3, 100))
-    run = tmp_path / "run"
-    args = ["train", "tiny", f"--data.sources={corpus_file}", "--run-dir", str(run), "--schedule.steps=12",
-            "--run.overflow_patience=5",
-            fp16_fragment(tmp_path, initial_scale_power=2, loss_scale_window=1000, min_loss_scale=1), *SMALL]
-    assert main(args) == 3
+    code, run = train_tiny(tmp_path, corpus_file, 12, "--run.overflow_patience=5",
+                           fp16_fragment(tmp_path, initial_scale_power=2, loss_scale_window=1000, min_loss_scale=1))
+    assert code == 3
     # scale 4 at step 3 -> 2, step 4 -> 1 (the minimum), step 5 overflows at the minimum: DeepSpeed raises in it
     err = capsys.readouterr().err
     assert "stopped at step 5: " in err and "Current loss scale" not in err

@@ -7,8 +7,8 @@
 # The run directory: --run-dir DIR (or --run-dir=DIR) among the arguments, or BIGBATCH_RUN_DIR, or by default
 # <repo>/runs/<recipe>-<job id>; a relative one is taken from the directory sbatch was run in. The ranks train there
 # and this shell writes its STOP there; --run-dir and BIGBATCH_RUN_DIR naming two directories are refused.
-# Environment: BIGBATCH_PYTHON (default: <repo>/.venv/bin/python), BIGBATCH_RUN_DIR, BIGBATCH_LAUNCHER (torchrun |
-# deepspeed), BIGBATCH_PORT.
+# Environment: BIGBATCH_PYTHON (default: <repo>/.venv/bin/python if there is one, else python3 on PATH: an installed
+# bigbatch), BIGBATCH_RUN_DIR, BIGBATCH_LAUNCHER (torchrun | deepspeed), BIGBATCH_PORT.
 #SBATCH --job-name=bigbatch
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -26,7 +26,16 @@ recipe="$1"
 shift
 # sbatch runs a copy of this script from its spool directory: the repository is where the job was submitted from.
 repo="${SLURM_SUBMIT_DIR:?run this script with sbatch}"
-python="${BIGBATCH_PYTHON:-$repo/.venv/bin/python}"
+if [ -n "${BIGBATCH_PYTHON:-}" ]; then
+  python="$BIGBATCH_PYTHON"
+elif [ -x "$repo/.venv/bin/python" ]; then
+  python="$repo/.venv/bin/python"
+else
+  python="$(command -v python3)" || {
+    echo "bigbatch: error: $repo has no .venv and no python3 is on PATH; set BIGBATCH_PYTHON to the Python that bigbatch is installed in." >&2
+    exit 2
+  }
+fi
 launcher="${BIGBATCH_LAUNCHER:-torchrun}"
 
 # One run directory for this shell (its STOP file) and the ranks: the user's --run-dir is taken out of the arguments

@@ -1,11 +1,14 @@
-"""The recipe tree: loading shipped recipes, overrides on the tree's own names, unknown keys with a hint."""
+"""The recipe tree: loading shipped recipes (the user's own ./recipes and ./ds_configs first), overrides on the
+tree's own names, unknown keys with a hint."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from bigbatch import dsconfig
 from bigbatch.config import ConfigError, Recipe
 from bigbatch.overrides import apply_overrides, parse_override_args
 from bigbatch.recipe_files import load_recipe, recipe_from_dict
@@ -62,3 +65,20 @@ def test_recipe_json_round_trip(tmp_path):
     assert load_recipe(str(path)) == recipe
     with pytest.raises(ConfigError, match="unknown recipe key --batch.nope"):
         recipe_from_dict({"batch": {"nope": 1}})
+
+
+def test_the_users_own_recipes_and_fragments_come_before_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "tiny.py").write_text(
+        "import dataclasses\n"
+        "from bigbatch.recipe_files import shipped_dir, load_recipe_file\n"
+        "RECIPE = dataclasses.replace(load_recipe_file(shipped_dir('recipes') / 'tiny.py'), name='my_tiny')\n")
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "zero1.json").write_text('{"zero_optimization": {"stage": 1}}')
+    assert load_recipe("tiny").name == "my_tiny"
+    assert load_recipe("bert_base").name == "bert_base"  # not in ./recipes: the shipped one
+    assert dsconfig.find_fragment("zero1") == Path("ds_configs") / "zero1.json"
+    assert dsconfig.find_fragment("bf16.json") == dsconfig.DS_CONFIGS / "bf16.json"
+    with pytest.raises(ConfigError, match="not found .*shipped: act_ckpt.json"):
+        dsconfig.find_fragment("zero9.json")

@@ -267,37 +267,39 @@ def raise_on_errors(findings: list[Finding], source: str) -> None:
 def check_recipe(name: str, overrides: dict[str, str], world: Optional[int]) -> list[Finding]:
     """The recipe's own checks (keys, data files, fragments, batch arithmetic), then its resolved DeepSpeed JSON."""
     from bigbatch import dsconfig
-    from bigbatch.config import load_recipe
-    from bigbatch.data.corpus import check_sources
+    from bigbatch.recipe_files import load_recipe
+    from bigbatch.data.corpus import HubUnreachable, check_sources
     from bigbatch.data.tokenizer import check_tokenizer
-    from bigbatch.scaling import plan_steps, scaled_lr, solve_batch
+    from bigbatch.resolve import resolve
 
     out: list[Finding] = []
     recipe = load_recipe(name, overrides)
-    for step in (lambda: check_sources(recipe.data.sources),
+    try:
+        check_sources(tuple(s for s in recipe.data.sources if s.startswith("hf:")), recipe.data.cache_dir or None)
+    except HubUnreachable as err:  # nothing to say about the data until the hub can be asked: the rest still counts
+        out.append(Finding("note", f"{err} (bigbatch check could not verify it; the run will stop if it cannot)"))
+    except ConfigError as err:
+        out.append(Finding("error", str(err)))
+    for step in (lambda: check_sources(tuple(s for s in recipe.data.sources if not s.startswith("hf:"))),
                  lambda: check_tokenizer(recipe.data.tokenizer, recipe.data.vocab_size),
                  lambda: [dsconfig.find_fragment(f) for f in recipe.deepspeed.configs]):
         try:
             step()
         except ConfigError as err:
             out.append(Finding("error", str(err)))
-    if out:
+    if any(f.level == "error" for f in out):
         return out
-    b = recipe.batch
     world = world or recipe.cluster.nodes * recipe.cluster.gpus_per_node  # the cluster it was planned for
     try:
-        plan_steps(recipe, world)  # every phase's and every ramp step's batch arithmetic
+        run = resolve(recipe, world)  # every phase's and every ramp step's batch arithmetic, and the JSON
     except ConfigError as err:
-        return [Finding("error", str(err))]
-    plan = solve_batch(b.global_batch, world, b.micro_batch, b.grad_accum)
-    lr, _ = scaled_lr(recipe.optimizer, plan.global_batch)
-    config = dsconfig.build(recipe, plan, lr)
-    return check_config(config, plan.world)
+        return [*out, Finding("error", str(err))]
+    return [*out, *check_config(run.ds_config, run.world)]
 
 
 def cmd_check(args: list[str]) -> int:
     """`bigbatch check X [--world N]`: X is a DeepSpeed JSON when it names an existing .json file, else a recipe."""
-    from bigbatch.config import parse_override_args
+    from bigbatch.overrides import parse_override_args
 
     overrides, rest = parse_override_args(args)
     # On a host without a GPU, importing DeepSpeed logs its accelerator choice to stdout, where its logger then

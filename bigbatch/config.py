@@ -282,16 +282,3 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         hint = difflib.get_close_matches(value, allowed, n=1)
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{extra}; set --{key}=<one of them>.")
-
-
-def __getattr__(name: str) -> Any:
-    """Temporary (issue 17): bigbatch/check.py still imports these two from here; import them from their modules."""
-    if name == "load_recipe":
-        from bigbatch.recipe_files import load_recipe
-
-        return load_recipe
-    if name == "parse_override_args":
-        from bigbatch.overrides import parse_override_args
-
-        return parse_override_args
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

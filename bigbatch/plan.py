@@ -271,7 +271,7 @@ class PlanResult:
 def plan(recipe: Recipe, nodes: int, gpus_per_node: int, gpu_memory_bytes: int) -> PlanResult:
     """The memory table of `recipe` on nodes x gpus_per_node GPUs of `gpu_memory_bytes` each."""
     from bigbatch import dsconfig
-    from bigbatch.model import wants_checkpointing
+    from bigbatch.resolve import DeepSpeedView
     from bigbatch.scaling import BatchPlan, scaled_lr, solve_batch
 
     for key, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
@@ -285,10 +285,9 @@ def plan(recipe: Recipe, nodes: int, gpus_per_node: int, gpu_memory_bytes: int) 
         micro = batch.micro_batch or max(batch.global_batch // (world * max(batch.grad_accum, 1)), 1)
         # still tabulated at the recipe's micro-batch; only the fragments of the JSON built from this plan are read
         batch_plan, batch_error = BatchPlan(micro * world, micro, 1, world), str(err)
-    ds_config = dsconfig.build(recipe, batch_plan, scaled_lr(recipe.optimizer, batch.global_batch)[0])
-    zero_section = ds_config.get("zero_optimization") or {}
-    own_stage, own_precision = int(zero_section.get("stage", 0)), dsconfig.precision(ds_config)
-    checkpointing = wants_checkpointing(ds_config)
+    # not resolve(): the table is drawn even when the batch does not solve, at the recipe's micro-batch
+    ds = DeepSpeedView.of(dsconfig.build(recipe, batch_plan, scaled_lr(recipe.optimizer, batch.global_batch)[0]))
+    zero_section, own_stage, own_precision, checkpointing = ds.zero, ds.stage, ds.precision, ds.checkpointing
     num_params, largest_layer, attention = model_size(recipe.model, recipe.data.vocab_size)
     optimizer = recipe.optimizer.type.lower()
 
@@ -379,7 +378,9 @@ def report(result: PlanResult) -> str:
 
 
 def cmd_plan(args: list[str]) -> int:
-    """`bigbatch plan`: prints the table; 0 when the recipe fits as written, 1 when it does not."""
+    """`bigbatch plan`: prints a table per phase; 0 when every phase fits as written, 1 when one does not."""
+    from bigbatch.resolve import phase_recipe
+
     overrides, rest = parse_override_args(args)
     parser = argparse.ArgumentParser(
         prog="bigbatch plan",
@@ -396,7 +397,16 @@ def cmd_plan(args: list[str]) -> int:
                           "see `bigbatch plan --help`.")
     recipe = load_recipe(known.recipe, overrides)
     c = recipe.cluster  # the cluster the recipe was planned for, unless the flags name another
-    result = plan(recipe, known.nodes or c.nodes, known.gpus_per_node or c.gpus_per_node,
-                  parse_memory(known.gpu_memory or c.gpu_memory))
-    print(report(result))
-    return 0 if result.fits else 1
+    fits = True
+    # every phase: a later one's longer sequences need more activation memory (a batch ramp keeps the micro-batch,
+    # so the first phase's table already holds the ramp's largest batch)
+    for phase in range(len(recipe.phases) + 1):
+        of_phase = phase_recipe(recipe, phase)
+        result = plan(of_phase, known.nodes or c.nodes, known.gpus_per_node or c.gpus_per_node,
+                      parse_memory(known.gpu_memory or c.gpu_memory))
+        if recipe.phases:
+            print(f"{'' if phase == 0 else chr(10)}phase {phase + 1} of {len(recipe.phases) + 1}: sequence length "
+                  f"{of_phase.data.seq_len}, global batch {of_phase.batch.global_batch}")
+        print(report(result))
+        fits = fits and result.fits
+    return 0 if fits else 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from bigbatch.config import ConfigError, OptimizerConfig, Recipe, ScheduleConfig
 
@@ -132,10 +133,11 @@ def samples_before(steps: list[StepPlan], step: int) -> int:
     return sum(sp.global_batch for sp in steps[:step])
 
 
-def plan_steps(recipe: Recipe, world: int) -> list[StepPlan]:
-    """One StepPlan per optimizer step of the whole run (first phase, then `recipe.phases`)."""
+def plan_steps(recipe: Recipe, world: int, first: Optional[BatchPlan] = None) -> list[StepPlan]:
+    """One StepPlan per optimizer step of the whole run (first phase, then `recipe.phases`); `first`: the first
+    phase's batch factors when the caller has solved them already (`bigbatch.resolve`)."""
     b, opt = recipe.batch, recipe.optimizer
-    first = solve_batch(b.global_batch, world, b.micro_batch, b.grad_accum)
+    first = first or solve_batch(b.global_batch, world, b.micro_batch, b.grad_accum)
     steps: list[StepPlan] = []
     # The first phase, with the optional ramp (its LR follows the rule at each batch of the ramp).
     s = recipe.schedule

@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -26,14 +27,16 @@ from bigbatch.data.corpus import check_sources
 from bigbatch.data.tokenizer import check_tokenizer
 from bigbatch.engine import client_optimizer, initialize
 from bigbatch.metrics import MetricsLog, device_peak_flops, plot_loss, truncate_metrics
-from bigbatch.model import build_model, count_parameters, padded_vocab, wants_checkpointing
+from bigbatch.model import build_model, count_parameters, padded_vocab
 from bigbatch.noise import GradientNoiseScale, held_gradient_norm, loss_multiplier
 from bigbatch.optim import param_groups
 from bigbatch.optim.layerwise import LayerwiseOptimizer
-from bigbatch.overflow import (DIVERGED, DS_MIN_SCALE_ERROR, OverflowGuard, TrainingStopped, divergence_message)
+from bigbatch.overflow import (DIVERGED, DS_MIN_SCALE_ERROR, OverflowGuard, TrainingStopped, divergence_message,
+                               state_is_finite)
 from bigbatch.preemption import (Preempted, StopRequest, clear_markers, install_handlers, local_request,
                                  mark_preempted, restore_default_handlers)
-from bigbatch.scaling import BatchPlan, StepPlan, plan_steps, samples_before, scaled_lr, solve_batch, warmup_steps
+from bigbatch.resolve import ResolvedRun, phase_recipe, resolve
+from bigbatch.scaling import StepPlan, samples_before
 
 log = logging.getLogger("bigbatch")
 
@@ -118,14 +121,21 @@ class Trainer:
                  "job) continues from it")
         return {"preempted": True, "stopped_at": step}
 
-    def _stop(self, step: int, message: str) -> None:
-        """Every rank: checkpoint the current (last good) state as step `step`, say why, and stop the run."""
-        self.save(step)
+    def _stop(self, step: int, message: Callable[[Optional[str], Optional[str]], str]) -> None:
+        """Every rank: checkpoint the current (last good) state as step `step`, say why (`message(saved tag, tag to
+        resume from)`) and stop the run. A state that is not finite on some rank is not saved as the last good one:
+        the sentence names the checkpoint `latest` still points to."""
+        if distributed.sum_across_ranks([float(not state_is_finite(self.engine))])[0] == 0:
+            self.save(step)
+            sentence = message(checkpoint.tag_for(step), None)
+        else:
+            latest = self.run_dir / "checkpoints" / "latest"
+            sentence = message(None, latest.read_text().strip() if latest.is_file() else None)
         if self.is_writer:
-            (self.run_dir / DIVERGED).write_text(message + "\n")
+            (self.run_dir / DIVERGED).write_text(sentence + "\n")
             plot_loss(self.run_dir)
-            log.error(message)
-        raise TrainingStopped(message)
+            log.error(sentence)
+        raise TrainingStopped(sentence)
 
     def _progress(self) -> Any:
         if self.is_writer and sys.stdout.isatty():
@@ -203,14 +213,14 @@ class Trainer:
                     loss = summed[0] / self.world
                     big_norm = held_gradient_norm(engine.module) if noise and stage0 else None
                     if not math.isfinite(loss):
-                        self._stop(step, divergence_message(step + 1, loss, checkpoint.tag_for(step)))
+                        self._stop(step, partial(divergence_message, step + 1, loss))
                 try:
                     engine.step()
                 except Exception as err:  # ZeRO's scaler at its minimum, if the guard could not switch it off
                     if DS_MIN_SCALE_ERROR not in str(err):
                         raise
                     guard.in_a_row = guard.patience
-                    self._stop(step, guard.overflow_message(step + 1, checkpoint.tag_for(step)))
+                    self._stop(step, partial(guard.overflow_message, step + 1))
             elapsed = time.perf_counter() - started
             done = step + 1
             samples += sp.global_batch
@@ -256,7 +266,7 @@ class Trainer:
             last = record
             faults.at(f"step{done}", self.run_dir)
             if guard.update(record["skipped_this_step"], was_at_minimum):
-                self._stop(done, guard.overflow_message(done, checkpoint.tag_for(done)))
+                self._stop(done, partial(guard.overflow_message, done))
             if r.checkpoint.every_steps and done % r.checkpoint.every_steps == 0 and done != self.total_steps:
                 self.save(done)
             if done != self.total_steps and self.stop.agreed():
@@ -295,12 +305,10 @@ def _phase_summary(steps: list[StepPlan]) -> list[dict[str, Any]]:
     return out
 
 
-def _banner(recipe: Recipe, plan: BatchPlan, lr: float, rule: str, ds_config: dict[str, Any], run_dir: Path,
-            n_params: int) -> str:
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    return (f"bigbatch {recipe.name}: {n_params / 1e6:.2f}M params | world {plan.world} | batch {plan} "
-            f"(micro x accum x world) | {recipe.optimizer.type.upper()} lr {lr:.3g} ({rule}) | ZeRO {stage} | "
-            f"{dsconfig.precision(ds_config)}{' | act-ckpt' if wants_checkpointing(ds_config) else ''} | run {run_dir}")
+def _banner(run: ResolvedRun, run_dir: Path, n_params: int) -> str:
+    return (f"bigbatch {run.recipe.name}: {n_params / 1e6:.2f}M params | world {run.world} | batch {run.batch} "
+            f"(micro x accum x world) | {run.recipe.optimizer.type.upper()} lr {run.lr:.3g} ({run.lr_rule}) | "
+            f"ZeRO {run.ds.stage} | {run.ds.precision}{' | act-ckpt' if run.ds.checkpointing else ''} | run {run_dir}")
 
 
 def _setup_logging(run_dir: Path, rank: int) -> None:
@@ -316,11 +324,10 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
     ds_logger.setLevel(logging.WARNING)  # bigbatch prints its own banner and metrics
 
 
-def _choose_resume(recipe: Recipe, ds_config: dict[str, Any], root: Path, world: int) -> Any:
+def _choose_resume(recipe: Recipe, stage: int, root: Path, world: int) -> Any:
     """Writer rank: the tag to resume from (None without one), converted to a universal checkpoint when it was written
     on another number of ranks under ZeRO; a ConfigError, for every rank to raise, when it cannot be resumed here."""
     tag = checkpoint.choose(root)  # verifies the manifests once
-    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
     if not (tag and stage and checkpoint.saved_world(root / tag) not in (None, world)):
         return tag
     lars = recipe.optimizer.type.lower() == "lars"
@@ -356,14 +363,10 @@ def _train(recipe: Recipe, run_dir: Optional[Path], resume_run: bool, overwrite:
            argv: Optional[list[str]]) -> dict[str, Any]:
     # Everything that can be wrong with the input is checked before the process group starts.
     distributed.ensure_env()
-    world = distributed.world_size_from_env()
-    plan = solve_batch(recipe.batch.global_batch, world, recipe.batch.micro_batch, recipe.batch.grad_accum)
-    lr, rule = scaled_lr(recipe.optimizer, plan.global_batch)
-    steps = plan_steps(recipe, world)
+    run = resolve(recipe, distributed.world_size_from_env())
     check_sources(recipe.data.sources, recipe.data.cache_dir or None)
     check_tokenizer(recipe.data.tokenizer, recipe.data.vocab_size)
-    ds_config = dsconfig.build(recipe, plan, lr)
-    raise_on_errors(check_config(ds_config, plan.world), f"recipe {recipe.name}")
+    raise_on_errors(check_config(run.ds_config, run.world), f"recipe {recipe.name}")
     previous = None
     if run_dir is not None:
         mode = rundir.decide_mode(run_dir, resume_run, overwrite)
@@ -371,7 +374,7 @@ def _train(recipe: Recipe, run_dir: Optional[Path], resume_run: bool, overwrite:
         if previous is not None:
             resume.refuse_changes(previous, recipe.to_dict(), run_dir)
 
-    rank, world = distributed.init()
+    rank, _ = distributed.init()  # the world size is the one resolved above, from the same environment
     if run_dir is None:
         run_dir = Path(distributed.broadcast(str(rundir.default_run_dir(recipe.run.runs_root, recipe.name))))
         mode = rundir.decide_mode(run_dir, resume_run, overwrite)
@@ -388,8 +391,7 @@ def _train(recipe: Recipe, run_dir: Optional[Path], resume_run: bool, overwrite:
     try:
         faults.at("startup", run_dir)
         stop.check()  # a request that came during rendezvous or the checks above
-        engine, trainer = _start(recipe, run_dir, mode, previous, plan, lr, rule, steps, ds_config, rank, world,
-                                 stop, argv)
+        engine, trainer = _start(run, run_dir, mode, previous, rank, stop, argv)
         last = trainer.fit()
     except Preempted as request:  # during start-up: the run stays as its last checkpoint left it
         if rank == 0:
@@ -407,22 +409,21 @@ def _train(recipe: Recipe, run_dir: Optional[Path], resume_run: bool, overwrite:
     return last
 
 
-def _start(recipe: Recipe, run_dir: Path, mode: str, previous: Optional[dict[str, Any]], plan: BatchPlan, lr: float,
-           rule: str, steps: list[StepPlan], ds_config: dict[str, Any], rank: int, world: int, stop: StopRequest,
-           argv: Optional[list[str]]) -> tuple[Any, Trainer]:
+def _start(run: ResolvedRun, run_dir: Path, mode: str, previous: Optional[dict[str, Any]], rank: int,
+           stop: StopRequest, argv: Optional[list[str]]) -> tuple[Any, Trainer]:
     """Every rank: data, model, engine and resume; the trainer, ready for its loop. Stop requests are looked at
     between these stages (raising Preempted)."""
     say = _say if rank == 0 else log.info
+    recipe, world, steps, lr, ds_config = run.recipe, run.world, run.steps, run.lr, run.ds_config
 
     def load_phase(phase: int) -> TrainingData:
         """Phase 0's data, or a later phase's: the same corpus and tokenizer, packed at that phase's length."""
         if phase == 0:
             return data
-        ph = recipe.phases[phase - 1]
-        phase_recipe = dataclasses.replace(
-            recipe, data=dataclasses.replace(recipe.data, seq_len=ph.seq_len, tokenizer=str(data.tokenizer.path)),
-            batch=dataclasses.replace(recipe.batch, global_batch=ph.global_batch))
-        return prepare(phase_recipe, run_dir / "data" / f"phase{phase + 1}", rank == 0, distributed.broadcast, log=say,
+        of_phase = phase_recipe(recipe, phase)
+        of_phase = dataclasses.replace(of_phase, data=dataclasses.replace(of_phase.data,
+                                                                          tokenizer=str(data.tokenizer.path)))
+        return prepare(of_phase, run_dir / "data" / f"phase{phase + 1}", rank == 0, distributed.broadcast, log=say,
                        rank=rank, world=world, stop_requested=requested)
 
     def requested(moment: str) -> Optional[str]:
@@ -434,9 +435,8 @@ def _start(recipe: Recipe, run_dir: Path, mode: str, previous: Optional[dict[str
                    stop_requested=requested)
     stop.check()
     torch.manual_seed(recipe.run.seed)
-    model = build_model(recipe.model, data.vocab_size, pad_id=0, checkpointing=wants_checkpointing(ds_config))
+    model = build_model(recipe.model, data.vocab_size, pad_id=0, checkpointing=run.ds.checkpointing)
     n_params = count_parameters(model)
-    warmup = warmup_steps(recipe.schedule, plan.global_batch)
 
     def schedule(opt: Any) -> Any:
         # The optimizer's LR is the first phase's peak; the step table holds each step's LR (warmups, decays,
@@ -446,8 +446,9 @@ def _start(recipe: Recipe, run_dir: Path, mode: str, previous: Optional[dict[str
     hostnames = distributed.gather_objects(__import__("socket").gethostname())
     if rank == 0:
         dsconfig.write(ds_config, run_dir / "ds_config.json")
-        resolved = {"lr": lr, "lr_rule": rule, "world": plan.world, "micro_batch": plan.micro_batch,
-                    "grad_accum": plan.grad_accum, "global_batch": plan.global_batch, "warmup_steps": warmup,
+        resolved = {"lr": lr, "lr_rule": run.lr_rule, "world": world, "micro_batch": run.batch.micro_batch,
+                    "grad_accum": run.batch.grad_accum, "global_batch": run.batch.global_batch,
+                    "warmup_steps": run.warmup_steps,
                     "total_steps": len(steps), "total_samples": sum(sp.global_batch for sp in steps),
                     "phases": _phase_summary(steps),
                     "vocab_size": data.vocab_size,
@@ -458,7 +459,7 @@ def _start(recipe: Recipe, run_dir: Path, mode: str, previous: Optional[dict[str
         (run_dir / "recipe.json").write_text(json.dumps({"recipe": recipe.to_dict(), "resolved": resolved}, indent=1))
         env = rundir.environment(list(argv or sys.argv), world, hostnames)
         (run_dir / "env.json").write_text(json.dumps(env, indent=1))
-        _say(_banner(recipe, plan, lr, rule, ds_config, run_dir, n_params))
+        _say(_banner(run, run_dir, n_params))
         if resolved.get("changed_on_resume"):
             _say("changed at this resume: " + ", ".join(f"{k} {a!r} -> {b!r}"
                                                        for k, (a, b) in resolved["changed_on_resume"].items()))
@@ -476,7 +477,7 @@ def _start(recipe: Recipe, run_dir: Path, mode: str, previous: Optional[dict[str
         root = run_dir / "checkpoints"
         if rank == 0:
             try:
-                resume_tag = _choose_resume(recipe, ds_config, root, world)
+                resume_tag = _choose_resume(recipe, run.ds.stage, root, world)
             except Exception as err:  # the others wait in the broadcast below: they raise it too
                 distributed.broadcast(RuntimeError(f"choosing the checkpoint to resume on rank 0 failed: {err}"))
                 raise

@@ -12,6 +12,9 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Tests never reach the Hugging Face hub (CI has no internet): offline, an `hf:` source that is not cached fails at
+# once instead of after ~25 s of retries per call. Tests of the hub paths set their own environment.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 WORKERS = ROOT / "tests" / "workers"
 
 

@@ -66,12 +66,17 @@ def _clean(batch: dict[str, list[Any]]) -> dict[str, list[str]]:
     return {"text": [t.strip() for t in batch["text"] if isinstance(t, str) and t.strip()]}
 
 
+class HubUnreachable(ConfigError):
+    """An `hf:` source is not cached and the hub did not answer: training cannot start, while `bigbatch check` can
+    only say that it could not look (a note, not an error)."""
+
+
 def _hub_error(source: str, err: Exception) -> ConfigError:
     """One sentence for an `hf:` source that `datasets` could not open."""
     import datasets
 
     if isinstance(err, ConnectionError):  # datasets' word for "no answer from the hub and nothing in the cache"
-        return ConfigError(f"data source {source} is not in the local cache and the Hugging Face hub could not be "
+        return HubUnreachable(f"data source {source} is not in the local cache and the Hugging Face hub could not be "
                            f"reached ({err}); connect to the hub (check HF_ENDPOINT and HF_HUB_OFFLINE) or cache the "
                            "dataset first where the hub is reachable.")
     if isinstance(err, datasets.exceptions.DatasetNotFoundError):

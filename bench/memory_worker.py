@@ -41,7 +41,8 @@ from bigbatch import dsconfig
 from bigbatch.config import ConfigError
 from bigbatch.distributed import gather_objects, init, shutdown
 from bigbatch.engine import client_optimizer, initialize, refuse_16bit_stage0
-from bigbatch.model import build_model, wants_checkpointing
+from bigbatch.model import build_model
+from bigbatch.resolve import DeepSpeedView
 from bigbatch.optim import param_groups
 from bigbatch.plan import PRECISIONS, STAGES
 from bigbatch.recipe_files import load_recipe
@@ -431,7 +432,7 @@ def run(args: argparse.Namespace, stage: int, precision: str, checkpointing: boo
         world: int, rank: int) -> dict[str, Any]:
     recipe, ds_config = resolve(args, stage, precision, checkpointing, optimizer, world)
     torch.manual_seed(0)
-    model = build_model(recipe.model, args.vocab, pad_id=0, checkpointing=wants_checkpointing(ds_config))
+    model = build_model(recipe.model, args.vocab, pad_id=0, checkpointing=DeepSpeedView.of(ds_config).checkpointing)
     engine, *_ = initialize(model=model, config=ds_config,
                             model_parameters=param_groups(model, recipe.optimizer.weight_decay))
     first = Inventory(engine)  # ZeRO-3 has no module trace to prefetch by in its first step

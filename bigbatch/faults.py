@@ -6,6 +6,7 @@ lookup. Moments are the names passed to `at()` below (`startup`, `tokenizer`, `p
 `phase`, `step<N>`). Actions: `usr1` and `term` send that signal to this process, `kill` sends SIGKILL to it,
 `stop` writes an empty STOP file into the run directory. Each armed fault fires once per process, on every rank or
 on the rank given. A fault changes nothing else: what follows is the run's own handling of a real signal or kill.
+`on_step` is the in-process counterpart for numerical faults: a callback at the start of every step.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 ENV = "BIGBATCH_FAULT"
 ACTIONS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL}
@@ -52,3 +53,18 @@ def at(moment: str, run_dir: Optional[Path] = None) -> None:
 def reset() -> None:
     """Arms every moment again (an in-process caller that runs several times)."""
     _fired.clear()
+
+
+_step_callbacks: list[Callable[[int, Any], None]] = []
+
+
+def on_step(callback: Callable[[int, Any], None]) -> Callable[[], None]:
+    """Calls `callback(step, model)` as each training step starts (1-based step, the engine's module): how a test
+    corrupts a gradient, a weight or a loss at a chosen step without patching the trainer. Returns its remover."""
+    _step_callbacks.append(callback)
+    return lambda: _step_callbacks.remove(callback)
+
+
+def step_started(step: int, model: Any) -> None:
+    for callback in list(_step_callbacks):
+        callback(step, model)

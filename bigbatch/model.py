@@ -118,10 +118,5 @@ def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int, checkpointing: b
     return wrapper(hf)
 
 
-def wants_checkpointing(ds_config: dict) -> bool:
-    """Activation checkpointing is on when the resolved DeepSpeed JSON has an `activation_checkpointing` section."""
-    return isinstance(ds_config.get("activation_checkpointing"), dict)
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -1,7 +1,7 @@
 """The training loop: data -> forward -> engine.backward -> engine.step, with evaluation, metrics and checkpoints.
 
-Read top to bottom: `train()` sets the run up (batch arithmetic, run directory, data, model, DeepSpeed engine),
-then `Trainer.fit()` is the loop.
+Read top to bottom: `Trainer.fit()` is the loop (each step is `bigbatch.step.train_step`); `train()` sets the run
+up: `resolve()` the recipe, the run directory, then `_start()` (data, model, DeepSpeed engine, resume).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import logging
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -28,11 +29,11 @@ from bigbatch.data.tokenizer import check_tokenizer
 from bigbatch.engine import client_optimizer, initialize
 from bigbatch.metrics import MetricsLog, device_peak_flops, plot_loss, truncate_metrics
 from bigbatch.model import build_model, count_parameters, padded_vocab
-from bigbatch.noise import GradientNoiseScale, held_gradient_norm, loss_multiplier
+from bigbatch.noise import GradientNoiseScale
+from bigbatch.step import StepContext, StepRecord, StepStopped, train_step
 from bigbatch.optim import param_groups
 from bigbatch.optim.layerwise import LayerwiseOptimizer
-from bigbatch.overflow import (DIVERGED, DS_MIN_SCALE_ERROR, OverflowGuard, TrainingStopped, divergence_message,
-                               state_is_finite)
+from bigbatch.overflow import DIVERGED, OverflowGuard, TrainingStopped, state_is_finite
 from bigbatch.preemption import (Preempted, StopRequest, clear_markers, install_handlers, local_request,
                                  mark_preempted, restore_default_handlers)
 from bigbatch.resolve import ResolvedRun, phase_recipe, resolve
@@ -44,11 +45,6 @@ log = logging.getLogger("bigbatch")
 def _say(message: str) -> None:
     log.info(message)
     print(message, flush=True)
-
-
-def _dropout_seed(seed: int, step: int, rank: int) -> int:
-    """Dropout RNG as a function of (seed, step, rank): a resumed run draws the same masks with no saved state."""
-    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63)
 
 
 @dataclass
@@ -73,6 +69,11 @@ class Trainer:
         self.guard = OverflowGuard(self.engine, self.recipe.run.overflow_patience)
         self.guard.in_a_row = self.overflow_in_a_row
         self.last_saved = self.start_step
+        ema = self.recipe.run.noise_scale_ema
+        self.ctx = StepContext(self.engine, self.rank, self.world, self.recipe.run.seed, self.guard,
+                               GradientNoiseScale(self.engine.module, ema) if ema else None)
+        self.samples = samples_before(self.steps, self.start_step)  # read so far: what metrics.jsonl counts
+        self.tokens = sum(sp.global_batch * sp.seq_len for sp in self.steps[: self.start_step])
 
     @property
     def total_steps(self) -> int:
@@ -137,12 +138,19 @@ class Trainer:
             log.error(sentence)
         raise TrainingStopped(sentence)
 
-    def _progress(self) -> Any:
+    @contextmanager
+    def _progress(self) -> Iterator[Any]:
+        """A progress bar on the writer's terminal (None elsewhere: logs get a line every run.log_every steps)."""
+        bar = None
         if self.is_writer and sys.stdout.isatty():
             from tqdm import tqdm
 
-            return tqdm(total=self.total_steps, initial=self.start_step, dynamic_ncols=True, unit="step")
-        return None
+            bar = tqdm(total=self.total_steps, initial=self.start_step, dynamic_ncols=True, unit="step")
+        try:
+            yield bar
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _enter_phase(self, sp: StepPlan) -> None:
         """At a phase boundary: this phase's data and batch shape; model, optimizer and LR scheduler state stay."""
@@ -154,21 +162,8 @@ class Trainer:
                  f"{sp.micro_batch} x {sp.grad_accum} x {self.world} = {sp.global_batch}, {n} steps, "
                  f"peak lr {max(x.lr for x in self.steps if x.phase == sp.phase):.3g} after its own warmup")
 
-    def _shape_engine(self, sp: StepPlan) -> None:
-        """DeepSpeed keeps the batch shape in its config; a phase or a ramp changes it between steps."""
-        engine = self.engine
-        if engine.train_micro_batch_size_per_gpu() != sp.micro_batch:
-            engine.set_train_micro_batch_size(sp.micro_batch)
-        if engine.train_batch_size() != sp.global_batch:
-            engine.set_train_batch_size(sp.global_batch)
-
     def fit(self) -> dict[str, Any]:
-        r = self.recipe
-        engine, optimizer = self.engine, client_optimizer(self.engine)
-        guard = self.guard
-        noise = GradientNoiseScale(engine.module, r.run.noise_scale_ema) if r.run.noise_scale_ema else None
-        stage0 = engine.zero_optimization_stage() == 0
-        last: dict[str, Any] = {}
+        """The loop: each step's record, then what it means for the run (stop, checkpoint, preempt, report)."""
         if self.start_step == 0:
             first = self.evaluate(self.steps[0].micro_batch)
             self.metrics.write({"step": 0, "samples": 0, "tokens": 0, **first})
@@ -176,118 +171,80 @@ class Trainer:
                 _say(f"step 0: eval loss {first['eval_loss']:.4f} (before any update)")
         if self.stop.agreed():  # asked during start-up's last stages or the first evaluation
             return self.preempt(self.start_step, self.stop.reason or "")
-        bar = self._progress()
-        samples = samples_before(self.steps, self.start_step)
-        tokens = sum(sp.global_batch * sp.seq_len for sp in self.steps[: self.start_step])
-        for step in range(self.start_step, self.total_steps):
-            sp = self.steps[step]
-            if step > self.start_step and sp.phase != self.steps[step - 1].phase:
+        last: dict[str, Any] = {}
+        with self._progress() as bar:
+            for step in range(self.start_step, self.total_steps):
+                sp = self.steps[step]
+                if step > self.start_step and sp.phase != self.steps[step - 1].phase:
+                    try:
+                        self._enter_phase(sp)  # re-packing at the new length looks at stop requests between chunks
+                    except Preempted as stop:
+                        return {**last, **self.preempt(step, stop.reason)}
                 try:
-                    self._enter_phase(sp)  # re-packing at the new length looks at stop requests between chunks
-                except Preempted as stop:
-                    if bar is not None:
-                        bar.close()
-                    return {**last, **self.preempt(step, stop.reason)}
-            self._shape_engine(sp)
-            torch.manual_seed(_dropout_seed(r.run.seed, step, self.rank))
-            skipped_before, was_at_minimum = engine.skipped_steps, guard.at_minimum()
-            lr_used = float(engine.get_lr()[0])
-            started = time.perf_counter()
-            losses = []
-            for micro in range(sp.grad_accum):
-                boundary = micro == sp.grad_accum - 1
-                # said explicitly: DeepSpeed's own boundary test counts micro-steps modulo the *current* accumulation,
-                # which goes out of step once a ramp or a phase has changed it
-                engine.set_gradient_accumulation_boundary(boundary)
-                positions = self.data.sampler.positions(sp.offset, micro, self.rank, self.world, sp.micro_batch)
-                loss = engine(**self.data.train_batch(positions))
-                engine.backward(loss)
-                losses.append(loss.detach().float())
-                if noise is not None:
-                    noise.micro_batch_done(loss_multiplier(engine))
-                if boundary:
-                    # the step's loss on every rank before its update, so a diverged step is never applied; the
-                    # noise scale's small-batch sums ride on the same all-reduce
-                    local = [float(torch.stack(losses).mean()), *(noise.take_local() if noise else ())]
-                    summed = distributed.sum_across_ranks(local)
-                    loss = summed[0] / self.world
-                    big_norm = held_gradient_norm(engine.module) if noise and stage0 else None
-                    if not math.isfinite(loss):
-                        self._stop(step, partial(divergence_message, step + 1, loss))
-                try:
-                    engine.step()
-                except Exception as err:  # ZeRO's scaler at its minimum, if the guard could not switch it off
-                    if DS_MIN_SCALE_ERROR not in str(err):
-                        raise
-                    guard.in_a_row = guard.patience
-                    self._stop(step, partial(guard.overflow_message, step + 1))
-            elapsed = time.perf_counter() - started
-            done = step + 1
-            samples += sp.global_batch
-            tokens += sp.global_batch * sp.seq_len
-            grad_norm = engine.get_global_grad_norm()
-            record: dict[str, Any] = {
-                "step": done,
-                "samples": samples,
-                "tokens": tokens,
-                "phase": sp.phase + 1,
-                "global_batch": sp.global_batch,
-                "seq_len": sp.seq_len,
-                "lr": lr_used,
-                "loss": loss,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0) or 1.0),
-                "skipped_steps": int(engine.skipped_steps),
-                "skipped_this_step": engine.skipped_steps > skipped_before,
-                "updates": done - int(engine.skipped_steps),  # applied updates; the LR schedule follows these
-                "step_time_s": elapsed,
-                "time": time.time(),  # wall clock: the loop's own overhead shows between consecutive records
-                "samples_per_s": sp.global_batch / elapsed,
-                "tokens_per_s": sp.global_batch * sp.seq_len / elapsed,
-            }
-            if noise is not None:
-                big_norm = big_norm if stage0 else record["grad_norm"]
-                record.update(noise.update(*summed[1:], sp.micro_batch, sp.global_batch, big_norm,
-                                           applied=not record["skipped_this_step"]))
-            if torch.cuda.is_available():
-                record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                peak = device_peak_flops(torch.cuda.get_device_name(0))
-                if peak:
-                    # model FLOPs: 6 N per token, forward + backward (Kaplan et al. 2020)
-                    record["mfu"] = 6.0 * self.n_params * record["tokens_per_s"] / (peak * self.world)
-            every = r.run.trust_ratio_every
-            if isinstance(optimizer, LayerwiseOptimizer) and every and (done % every == 0 or done == 1):
-                record["trust_ratios"] = optimizer.trust_ratios()
-            if done % r.run.eval_every == 0 or done == self.total_steps:
-                eval_started = time.perf_counter()
-                record.update(self.evaluate(sp.micro_batch))
-                record["eval_s"] = time.perf_counter() - eval_started
-            self.metrics.write(record)
-            last = record
-            faults.at(f"step{done}", self.run_dir)
-            if guard.update(record["skipped_this_step"], was_at_minimum):
-                self._stop(done, partial(guard.overflow_message, done))
-            if r.checkpoint.every_steps and done % r.checkpoint.every_steps == 0 and done != self.total_steps:
-                self.save(done)
-            if done != self.total_steps and self.stop.agreed():
-                if bar is not None:
-                    bar.close()
-                return {**last, **self.preempt(done, self.stop.reason or "")}
-            if self.is_writer:
-                if "eval_loss" in record:
-                    plot_loss(self.run_dir)
-                summary = (f"loss {loss:.4f} lr {record['lr']:.3g} {record['samples_per_s']:.0f} samples/s"
-                           + (f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
-                if bar is not None:
-                    bar.set_postfix_str(summary)
-                    bar.update(1)
-                elif done % r.run.log_every == 0 or done == self.total_steps:
-                    _say(f"step {done}/{self.total_steps}: {summary}")
-        if bar is not None:
-            bar.close()
+                    result = train_step(self.ctx, self.data, sp)
+                except StepStopped as stopped:
+                    self._stop(stopped.at, stopped.message)
+                done = step + 1
+                last = self._record(sp, result)
+                if self.guard.update(result.skipped, result.was_at_minimum):
+                    self._stop(done, partial(self.guard.overflow_message, done))
+                every = self.recipe.checkpoint.every_steps
+                if every and done % every == 0 and done != self.total_steps:
+                    self.save(done)
+                if done != self.total_steps and self.stop.agreed():
+                    return {**last, **self.preempt(done, self.stop.reason or "")}
+                self._report(last, bar)
         if self.start_step < self.total_steps:
             self.save(self.total_steps)
         return last
+
+    def _record(self, sp: StepPlan, result: StepRecord) -> dict[str, Any]:
+        """The step's metrics.jsonl record, with what runs every few steps (trust ratios, evaluation) added."""
+        r, done = self.recipe, sp.step + 1
+        self.samples += sp.global_batch
+        self.tokens += sp.global_batch * sp.seq_len
+        record: dict[str, Any] = {
+            "step": done, "samples": self.samples, "tokens": self.tokens, "phase": sp.phase + 1,
+            "global_batch": sp.global_batch, "seq_len": sp.seq_len, "lr": result.lr, "loss": result.loss,
+            "grad_norm": result.grad_norm, "loss_scale": result.loss_scale, "skipped_steps": result.skipped_steps,
+            "skipped_this_step": result.skipped,
+            "updates": done - result.skipped_steps,  # applied updates; the LR schedule follows these
+            "step_time_s": result.seconds,
+            "time": time.time(),  # wall clock: the loop's own overhead shows between consecutive records
+            "samples_per_s": sp.global_batch / result.seconds,
+            "tokens_per_s": sp.global_batch * sp.seq_len / result.seconds,
+            **result.noise,
+        }
+        if torch.cuda.is_available():
+            record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            peak = device_peak_flops(torch.cuda.get_device_name(0))
+            if peak:  # model FLOPs: 6 N per token, forward + backward (Kaplan et al. 2020)
+                record["mfu"] = 6.0 * self.n_params * record["tokens_per_s"] / (peak * self.world)
+        optimizer, every = client_optimizer(self.engine), r.run.trust_ratio_every
+        if isinstance(optimizer, LayerwiseOptimizer) and every and (done % every == 0 or done == 1):
+            record["trust_ratios"] = optimizer.trust_ratios()
+        if done % r.run.eval_every == 0 or done == self.total_steps:
+            eval_started = time.perf_counter()
+            record.update(self.evaluate(sp.micro_batch))
+            record["eval_s"] = time.perf_counter() - eval_started
+        self.metrics.write(record)
+        faults.at(f"step{done}", self.run_dir)
+        return record
+
+    def _report(self, record: dict[str, Any], bar: Any) -> None:
+        """Writer rank: the loss plot at each evaluation, and a line (or the progress bar) per step."""
+        if not self.is_writer:
+            return
+        if "eval_loss" in record:
+            plot_loss(self.run_dir)
+        done = record["step"]
+        summary = (f"loss {record['loss']:.4f} lr {record['lr']:.3g} {record['samples_per_s']:.0f} samples/s"
+                   + (f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
+        if bar is not None:
+            bar.set_postfix_str(summary)
+            bar.update(1)
+        elif done % self.recipe.run.log_every == 0 or done == self.total_steps:
+            _say(f"step {done}/{self.total_steps}: {summary}")
 
 
 def _phase_summary(steps: list[StepPlan]) -> list[dict[str, Any]]:

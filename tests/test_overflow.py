@@ -14,12 +14,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
-import bigbatch.train
+from bigbatch import faults
 from bigbatch.cli import main
 from bigbatch.metrics import read_metrics
 from bigbatch.recipe_files import load_recipe
@@ -40,22 +41,19 @@ def train_tiny(tmp_path, corpus_file, steps: int, *extra: str) -> tuple[int, Pat
 
 @pytest.fixture
 def inject(monkeypatch):
-    """Steps (1-based) at which a gradient gets an inf, the loss a NaN, or a weight an inf before the forward pass;
-    the trainer's step read from its seed."""
+    """Steps (1-based) at which a gradient gets an inf, the loss a NaN, or a weight an inf before the forward pass,
+    through the trainer's public per-step hook (`bigbatch.faults.on_step`)."""
     from deepspeed.accelerator import get_accelerator
 
     monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)  # test only
     plan = {"inf_grad": set(), "nan_loss": set(), "inf_weight": set(), "step": 0}
-    seed = bigbatch.train._dropout_seed
+    hooked = weakref.WeakSet()
 
-    def dropout_seed(s, step, rank):
-        plan["step"] = step + 1
-        return seed(s, step, rank)
-
-    build = bigbatch.train.build_model
-
-    def build_model(*args, **kwargs):
-        model = build(*args, **kwargs)
+    def corrupt(step, model):
+        plan["step"] = step
+        if model in hooked:
+            return
+        hooked.add(model)
         first = next(p for p in model.parameters() if p.requires_grad)
         first.register_hook(lambda g: g * math.inf if plan["step"] in plan["inf_grad"] else g)
 
@@ -66,11 +64,10 @@ def inject(monkeypatch):
         model.register_forward_pre_hook(break_weight)
         model.register_forward_hook(
             lambda m, a, out: out * math.nan if m.training and plan["step"] in plan["nan_loss"] else out)
-        return model
 
-    monkeypatch.setattr(bigbatch.train, "_dropout_seed", dropout_seed)
-    monkeypatch.setattr(bigbatch.train, "build_model", build_model)
-    return plan
+    remove = faults.on_step(corrupt)
+    yield plan
+    remove()
 
 
 def fp16_fragment(tmp_path, **fp16):

@@ -19,9 +19,10 @@ from bigbatch import dsconfig
 from bigbatch.config import ConfigError
 from bigbatch.distributed import shutdown
 from bigbatch.engine import client_optimizer, initialize
-from bigbatch.model import build_model, wants_checkpointing
+from bigbatch.model import build_model
 from bigbatch.optim import param_groups
 from bigbatch.recipe_files import load_recipe
+from bigbatch.resolve import DeepSpeedView
 from bigbatch.scaling import solve_batch
 
 STEPS = 3
@@ -69,7 +70,7 @@ def run(configs, optimizer, world, rank):
     plan = solve_batch(MICRO * world, world, MICRO, 0)
     ds_config = dsconfig.build(recipe, plan, 1e-3)
     torch.manual_seed(0)
-    model = build_model(recipe.model, VOCAB, pad_id=0, checkpointing=wants_checkpointing(ds_config))
+    model = build_model(recipe.model, VOCAB, pad_id=0, checkpointing=DeepSpeedView.of(ds_config).checkpointing)
     num_params = sum(p.numel() for p in model.parameters())
     engine, *_ = initialize(model=model, config=ds_config,
                             model_parameters=param_groups(model, recipe.optimizer.weight_decay))

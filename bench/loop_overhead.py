@@ -38,6 +38,7 @@ from bigbatch.cli import main as bigbatch  # noqa: E402
 from bigbatch.data import prepare  # noqa: E402
 from bigbatch.engine import initialize  # noqa: E402
 from bigbatch.metrics import plot_loss, read_metrics  # noqa: E402
+from bigbatch.rundir import RunDir  # noqa: E402
 from bigbatch.model import build_model  # noqa: E402
 from bigbatch.optim import param_groups  # noqa: E402
 from bigbatch.recipe_files import load_recipe  # noqa: E402
@@ -198,7 +199,7 @@ def main() -> None:
         ckpt_s = statistics.median(r["checkpoint_s"] for r in costs if "checkpoint_s" in r)
         step_s = statistics.median(r["step_time_s"] for r in costs if "step_time_s" in r)
         started = time.perf_counter()
-        plot_loss(work / "costs")
+        plot_loss(RunDir(work / "costs"))
         plot_s = time.perf_counter() - started
         params = json.loads((work / "costs" / "recipe.json").read_text())["resolved"]["parameters"]
         eval_n = json.loads((work / "costs" / "data" / "data.json").read_text())["eval_sequences"]

@@ -145,7 +145,3 @@ def precision(config: dict[str, Any]) -> str:
     if (config.get("bf16") or config.get("bfloat16") or {}).get("enabled"):
         return "bf16"
     return "fp32"
-
-
-def write(config: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(config, indent=2) + "\n")

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from bigbatch import checkpoint
 from bigbatch.config import ConfigError, Recipe
 from bigbatch.recipe_files import load_recipe_file
+from bigbatch.rundir import RunDir
 
 AUTO_CLASS = {"bert": "AutoModelForMaskedLM", "gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM"}
 
@@ -49,9 +50,10 @@ def export(run_dir: Path, out: Optional[Path] = None, overwrite: bool = False) -
     from bigbatch.data.tokenizer import CLS, PAD, SEP
     from bigbatch.model import build_model
 
-    run_dir = Path(run_dir)
+    run = RunDir(Path(run_dir))
+    run_dir = run.path
     out = Path(out) if out is not None else run_dir / "export"
-    if not (run_dir / "recipe.json").is_file():
+    if not run.recipe_file.is_file():
         raise ConfigError(f"{run_dir} is not a bigbatch run directory (it has no recipe.json); give the --run-dir "
                           "that `bigbatch train` wrote.")
     if run_dir.resolve().is_relative_to(out.resolve()):
@@ -60,14 +62,14 @@ def export(run_dir: Path, out: Optional[Path] = None, overwrite: bool = False) -
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"export directory {out} already exists and is not empty; choose another --out or pass "
                           "--overwrite to replace it.")
-    root = run_dir / "checkpoints"
+    root = run.checkpoints
     tag = checkpoint.choose(root)
     if tag is None:
         raise ConfigError(f"{run_dir} has no complete checkpoint in {root}; a run saves one when it finishes, or "
                           "every --checkpoint.every_steps steps.")
-    recipe = load_recipe_file(run_dir / "recipe.json")
-    tokenizer_file = _tokenizer_file(recipe, run_dir)
-    vocab_size = _vocab_size(tokenizer_file, json.loads((run_dir / "recipe.json").read_text()).get("resolved", {}))
+    recipe = load_recipe_file(run.recipe_file)
+    tokenizer_file = _tokenizer_file(recipe, run)
+    vocab_size = _vocab_size(tokenizer_file, json.loads(run.recipe_file.read_text()).get("resolved", {}))
     model = build_model(recipe.model, vocab_size, pad_id=PAD)
     missing, unexpected = model.load_state_dict(consolidate(root / tag), strict=False)
     if missing or unexpected:
@@ -122,9 +124,9 @@ def consolidate(tag_dir: Path) -> dict[str, Any]:
     return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
 
-def _tokenizer_file(recipe: Recipe, run_dir: Path) -> Path:
+def _tokenizer_file(recipe: Recipe, run: RunDir) -> Path:
     """The SentencePiece model the run trained with: the recipe's data.tokenizer, else the one trained in the run."""
-    path = Path(recipe.data.tokenizer) if recipe.data.tokenizer else run_dir / "data" / "tokenizer.model"
+    path = Path(recipe.data.tokenizer) if recipe.data.tokenizer else run.data() / "tokenizer.model"
     if not path.is_file():
         raise ConfigError(f"the run's tokenizer {path} does not exist; export from the directory the run used "
                           "its data.tokenizer path from, or restore the file.")

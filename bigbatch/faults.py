@@ -16,6 +16,8 @@ import signal
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from bigbatch.rundir import RunDir
+
 ENV = "BIGBATCH_FAULT"
 ACTIONS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL}
 _fired: set[str] = set()
@@ -45,7 +47,7 @@ def at(moment: str, run_dir: Optional[Path] = None) -> None:
     _fired.add(moment)
     if action == "stop":
         if run_dir is not None:
-            (run_dir / "STOP").write_text("")
+            RunDir(run_dir).stop_file.write_text("")
         return
     os.kill(os.getpid(), ACTIONS[action])
 

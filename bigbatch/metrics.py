@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from bigbatch.rundir import RunDir
+
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) for model FLOPs utilization, by a substring of the device name.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10": 125e12, "L40": 181e12, "V100": 125e12}
 
@@ -59,7 +61,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
-def plot_loss(run_dir: Path) -> None:
+def plot_loss(run: RunDir) -> None:
     """loss.png: train and eval loss against samples, skipped (overflow) steps marked; below it, when estimated, the
     gradient noise scale (the critical batch) beside the global batch."""
     import matplotlib
@@ -67,7 +69,7 @@ def plot_loss(run_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(run.metrics_file)
     train = [(r["samples"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
     evals = [(r["samples"], r["eval_loss"]) for r in records if "eval_loss" in r]
     skipped = [r["samples"] for r in records if r.get("skipped_this_step")]
@@ -82,7 +84,7 @@ def plot_loss(run_dir: Path) -> None:
     for i, s in enumerate(skipped):
         ax.axvline(s, color="red", alpha=0.3, lw=0.8, label="skipped step" if i == 0 else None)
     ax.set_ylabel("loss")
-    ax.set_title(run_dir.name)
+    ax.set_title(run.path.name)
     ax.grid(alpha=0.3)
     ax.legend()
     if noise:
@@ -96,7 +98,7 @@ def plot_loss(run_dir: Path) -> None:
         low.legend()
     axes[-1][0].set_xlabel("samples")
     fig.tight_layout()
-    tmp = run_dir / "loss.png.tmp"
+    tmp = run.loss_plot.with_name(run.loss_plot.name + ".tmp")
     fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(run_dir / "loss.png")
+    tmp.replace(run.loss_plot)

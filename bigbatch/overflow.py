@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 DS_MIN_SCALE_ERROR = "Current loss scale already at minimum"
-DIVERGED = "DIVERGED"  # marker in the run directory: the sentence of why the run stopped (SLURM does not requeue)
 EXIT_STOPPED = 3  # the run stopped itself (overflow policy, divergence): not bad input (2), not a crash (1)
 
 

@@ -18,7 +18,6 @@ that acts on it consumes it, recording it in `PREEMPTED`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -26,8 +25,8 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-STOP = "STOP"
-PREEMPTED = "PREEMPTED"
+from bigbatch.rundir import STOP, RunDir
+
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 log = logging.getLogger(__name__)
@@ -142,21 +141,16 @@ class StopRequest:
             raise Preempted(self.reason or "")
 
 
-def clear_markers(run_dir: Path) -> None:
+def clear_markers(run: RunDir) -> None:
     """Writer rank, at start: the previous start's outcome markers go; a STOP file stays (see the module doc)."""
-    from bigbatch.overflow import DIVERGED
-
-    for name in (PREEMPTED, DIVERGED):
-        (run_dir / name).unlink(missing_ok=True)
-    stale = stale_stop_file(run_dir)
+    run.clear_outcome()
+    stale = stale_stop_file(run.path)
     if stale is not None:
-        log.warning("%s was written for start %s, not this one (%s): ignored", run_dir / STOP, stale, start_id())
+        log.warning("%s was written for start %s, not this one (%s): ignored", run.stop_file, stale, start_id())
 
 
-def mark_preempted(run_dir: Path, step: Optional[int], reason: str, during: str = "training") -> None:
+def mark_preempted(run: RunDir, step: Optional[int], reason: str, during: str = "training") -> None:
     """Writer rank: PREEMPTED (what the SLURM template requeues on) with the step a resume continues from; the STOP
     file this start acted on is consumed with it."""
-    record = {"step": step, "reason": reason, "during": during}
-    (run_dir / PREEMPTED).write_text(json.dumps(record) + "\n")
-    if reason == f"{STOP} file" or stop_file_request(run_dir) is not None:
-        (run_dir / STOP).unlink(missing_ok=True)
+    run.mark_preempted(step, reason, during,
+                       consume_stop=reason == f"{STOP} file" or stop_file_request(run.path) is not None)

@@ -24,6 +24,7 @@ from bigbatch.config import ConfigError
 from bigbatch.metrics import read_metrics
 from bigbatch.overrides import parse_override_args
 from bigbatch.recipe_files import load_recipe
+from bigbatch.rundir import RunDir
 
 
 def parse_grid(specs: list[str]) -> dict[str, list[str]]:
@@ -67,16 +68,17 @@ def point_args(sweep_dir: Path, index: int) -> list[str]:
 
 def _status(run_dir: Path) -> tuple[str, Optional[float], int]:
     """(state, last eval loss, last step) of one point's run directory."""
-    records = read_metrics(run_dir / "metrics.jsonl")
+    run = RunDir(run_dir)
+    records = read_metrics(run.metrics_file)
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     steps = max((r.get("step", 0) for r in records), default=0)
     try:
-        total = json.loads((run_dir / "recipe.json").read_text())["resolved"]["total_steps"]
+        total = json.loads(run.recipe_file.read_text())["resolved"]["total_steps"]
     except (OSError, ValueError, KeyError):
         total = None
     if total is not None and steps == total:
         state = "done"
-    elif (run_dir / "PREEMPTED").exists():
+    elif run.preempted() is not None:
         state = "preempted"
     else:
         state = "running" if records else "not started"

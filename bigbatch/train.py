@@ -7,7 +7,6 @@ up: `resolve()` the recipe, the run directory, then `_start()` (data, model, Dee
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import sys
@@ -20,7 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from bigbatch import checkpoint, distributed, dsconfig, faults, resume, rundir
+from bigbatch import checkpoint, distributed, faults, resume
 from bigbatch.check import check_config, raise_on_errors
 from bigbatch.config import ConfigError, Recipe
 from bigbatch.data import TrainingData, prepare
@@ -33,10 +32,11 @@ from bigbatch.noise import GradientNoiseScale
 from bigbatch.step import StepContext, StepRecord, StepStopped, train_step
 from bigbatch.optim import param_groups
 from bigbatch.optim.layerwise import LayerwiseOptimizer
-from bigbatch.overflow import DIVERGED, OverflowGuard, TrainingStopped, state_is_finite
+from bigbatch.overflow import OverflowGuard, TrainingStopped, state_is_finite
 from bigbatch.preemption import (Preempted, StopRequest, clear_markers, install_handlers, local_request,
                                  mark_preempted, restore_default_handlers)
 from bigbatch.resolve import ResolvedRun, phase_recipe, resolve
+from bigbatch.rundir import RunDir, default_run_dir, environment
 from bigbatch.scaling import StepPlan, samples_before
 
 log = logging.getLogger("bigbatch")
@@ -50,7 +50,7 @@ def _say(message: str) -> None:
 @dataclass
 class Trainer:
     recipe: Recipe
-    run_dir: Path
+    run_dir: RunDir
     engine: Any
     data: TrainingData  # the data of the phase of `start_step`
     steps: list[StepPlan]
@@ -94,7 +94,7 @@ class Trainer:
                 n = float((labels != -100).sum()) if self.recipe.model.arch == "bert" else float(labels[:, 1:].numel())
                 total += float(loss) * n
                 count += n
-                faults.at("eval", self.run_dir)
+                faults.at("eval", self.run_dir.path)
         self.engine.train()
         total, count = distributed.sum_across_ranks([total, count])
         loss = total / max(count, 1.0)
@@ -105,7 +105,7 @@ class Trainer:
         started = time.perf_counter()
         state = {"step": step, "samples": samples_before(self.steps, step), "recipe": self.recipe.name,
                  "overflow_in_a_row": self.guard.in_a_row}
-        checkpoint.save(self.engine, self.run_dir / "checkpoints", step, state, self.recipe.checkpoint.keep_last,
+        checkpoint.save(self.engine, self.run_dir.checkpoints, step, state, self.recipe.checkpoint.keep_last,
                         self.is_writer, distributed.barrier, self.world)
         self.last_saved = step
         self.metrics.write({"step": step, "samples": state["samples"], "checkpoint_s": time.perf_counter() - started})
@@ -130,10 +130,9 @@ class Trainer:
             self.save(step)
             sentence = message(checkpoint.tag_for(step), None)
         else:
-            latest = self.run_dir / "checkpoints" / "latest"
-            sentence = message(None, latest.read_text().strip() if latest.is_file() else None)
+            sentence = message(None, self.run_dir.latest_checkpoint())
         if self.is_writer:
-            (self.run_dir / DIVERGED).write_text(sentence + "\n")
+            self.run_dir.mark_diverged(sentence)
             plot_loss(self.run_dir)
             log.error(sentence)
         raise TrainingStopped(sentence)
@@ -154,7 +153,7 @@ class Trainer:
 
     def _enter_phase(self, sp: StepPlan) -> None:
         """At a phase boundary: this phase's data and batch shape; model, optimizer and LR scheduler state stay."""
-        faults.at("phase", self.run_dir)
+        faults.at("phase", self.run_dir.path)
         self.data = self.load_phase(sp.phase)
         if self.is_writer:
             n = sum(1 for x in self.steps if x.phase == sp.phase)
@@ -228,7 +227,7 @@ class Trainer:
             record.update(self.evaluate(sp.micro_batch))
             record["eval_s"] = time.perf_counter() - eval_started
         self.metrics.write(record)
-        faults.at(f"step{done}", self.run_dir)
+        faults.at(f"step{done}", self.run_dir.path)
         return record
 
     def _report(self, record: dict[str, Any], bar: Any) -> None:
@@ -262,14 +261,14 @@ def _phase_summary(steps: list[StepPlan]) -> list[dict[str, Any]]:
     return out
 
 
-def _banner(run: ResolvedRun, run_dir: Path, n_params: int) -> str:
+def _banner(run: ResolvedRun, run_dir: RunDir, n_params: int) -> str:
     return (f"bigbatch {run.recipe.name}: {n_params / 1e6:.2f}M params | world {run.world} | batch {run.batch} "
             f"(micro x accum x world) | {run.recipe.optimizer.type.upper()} lr {run.lr:.3g} ({run.lr_rule}) | "
             f"ZeRO {run.ds.stage} | {run.ds.precision}{' | act-ckpt' if run.ds.checkpointing else ''} | run {run_dir}")
 
 
-def _setup_logging(run_dir: Path, rank: int) -> None:
-    handler = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
+def _setup_logging(run_dir: RunDir, rank: int) -> None:
+    handler = logging.FileHandler(run_dir.log_file(rank))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("bigbatch", "DeepSpeed"):
         logger = logging.getLogger(name)
@@ -309,14 +308,7 @@ def train(recipe: Recipe, run_dir: Optional[Path] = None, resume: bool = False, 
             restore_default_handlers()
 
 
-def _previous_recipe(run_dir: Path) -> Optional[dict[str, Any]]:
-    try:
-        return json.loads((run_dir / "recipe.json").read_text())["recipe"]
-    except (OSError, ValueError, KeyError):
-        return None  # a run whose first start never got as far as writing it
-
-
-def _train(recipe: Recipe, run_dir: Optional[Path], resume_run: bool, overwrite: bool,
+def _train(recipe: Recipe, path: Optional[Path], resume_run: bool, overwrite: bool,
            argv: Optional[list[str]]) -> dict[str, Any]:
     # Everything that can be wrong with the input is checked before the process group starts.
     distributed.ensure_env()
@@ -325,28 +317,29 @@ def _train(recipe: Recipe, run_dir: Optional[Path], resume_run: bool, overwrite:
     check_tokenizer(recipe.data.tokenizer, recipe.data.vocab_size)
     raise_on_errors(check_config(run.ds_config, run.world), f"recipe {recipe.name}")
     previous = None
-    if run_dir is not None:
-        mode = rundir.decide_mode(run_dir, resume_run, overwrite)
-        previous = _previous_recipe(run_dir) if mode == "resume" else None
+    if path is not None:
+        run_dir = RunDir(path)
+        mode = run_dir.decide_mode(resume_run, overwrite)
+        previous = run_dir.read_recipe() if mode == "resume" else None
         if previous is not None:
             resume.refuse_changes(previous, recipe.to_dict(), run_dir)
 
     rank, _ = distributed.init()  # the world size is the one resolved above, from the same environment
-    if run_dir is None:
-        run_dir = Path(distributed.broadcast(str(rundir.default_run_dir(recipe.run.runs_root, recipe.name))))
-        mode = rundir.decide_mode(run_dir, resume_run, overwrite)
+    if path is None:
+        run_dir = RunDir(Path(distributed.broadcast(str(default_run_dir(recipe.run.runs_root, recipe.name)))))
+        mode = run_dir.decide_mode(resume_run, overwrite)
     distributed.barrier()  # every rank has read the directory before the writer changes it
     if rank == 0:
-        rundir.prepare(run_dir, mode)
+        run_dir.prepare(mode)
         if mode == "resume":
-            rundir.keep_records(run_dir)
+            run_dir.keep_records()
         clear_markers(run_dir)
     distributed.barrier()
     _setup_logging(run_dir, rank)
-    stop = StopRequest(run_dir)
+    stop = StopRequest(run_dir.path)
     engine = None
     try:
-        faults.at("startup", run_dir)
+        faults.at("startup", run_dir.path)
         stop.check()  # a request that came during rendezvous or the checks above
         engine, trainer = _start(run, run_dir, mode, previous, rank, stop, argv)
         last = trainer.fit()
@@ -366,7 +359,7 @@ def _train(recipe: Recipe, run_dir: Optional[Path], resume_run: bool, overwrite:
     return last
 
 
-def _start(run: ResolvedRun, run_dir: Path, mode: str, previous: Optional[dict[str, Any]], rank: int,
+def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict[str, Any]], rank: int,
            stop: StopRequest, argv: Optional[list[str]]) -> tuple[Any, Trainer]:
     """Every rank: data, model, engine and resume; the trainer, ready for its loop. Stop requests are looked at
     between these stages (raising Preempted)."""
@@ -380,15 +373,15 @@ def _start(run: ResolvedRun, run_dir: Path, mode: str, previous: Optional[dict[s
         of_phase = phase_recipe(recipe, phase)
         of_phase = dataclasses.replace(of_phase, data=dataclasses.replace(of_phase.data,
                                                                           tokenizer=str(data.tokenizer.path)))
-        return prepare(of_phase, run_dir / "data" / f"phase{phase + 1}", rank == 0, distributed.broadcast, log=say,
+        return prepare(of_phase, run_dir.data(phase), rank == 0, distributed.broadcast, log=say,
                        rank=rank, world=world, stop_requested=requested)
 
     def requested(moment: str) -> Optional[str]:
         """Asked by the writer between the stages of data preparation (see `bigbatch.data.prepare`)."""
-        faults.at(moment, run_dir)
-        return local_request(run_dir)
+        faults.at(moment, run_dir.path)
+        return local_request(run_dir.path)
 
-    data = prepare(recipe, run_dir / "data", rank == 0, distributed.broadcast, log=say, rank=rank, world=world,
+    data = prepare(recipe, run_dir.data(), rank == 0, distributed.broadcast, log=say, rank=rank, world=world,
                    stop_requested=requested)
     stop.check()
     torch.manual_seed(recipe.run.seed)
@@ -402,7 +395,6 @@ def _start(run: ResolvedRun, run_dir: Path, mode: str, previous: Optional[dict[s
 
     hostnames = distributed.gather_objects(__import__("socket").gethostname())
     if rank == 0:
-        dsconfig.write(ds_config, run_dir / "ds_config.json")
         resolved = {"lr": lr, "lr_rule": run.lr_rule, "world": world, "micro_batch": run.batch.micro_batch,
                     "grad_accum": run.batch.grad_accum, "global_batch": run.batch.global_batch,
                     "warmup_steps": run.warmup_steps,
@@ -413,9 +405,8 @@ def _start(run: ResolvedRun, run_dir: Path, mode: str, previous: Optional[dict[s
                     "parameters": n_params}
         if previous is not None:  # what this start changed (the previous start's recipe.json is in starts/<n>/)
             resolved["changed_on_resume"] = resume.changed_keys(previous, recipe.to_dict())
-        (run_dir / "recipe.json").write_text(json.dumps({"recipe": recipe.to_dict(), "resolved": resolved}, indent=1))
-        env = rundir.environment(list(argv or sys.argv), world, hostnames)
-        (run_dir / "env.json").write_text(json.dumps(env, indent=1))
+        run_dir.write_records(recipe.to_dict(), resolved, environment(list(argv or sys.argv), world, hostnames),
+                              ds_config)
         _say(_banner(run, run_dir, n_params))
         if resolved.get("changed_on_resume"):
             _say("changed at this resume: " + ", ".join(f"{k} {a!r} -> {b!r}"
@@ -431,7 +422,7 @@ def _start(run: ResolvedRun, run_dir: Path, mode: str, previous: Optional[dict[s
     # ZeRO loads through DeepSpeed's universal checkpoint, which the engine must be configured for.
     resume_tag = None
     if mode == "resume":
-        root = run_dir / "checkpoints"
+        root = run_dir.checkpoints
         if rank == 0:
             try:
                 resume_tag = _choose_resume(recipe, run.ds.stage, root, world)
@@ -455,13 +446,13 @@ def _start(run: ResolvedRun, run_dir: Path, mode: str, previous: Optional[dict[s
         engine.destroy()
         raise
     trainer = Trainer(recipe, run_dir, engine, data, steps, rank, world,
-                      MetricsLog(run_dir / "metrics.jsonl", engine.monitor, enabled=rank == 0),
+                      MetricsLog(run_dir.metrics_file, engine.monitor, enabled=rank == 0),
                       load_phase, stop, start_step=start_step, n_params=n_params,
                       overflow_in_a_row=overflow_in_a_row)
     return engine, trainer
 
 
-def _resume(engine: Any, recipe: Recipe, run_dir: Path, mode: str, tag: Optional[str], steps: list[StepPlan],
+def _resume(engine: Any, recipe: Recipe, run_dir: RunDir, mode: str, tag: Optional[str], steps: list[StepPlan],
             rank: int) -> tuple[int, int]:
     """Loads `tag` (every rank) with this start's hyper-parameters put back (`bigbatch.resume`); returns the step to
     start from and the overflow guard's saved count."""
@@ -471,20 +462,20 @@ def _resume(engine: Any, recipe: Recipe, run_dir: Path, mode: str, tag: Optional
     if tag is not None:
         optimizer = client_optimizer(engine)
         settings, base_lrs = resume.hyperparameters(optimizer), list(engine.lr_scheduler.base_lrs)
-        state = checkpoint.load(engine, run_dir / "checkpoints", tag)
+        state = checkpoint.load(engine, run_dir.checkpoints, tag)
         resume.restore(optimizer, engine.lr_scheduler, settings, base_lrs)
         start_step, overflow_in_a_row = int(state["step"]), int(state.get("overflow_in_a_row", 0))
         expected = samples_before(steps, start_step)
         if int(state["samples"]) != expected:  # the sampler position follows the step table: data would repeat
             raise ConfigError(                 # or be skipped without a word
-                f"{run_dir / 'checkpoints' / tag} was saved after {state['samples']} samples, but this recipe "
+                f"{run_dir.checkpoints / tag} was saved after {state['samples']} samples, but this recipe "
                 f"reaches step {start_step} after {expected}: resume with the batch settings and phases the run "
                 "started with (its recipe.json), or start a new run directory.")
         if rank == 0:
             _say(f"resumed {run_dir} at step {start_step} ({state['samples']} samples)"
                  + (" through a universal checkpoint (another number of ranks)" if tag.endswith("-universal") else ""))
     elif rank == 0:
-        _say(f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+        _say(f"no checkpoint in {run_dir.checkpoints}; starting from step 0")
     if rank == 0:  # the steps after the checkpoint are recorded again; without one, every step
-        truncate_metrics(run_dir / "metrics.jsonl", start_step if tag is not None else -1)
+        truncate_metrics(run_dir.metrics_file, start_step if tag is not None else -1)
     return start_step, overflow_in_a_row

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bigbatch.metrics import read_metrics
-from bigbatch.preemption import PREEMPTED, STOP
+from bigbatch.rundir import PREEMPTED, STOP
 from conftest import ROOT, _free_port, deepspeed_launch, launch_env
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]

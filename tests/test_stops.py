@@ -10,7 +10,6 @@ the handling is the same code on every rank, and the 2-rank agreement is covered
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,8 +19,8 @@ import pytest
 from bigbatch import faults
 from bigbatch.cli import main
 from bigbatch.metrics import read_metrics
-from bigbatch.preemption import PREEMPTED, STOP, start_id, stop_file_request
-from bigbatch.rundir import OWNER, decide_mode
+from bigbatch.preemption import start_id, stop_file_request
+from bigbatch.rundir import OWNER, PREEMPTED, STOP, RunDir
 from conftest import ROOT, launch_env
 
 SMALL = ["--schedule.steps=6", "--batch.global_batch=32", "--batch.micro_batch=16", "--run.eval_every=3",
@@ -115,7 +114,7 @@ def test_a_kill_during_the_first_start_up_leaves_a_run_that_resumes(reference, t
     assert (run / "data" / "tokenizer.model").is_file() and not (run / "data" / "data.json").exists()
     tokenizer = (run / "data" / "tokenizer.model").read_bytes()
     # what a requeued SLURM job does (restart count > 0 implies --resume), and what --resume does
-    assert decide_mode(run, resume=True, overwrite=False) == "resume"
+    assert RunDir(run).decide_mode(resume=True, overwrite=False) == "resume"
     assert main([*_args(run, recipe_file, corpus_file), "--resume"]) == 0
     assert (run / "data" / "tokenizer.model").read_bytes() == tokenizer  # the finished tokenizer was reused
     assert losses(run) == losses(reference)
@@ -144,10 +143,10 @@ def test_a_directory_with_only_the_templates_markers_is_new(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / STOP).write_text("5.0")
-    assert decide_mode(run, resume=False, overwrite=False) == "new"
+    assert RunDir(run).decide_mode(resume=False, overwrite=False) == "new"
     (run / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty and holds no bigbatch run"):
-        decide_mode(run, resume=True, overwrite=False)
+        RunDir(run).decide_mode(resume=True, overwrite=False)
 
 
 def test_a_stop_file_written_before_the_start_stops_it_at_once(tmp_path, recipe_file, corpus_file, monkeypatch):

@@ -7,7 +7,11 @@ of one micro-batch + DeepSpeed's communication buckets + a fixed CUDA allowance.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import json
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -378,35 +382,112 @@ def report(result: PlanResult) -> str:
 
 
 def cmd_plan(args: list[str]) -> int:
-    """`bigbatch plan`: prints a table per phase; 0 when every phase fits as written, 1 when one does not."""
+    """`bigbatch plan`: memory per phase, then time per phase on the named device (bigbatch.timing); 0 when every
+    phase fits as written, 1 when one does not."""
+    from bigbatch import hardware, timing
     from bigbatch.resolve import phase_recipe
 
     overrides, rest = parse_override_args(args)
     parser = argparse.ArgumentParser(
         prog="bigbatch plan",
         description="Memory per GPU of a recipe for each ZeRO stage and precision, and the largest micro-batch "
-                    "that fits. Override any recipe key as --section.key=value.")
+                    "that fits; then step time, throughput, MFU and time to train on a device from the catalogue. "
+                    "Override any recipe key as --section.key=value.")
     parser.add_argument("recipe", help="a shipped recipe name (tiny, ...), a recipes/*.py path, or a run's recipe.json")
     parser.add_argument("--nodes", type=int, default=None, help="default: the recipe's cluster.nodes")
     parser.add_argument("--gpus-per-node", type=int, default=None, help="default: the recipe's cluster.gpus_per_node")
     parser.add_argument("--gpu-memory", default=None,
-                        help="per GPU: 80GB (10^9 bytes), 80GiB or 80 (GiB); default: the recipe's cluster.gpu_memory")
+                        help="per GPU: 80GB (10^9 bytes), 80GiB or 80 (GiB); default: the --gpu's memory when --gpu "
+                             "is given, else the recipe's cluster.gpu_memory")
+    parser.add_argument("--gpu", default=None, help=f"one of {', '.join(hardware.DEVICE_NAMES)} (cpu is measured "
+                        f"now); default {DEFAULT_GPU}")
+    parser.add_argument("--interconnect", default=None,
+                        help=f"between nodes: one of {', '.join(hardware.INTERCONNECTS)}; default: the GPU's")
+    parser.add_argument("--efficiency", type=float, default=None,
+                        help="share of the dense peak the matmuls reach; default: the catalogue's calibrated factor")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="override the device's dense peak")
+    parser.add_argument("--memory-bandwidth", type=float, default=None, help="override HBM bandwidth, GB/s")
+    parser.add_argument("--intra-node-bandwidth", type=float, default=None,
+                        help="override NVLink bandwidth one way per GPU, GB/s")
+    parser.add_argument("--inter-node-bandwidth", type=float, default=None,
+                        help="override the network's bandwidth one way (per GPU or per node, as the entry), GB/s")
+    parser.add_argument("--scan-nodes", default=None, help="comma-separated node counts: adds a scaling table")
+    parser.add_argument("--noise-scale", default=None, metavar="RUN_DIR",
+                        help="a pilot run whose metrics.jsonl logged noise_scale: time and GPU-hours over a grid of "
+                             "global batches x node counts (McCandlish et al. 2018)")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     known, unknown = parser.parse_known_args(rest)
     if unknown:
         raise ConfigError(f"unknown argument {unknown[0]!r}; recipe keys look like --batch.global_batch=8192, "
                           "see `bigbatch plan --help`.")
+    if known.json:  # stdout carries the JSON alone: DeepSpeed's import-time warning goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            out, fits = _plan_and_time(known, overrides)
+        print(json.dumps(out, indent=1))
+        return 0 if fits else 1
+    out, fits = _plan_and_time(known, overrides)
+    print(out["text"])
+    return 0 if fits else 1
+
+
+def _plan_and_time(known: argparse.Namespace, overrides: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    from bigbatch import hardware, timing
+    from bigbatch.resolve import phase_recipe
+
     recipe = load_recipe(known.recipe, overrides)
     c = recipe.cluster  # the cluster the recipe was planned for, unless the flags name another
-    fits = True
+    nodes, per_node = known.nodes or c.nodes, known.gpus_per_node or c.gpus_per_node
+    for key, value in (("--nodes", nodes), ("--gpus-per-node", per_node)):
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1; give the number of machines and GPUs per machine.")
+    scan = timing.parse_nodes("--scan-nodes", known.scan_nodes) if known.scan_nodes else None
+    device = hardware.device(known.gpu or DEFAULT_GPU, per_node, peak_tflops=known.peak_tflops,
+                             memory_bandwidth_gbps=known.memory_bandwidth,
+                             intra_node_gbps=known.intra_node_bandwidth, efficiency=known.efficiency)
+    net = hardware.interconnect(known.interconnect or device.interconnect, known.inter_node_bandwidth)
+    if known.gpu_memory:
+        memory = parse_memory(known.gpu_memory)
+    else:
+        memory = device.memory_bytes if known.gpu else parse_memory(c.gpu_memory)
+    pilot = timing.read_noise_scale(known.noise_scale) if known.noise_scale else None
+    fits, memory_out, text = True, [], []
     # every phase: a later one's longer sequences need more activation memory (a batch ramp keeps the micro-batch,
     # so the first phase's table already holds the ramp's largest batch)
     for phase in range(len(recipe.phases) + 1):
         of_phase = phase_recipe(recipe, phase)
-        result = plan(of_phase, known.nodes or c.nodes, known.gpus_per_node or c.gpus_per_node,
-                      parse_memory(known.gpu_memory or c.gpu_memory))
+        result = plan(of_phase, nodes, per_node, memory)
         if recipe.phases:
-            print(f"{'' if phase == 0 else chr(10)}phase {phase + 1} of {len(recipe.phases) + 1}: sequence length "
-                  f"{of_phase.data.seq_len}, global batch {of_phase.batch.global_batch}")
-        print(report(result))
+            text.append(f"{'' if phase == 0 else chr(10)}phase {phase + 1} of {len(recipe.phases) + 1}: sequence "
+                        f"length {of_phase.data.seq_len}, global batch {of_phase.batch.global_batch}")
+        text.append(report(result))
+        memory_out.append({**dataclasses.asdict(result), "fits": result.fits})
         fits = fits and result.fits
-    return 0 if fits else 1
+    cluster = timing.Cluster(nodes, per_node, device, net)
+    out: dict[str, Any] = {"recipe": recipe.name, "nodes": nodes, "gpus_per_node": per_node, "world": cluster.world,
+                           "device": timing.device_dict(device), "interconnect": dataclasses.asdict(net)}
+    text.append("")
+    try:
+        est = timing.estimate(recipe, cluster)
+        out.update(phases=[est.phase_dict(p) for p in est.phases], time_to_train_s=est.time_to_train_s,
+                   gpu_hours=est.gpu_hours)
+        text.append(("" if known.gpu else f"(--gpu not given: {DEFAULT_GPU}.) ") + timing.report(est))
+    except ConfigError as err:
+        out.update(phases=[], time_to_train_s=None, time_error=str(err))
+        text.append(f"No time estimate on {cluster.world} GPUs: {err}")
+    if scan:
+        rows = timing.scaling(recipe, cluster, scan)
+        out["scaling"] = rows
+        text.extend(["", timing.scaling_report(rows)])
+    if pilot is not None:
+        grid = timing.noise_grid(recipe, cluster, pilot, memory, scan)
+        out["noise_scale"] = grid
+        text.extend(["", timing.noise_report(grid)])
+    out["memory"] = {"fits": fits, "gpu_memory": memory, "phases": memory_out}
+    if not known.json:
+        out["text"] = "\n".join(text)
+    return out, fits
+
+
+# the device `bigbatch plan` times on without --gpu: the one the calibration rows ran on
+DEFAULT_GPU = "A100-80GB"
+

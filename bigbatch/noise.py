@@ -23,8 +23,6 @@ from typing import Any, Optional
 
 import torch
 
-from bigbatch import distributed
-
 
 class GradientNoiseScale:
     def __init__(self, module: torch.nn.Module, ema: float = 0.95) -> None:
@@ -73,11 +71,6 @@ class GradientNoiseScale:
         if self.g2 > 0:
             out["noise_scale"] = self.trace / self.g2
         return out
-
-    def step_done(self, micro_batch: int, global_batch: int, big_norm: Optional[float], applied: bool) -> dict[str, Any]:
-        """`take_local`, the all-reduce and `update` in one (collective)."""
-        total, count = distributed.sum_across_ranks(list(self.take_local()))
-        return self.update(total, count, micro_batch, global_batch, big_norm, applied)
 
 
 def loss_multiplier(engine: Any) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
@@ -23,12 +24,13 @@ def dropout_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63)
 
 
-class StepStopped(Exception):
-    """The step cannot go on: its loss is not finite (the update is not applied), or DeepSpeed's scaler gave up at its
-    minimum. `message(saved tag, tag to resume from)` is the sentence; `at` the step whose state is the last good."""
+class Halt(Exception):
+    """The run stops itself (exit 3; not a preemption, which exits 0 and is requeued): the step's loss is not finite
+    (its update is not applied), or DeepSpeed's scaler gave up at its minimum. `message(saved tag, tag to resume
+    from)` is the sentence; `at` the step whose state is the last good one."""
 
     def __init__(self, at: int, message: Callable[[Optional[str], Optional[str]], str]) -> None:
-        super().__init__("step stopped")
+        super().__init__("the run halts")
         self.at, self.message = at, message
 
 
@@ -71,7 +73,7 @@ def shape_engine(engine: Any, sp: StepPlan) -> None:
 
 
 def train_step(ctx: StepContext, data: Any, sp: StepPlan) -> StepRecord:
-    """Step `sp.step` over its `sp.grad_accum` micro-batches on every rank; raises StepStopped (see above)."""
+    """Step `sp.step` over its `sp.grad_accum` micro-batches on every rank; raises Halt (see above)."""
     engine, noise = ctx.engine, ctx.noise
     shape_engine(engine, sp)
     torch.manual_seed(dropout_seed(ctx.seed, sp.step, ctx.rank))
@@ -99,16 +101,14 @@ def train_step(ctx: StepContext, data: Any, sp: StepPlan) -> StepRecord:
             loss = summed[0] / ctx.world
             big_norm = held_gradient_norm(engine.module) if noise and ctx.stage0 else None
             if not math.isfinite(loss):
-                raise StepStopped(sp.step, lambda saved, previous: divergence_message(sp.step + 1, loss, saved,
-                                                                                       previous))
+                raise Halt(sp.step, partial(divergence_message, sp.step + 1, loss))
         try:
             engine.step()
         except Exception as err:  # ZeRO's scaler at its minimum, if the guard could not switch it off
             if DS_MIN_SCALE_ERROR not in str(err):
                 raise
             ctx.guard.in_a_row = ctx.guard.patience
-            raise StepStopped(sp.step, lambda saved, previous: ctx.guard.overflow_message(sp.step + 1, saved,
-                                                                                           previous)) from None
+            raise Halt(sp.step, partial(ctx.guard.overflow_message, sp.step + 1)) from None
     seconds = time.perf_counter() - started
     norm = engine.get_global_grad_norm()
     record = StepRecord(loss=loss, lr=lr, skipped=engine.skipped_steps > skipped_before,

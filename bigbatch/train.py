@@ -29,7 +29,7 @@ from bigbatch.engine import client_optimizer, initialize
 from bigbatch.metrics import MetricsLog, device_peak_flops, plot_loss, truncate_metrics
 from bigbatch.model import build_model, count_parameters, padded_vocab
 from bigbatch.noise import GradientNoiseScale
-from bigbatch.step import StepContext, StepRecord, StepStopped, train_step
+from bigbatch.step import Halt, StepContext, StepRecord, train_step
 from bigbatch.optim import param_groups
 from bigbatch.optim.layerwise import LayerwiseOptimizer
 from bigbatch.overflow import OverflowGuard, TrainingStopped, state_is_finite
@@ -58,7 +58,7 @@ class Trainer:
     world: int
     metrics: MetricsLog
     load_phase: Callable[[int], TrainingData]  # collective: every rank calls it at a phase change
-    stop: StopRequest
+    preemption: StopRequest  # a request to stop cleanly (exit 0, requeued); _halt is the run stopping itself (exit 3)
     start_step: int = 0
     n_params: int = 0
     overflow_in_a_row: int = 0  # the overflow guard's count at the checkpoint this start resumed from
@@ -122,7 +122,7 @@ class Trainer:
                  "job) continues from it")
         return {"preempted": True, "stopped_at": step}
 
-    def _stop(self, step: int, message: Callable[[Optional[str], Optional[str]], str]) -> None:
+    def _halt(self, step: int, message: Callable[[Optional[str], Optional[str]], str]) -> None:
         """Every rank: checkpoint the current (last good) state as step `step`, say why (`message(saved tag, tag to
         resume from)`) and stop the run. A state that is not finite on some rank is not saved as the last good one:
         the sentence names the checkpoint `latest` still points to."""
@@ -168,8 +168,8 @@ class Trainer:
             self.metrics.write({"step": 0, "samples": 0, "tokens": 0, **first})
             if self.is_writer:
                 _say(f"step 0: eval loss {first['eval_loss']:.4f} (before any update)")
-        if self.stop.agreed():  # asked during start-up's last stages or the first evaluation
-            return self.preempt(self.start_step, self.stop.reason or "")
+        if self.preemption.agreed():  # asked during start-up's last stages or the first evaluation
+            return self.preempt(self.start_step, self.preemption.reason or "")
         last: dict[str, Any] = {}
         with self._progress() as bar:
             for step in range(self.start_step, self.total_steps):
@@ -181,17 +181,17 @@ class Trainer:
                         return {**last, **self.preempt(step, stop.reason)}
                 try:
                     result = train_step(self.ctx, self.data, sp)
-                except StepStopped as stopped:
-                    self._stop(stopped.at, stopped.message)
+                except Halt as halt:
+                    self._halt(halt.at, halt.message)
                 done = step + 1
                 last = self._record(sp, result)
                 if self.guard.update(result.skipped, result.was_at_minimum):
-                    self._stop(done, partial(self.guard.overflow_message, done))
+                    self._halt(done, partial(self.guard.overflow_message, done))
                 every = self.recipe.checkpoint.every_steps
                 if every and done % every == 0 and done != self.total_steps:
                     self.save(done)
-                if done != self.total_steps and self.stop.agreed():
-                    return {**last, **self.preempt(done, self.stop.reason or "")}
+                if done != self.total_steps and self.preemption.agreed():
+                    return {**last, **self.preempt(done, self.preemption.reason or "")}
                 self._report(last, bar)
         if self.start_step < self.total_steps:
             self.save(self.total_steps)

@@ -53,7 +53,9 @@ def estimate(stage: int, micro: int, accum: int) -> dict[str, float]:
             gns.micro_batch_done(loss_multiplier(engine))
             big = held_gradient_norm(engine.module) if stage == 0 and m == accum - 1 else None
             engine.step()
-        out = gns.step_done(micro, micro * accum, big if stage == 0 else engine.get_global_grad_norm(), applied=True)
+        total, count = distributed.sum_across_ranks(list(gns.take_local()))  # as bigbatch.step.train_step does
+        out = gns.update(total, count, micro, micro * accum, big if stage == 0 else engine.get_global_grad_norm(),
+                         applied=True)
     engine.destroy()
     return {**out, "true_trace": trace, "true_grad_sq": float(mu.norm() ** 2)}
 
@@ -75,4 +77,4 @@ def test_noise_scale_under_zero3_in_a_process_of_its_own():
 
 def test_one_batch_size_gives_no_estimate():
     gns = GradientNoiseScale(Quadratic())
-    assert gns.step_done(micro_batch=8, global_batch=8, big_norm=1.0, applied=True) == {}
+    assert gns.update(*gns.take_local(), micro_batch=8, global_batch=8, big_norm=1.0, applied=True) == {}

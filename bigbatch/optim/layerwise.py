@@ -84,11 +84,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     # -- norms --------------------------------------------------------------------------------------------------------
     @staticmethod
-    def _views(tensors: list[Tensor], layouts: list[FlatLayout]) -> list[Tensor]:
-        """Each segment of each tensor, in (tensor, segment) order."""
-        return [t.view(-1).narrow(0, s, n) for t, lay in zip(tensors, layouts) for s, n, _ in lay.segments]
-
-    @staticmethod
     def _param_norms(kinds: list[list[Tensor]], layouts: list[FlatLayout]) -> list[Tensor]:
         """For each layout: a (len(kinds), len(names)) tensor of whole-parameter L2 norms of each kind (w, u, g ...).
 

@@ -350,7 +350,7 @@ def test_a_held_out_set_smaller_than_the_world_is_one_sentence():
 def test_a_writer_failure_reaches_every_rank(tmp_path, monkeypatch):
     # not bad input but a crash (a full disk, a bug): the writer shares it before raising, so the other ranks raise
     # too instead of waiting in the broadcast until the process group times out
-    import bigbatch.data as data_module
+    import bigbatch.data.build as data_module
     from bigbatch.recipe_files import load_recipe
 
     def crash(*args, **kwargs):

@@ -12,7 +12,18 @@ from __future__ import annotations
 import numpy as np
 
 
-class GlobalSampler:
+class Positions:
+    """The run positions each micro-step reads. All a stream needs (it reads its rows in order); `GlobalSampler`
+    adds which stored sequence each position is."""
+
+    @staticmethod
+    def positions(offset: int, micro: int, rank: int, world: int, micro_batch: int) -> np.ndarray:
+        """The run positions micro-step `micro` of `rank` reads in the step whose global batch starts at `offset`."""
+        start = offset + micro * world * micro_batch + rank * micro_batch
+        return np.arange(start, start + micro_batch, dtype=np.int64)
+
+
+class GlobalSampler(Positions):
     def __init__(self, n_samples: int, seed: int) -> None:
         if n_samples < 1:
             raise ValueError("the sampler needs at least one sample")
@@ -25,12 +36,6 @@ class GlobalSampler:
                 self._perms.clear()
             self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
         return self._perms[epoch]
-
-    @staticmethod
-    def positions(offset: int, micro: int, rank: int, world: int, micro_batch: int) -> np.ndarray:
-        """The run positions micro-step `micro` of `rank` reads in the step whose global batch starts at `offset`."""
-        start = offset + micro * world * micro_batch + rank * micro_batch
-        return np.arange(start, start + micro_batch, dtype=np.int64)
 
     def indices(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(sequence indices, epochs) of run positions."""

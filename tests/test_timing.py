@@ -1,0 +1,307 @@
+"""The step-time model (bigbatch/timing.py, bigbatch/hardware.py) against figures written out by hand: Megatron-LM's
+and PaLM's FLOP formulas, ring collective times, the ZeRO paper's volumes, McCandlish et al.'s step and sample laws."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from bigbatch import hardware, timing
+from bigbatch.cli import main
+from bigbatch.config import ConfigError, ModelConfig
+from bigbatch.plan import model_size
+from bigbatch.recipe_files import load_recipe
+from bigbatch.shapes import shape
+
+A100 = hardware.DEVICES["A100-80GB"]
+HDR = hardware.INTERCONNECTS["hdr200"]
+
+
+def test_gpt2_small_flops_per_token_are_megatrons_formula():
+    # Narayanan et al. 2021 (Megatron-LM), appendix: F = 72 B s l h^2 (1 + s/(6h) + V/(12 l h)) per iteration,
+    # for B = 1 sequence; GPT-2 small: s 1024, l 12, h 768, V 50,257 padded to 50,264.
+    s, l, h, V = 1024, 12, 768, 50264
+    megatron = 72 * 1 * s * l * h**2 * (1 + s / (6 * h) + V / (12 * l * h))
+    f = timing.forward_flops(shape("gpt2-124m"), 50257, s)
+    assert f.model == pytest.approx(megatron, rel=1e-12)
+    # the same per token, term by term: 3 x (12 layers x (24h^2 + 4sh) + 2hV)
+    per_token = 3 * (12 * (24 * 768 * 768 + 4 * 1024 * 768) + 2 * 768 * 50264)
+    assert per_token == 3 * (12 * (14_155_776 + 3_145_728) + 77_205_504)
+    assert f.model / s == pytest.approx(per_token, rel=1e-12)
+
+
+def test_gpt2_small_flops_agree_with_palms_6n_plus_attention():
+    # Chowdhery et al. 2022 (PaLM), appendix B: 6N + 12 l h s per token, N every parameter (tied embeddings once).
+    # It also counts biases, LayerNorms and position embeddings as matmul weights: within 1%.
+    cfg = shape("gpt2-124m")
+    n = model_size(cfg, 50257)[0]
+    palm = 6 * n + 12 * 12 * 768 * 1024
+    assert timing.forward_flops(cfg, 50257, 1024).model / 1024 == pytest.approx(palm, rel=0.01)
+
+
+def test_bert_base_flops_per_sequence_written_out():
+    # BERT-base at seq 128, micro-batch 1: per layer and token q, k, v (2 x 768 x 2304), output (2 x 768^2),
+    # MLP (2 x 2 x 768 x 3072), scores and context (4 x 128 x 768); the MLM head at round(0.15 x 128) = 19 masked
+    # rows: transform 2 x 768^2 and decoder 2 x 768 x 30,528 (30,522 padded to a multiple of 8).
+    layer_token = 3_538_944 + 1_179_648 + 9_437_184 + 393_216
+    assert layer_token == 14_548_992
+    head_row = 1_179_648 + 46_891_008
+    forward = 12 * 128 * layer_token + 19 * head_row
+    f = timing.forward_flops(shape("bert-base"), 30522, 128, micro_batch=1, mlm_probability=0.15)
+    assert f.layers + f.head == forward
+    assert f.model == 3 * forward == 69_781_782_528
+    assert f.attention == 12 * 128 * 393_216
+    # activation checkpointing runs every layer's forward once more (4x the layers), not the head
+    assert f.hardware(True) == 4 * 12 * 128 * layer_token + 3 * 19 * head_row
+
+
+def test_llama_flops_count_grouped_kv_and_swiglu():
+    # TinyLlama 1.1B: 32 heads of 64, 4 k/v heads -> k and v 256 wide; SwiGLU three 2048 x 5632 matrices; causal LM
+    # head at every position, vocabulary 32,000.
+    h, kv, f, s = 2048, 256, 5632, 2048
+    per_token_layer = 2 * h * h + 2 * 2 * h * kv + 2 * h * h + 3 * 2 * h * f + 4 * s * h
+    assert per_token_layer == 8_388_608 + 2_097_152 + 8_388_608 + 69_206_016 + 16_777_216
+    forward = 22 * s * per_token_layer + s * 2 * h * 32000
+    assert timing.forward_flops(shape("llama-1.1b"), 32000, s).layers + \
+        timing.forward_flops(shape("llama-1.1b"), 32000, s).head == forward
+
+
+def test_ring_collective_times_written_out():
+    # 8 ranks, 1 GB, 100 GB/s, no latency: all-reduce 2 x 7/8 x 1e9 / 1e11 = 17.5 ms; reduce-scatter and all-gather
+    # 7/8 x 1e9 / 1e11 = 8.75 ms. A latency of 5 us per hop adds 2 x 7 and 7 hops.
+    assert timing.collective_time("all_reduce", 1e9, 8, 1e11, 0) == pytest.approx(0.0175)
+    assert timing.collective_time("reduce_scatter", 1e9, 8, 1e11, 0) == pytest.approx(0.00875)
+    assert timing.collective_time("all_gather", 1e9, 8, 1e11, 0) == pytest.approx(0.00875)
+    assert timing.collective_time("all_reduce", 1e9, 8, 1e11, 5e-6) == pytest.approx(0.0175 + 14 * 5e-6)
+    assert timing.collective_time("all_reduce", 1e9, 1, 1e11, 5e-6) == 0
+
+
+def test_bus_bandwidth_nvlink_in_a_node_nics_across():
+    # A100 NVLink 600 GB/s both ways -> 300 one way; 8 HDR NICs x 25 GB/s = 200 GB/s leave a DGX A100.
+    assert timing.bus_bandwidth(A100, HDR, 1, 8) == 300e9
+    assert timing.bus_bandwidth(A100, HDR, 4, 8) == 8 * 25e9
+    assert timing.bus_bandwidth(A100, HDR, 4, 2) == 2 * 25e9
+    eth = hardware.INTERCONNECTS["eth100"]  # one 100 Gb/s port per node, shared
+    assert timing.bus_bandwidth(A100, eth, 2, 8) == 12.5e9
+
+
+def _workload(stage: int, zero: dict | None = None, precision: str = "bf16", num_params: int = 100_000_000,
+              checkpointing: bool = False) -> timing.Workload:
+    return timing.Workload(shape("bert-base"), 30522, 0.15, num_params, stage, precision, checkpointing,
+                           zero or {}, "lamb")
+
+
+@pytest.mark.parametrize("stage,accum,volume", [
+    # bytes every rank sends per step, in units of (n-1)/n x Psi x 2 bytes (ZeRO paper, sec. 7: stages 1 and 2 move
+    # what data parallelism does, 2 Psi; stage 3 1.5x that). With accumulation a: stages 0-1 reduce once a step,
+    # stage 2 reduce-scatters every micro-step, stage 3 also gathers the weights every micro-step.
+    (0, 1, 2), (1, 1, 2), (2, 1, 2), (3, 1, 2), (0, 4, 2), (1, 4, 2), (2, 4, 4 + 1), (3, 4, 4 * 2),
+])
+def test_communication_volume_per_zero_stage(stage, accum, volume):
+    n, psi, bw = 16, 100_000_000, 1e11
+    w = _workload(stage, {"overlap_comm": False})
+    net = dataclasses.replace(HDR, latency=0.0)
+    dev = dataclasses.replace(A100, intra_node_bandwidth=bw)
+    st = timing.step_time(w, timing.Cluster(1, n, dev, net), 128, 8, accum)
+    per_rank_bytes = volume * (n - 1) / n * psi * 2
+    hops = volume * (n - 1)  # a ring all-reduce takes 2(n-1) hops, a reduce-scatter or all-gather n-1
+    assert st.comm_total_s == pytest.approx(per_rank_bytes / bw + hops * timing.INTRA_LATENCY, rel=1e-9)
+    assert st.comm_s == pytest.approx(st.comm_total_s)  # nothing overlaps with overlap_comm false
+
+
+def test_stage3_gathers_forward_and_backward_when_the_model_exceeds_live_parameters():
+    zero = {"overlap_comm": False, "stage3_max_live_parameters": 1000}
+    c = timing.Cluster(1, 8, dataclasses.replace(A100, intra_node_bandwidth=1e11), HDR)
+    one = timing.step_time(_workload(3, {"overlap_comm": False}), c, 128, 8, 1).comm_total_s
+    two = timing.step_time(_workload(3, zero), c, 128, 8, 1).comm_total_s
+    three = timing.step_time(_workload(3, zero, checkpointing=True), c, 128, 8, 1).comm_total_s
+    assert (one, two, three) == pytest.approx((2 / 3 * two, two, 4 / 3 * two), rel=1e-9)  # RS+AG, RS+2AG, RS+3AG
+
+
+def test_overlap_hides_a_reduction_behind_backward_except_the_last_bucket():
+    c = timing.Cluster(1, 8, A100, HDR)
+    psi = 100_000_000
+    plain = timing.step_time(_workload(2, {"overlap_comm": False}), c, 128, 32, 1)
+    hidden = timing.step_time(_workload(2, {"overlap_comm": True, "reduce_bucket_size": psi // 4}), c, 128, 32, 1)
+    rs = timing.collective_time("reduce_scatter", psi * 2, 8, 300e9, timing.INTRA_LATENCY)
+    ag = timing.collective_time("all_gather", psi * 2, 8, 300e9, timing.INTRA_LATENCY)
+    assert plain.comm_s == pytest.approx(rs + ag)
+    assert hidden.comm_s == pytest.approx(rs / 4 + ag)  # backward (tens of ms) hides 3 of the 4 buckets
+    # a network too slow to hide behind backward: what exceeds the backward shows
+    slow = dataclasses.replace(A100, intra_node_bandwidth=1e8)
+    st = timing.step_time(_workload(2, {"overlap_comm": True, "reduce_bucket_size": psi // 4}),
+                          timing.Cluster(1, 8, slow, HDR), 128, 32, 1)
+    rs = timing.collective_time("reduce_scatter", psi * 2, 8, 1e8, timing.INTRA_LATENCY)
+    ag = timing.collective_time("all_gather", psi * 2, 8, 1e8, timing.INTRA_LATENCY)
+    backward = st.compute_s * 2 / 3
+    assert st.comm_s == pytest.approx(rs / 4 + (rs * 3 / 4 - backward) + ag)
+
+
+def test_compute_and_optimizer_time_written_out():
+    # BERT-base, seq 128, micro 32 x accum 4 on one A100, bf16 at 312 TFLOP/s x 0.5; LAMB at stage 1 on 1 rank:
+    # 40 B of its two passes + 4 (clipping norm) + 6 (16-bit grads to fp32) + 6 (masters back to 16-bit) a parameter.
+    dev = dataclasses.replace(A100, efficiency=0.5)
+    w = _workload(1, num_params=110_000_000)
+    st = timing.step_time(w, timing.Cluster(1, 1, dev, HDR), 128, 32, 4)
+    forward = 32 * 12 * 128 * 14_548_992 + round(0.15 * 128 * 32) * 48_070_656
+    assert st.compute_s == pytest.approx(4 * 3 * forward / (312e12 * 0.5), rel=1e-12)
+    assert st.optimizer_s == pytest.approx((40 + 4 + 6 + 6) * 110_000_000 / 2039e9, rel=1e-12)
+    assert st.comm_total_s == 0
+    # ZeRO-1 on 8 ranks: each steps one eighth of the parameters
+    st8 = timing.step_time(w, timing.Cluster(1, 8, dev, HDR), 128, 32, 4)
+    assert st8.optimizer_s == pytest.approx(st.optimizer_s / 8)
+    assert timing.step_time(_workload(0, num_params=110_000_000), timing.Cluster(1, 8, dev, HDR), 128, 32,
+                            4).optimizer_s == pytest.approx(st.optimizer_s)
+
+
+def test_estimate_sums_every_step_of_every_phase_and_mfu_is_model_flops_over_peak():
+    recipe = load_recipe("bert_large")
+    est = timing.estimate(recipe, timing.Cluster(8, 8, A100, HDR))
+    assert [p.steps for p in est.phases] == [7038, 1563]
+    assert [(p.seq_len, p.global_batch) for p in est.phases] == [(128, 65536), (512, 32768)]
+    assert est.time_to_train_s == pytest.approx(sum(p.time_s for p in est.phases))
+    for p in est.phases:
+        d = est.phase_dict(p)
+        assert d["step_time_s"] == pytest.approx(d["compute_s"] + d["comm_s"] + d["optimizer_s"])
+        assert d["samples_per_s"] == pytest.approx(p.global_batch / d["step_time_s"])
+        per_seq = timing.forward_flops(recipe.model, 30522, p.seq_len, p.micro_batch).model / p.micro_batch
+        assert d["mfu"] == pytest.approx(d["samples_per_s"] * per_seq / (64 * 312e12))
+        assert d["mfu"] <= A100.efficiency
+
+
+def test_every_shipped_recipe_gets_a_time_on_every_gpu():
+    for name in ("tiny", "bert_base", "bert_large", "bert_large_32k", "gpt2_small", "gpt2_medium", "gpt2_xl",
+                 "llama_1b"):
+        r = load_recipe(name)
+        for gpu in hardware.DEVICES:
+            est = timing.estimate(r, timing.Cluster(r.cluster.nodes, r.cluster.gpus_per_node,
+                                                    hardware.DEVICES[gpu], hardware.INTERCONNECTS["ndr400"]))
+            assert est.time_to_train_s > 0 and all(0 < est.mfu(p) < 1 for p in est.phases), (name, gpu)
+
+
+def test_faster_device_and_network_give_shorter_times():
+    r = load_recipe("gpt2_xl")
+    times = [timing.estimate(r, timing.Cluster(16, 8, hardware.DEVICES[g], HDR)).time_to_train_s
+             for g in ("A100-40GB", "H100-SXM", "B200")]
+    assert times == sorted(times, reverse=True)
+
+
+def test_mccandlish_laws_written_out():
+    # S = S_min (1 + B_noise / B), E = E_min (1 + B / B_noise): at B = B_noise twice the minimum of each
+    assert timing.mccandlish_steps(1000, 256, 256) == 2000
+    assert timing.mccandlish_steps(1000, 256, 1024) == 1000 * (1 + 0.25)
+    assert timing.mccandlish_samples(256_000, 256, 64) == 256_000 * (1 + 0.25)
+    assert timing.mccandlish_samples(256_000, 256, 256) == 512_000
+
+
+def _pilot(tmp_path, values):
+    lines = [json.dumps({"step": i, "loss": 5.0, **({"noise_scale": v} if v is not None else {})})
+             for i, v in enumerate(values, 1)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return str(tmp_path)
+
+
+def test_read_noise_scale_takes_the_last_logged_value(tmp_path):
+    got = timing.read_noise_scale(_pilot(tmp_path, [100.0, None, 300.0, None]))
+    assert (got["noise_scale"], got["step"]) == (300.0, 3)
+    with pytest.raises(ConfigError, match="--noise-scale=.*no positive noise_scale"):
+        timing.read_noise_scale(_pilot(tmp_path, [None, None]))
+    with pytest.raises(ConfigError, match="--noise-scale=.*no metrics.jsonl"):
+        timing.read_noise_scale(str(tmp_path / "missing"))
+
+
+def test_noise_grid_predicts_steps_and_marks_fastest_and_cheapest(tmp_path):
+    recipe = load_recipe("bert_base")
+    b_noise = 16384.0
+    pilot = timing.read_noise_scale(_pilot(tmp_path, [b_noise]))
+    grid = timing.noise_grid(recipe, timing.Cluster(4, 8, A100, HDR), pilot, 80 * 10**9, [1, 4, 16])
+    s_min = 7038 / (1 + b_noise / 65536)  # the recipe's 7,038 steps at batch 65,536 fix S_min
+    assert grid["s_min"] == pytest.approx(s_min) and grid["e_min"] == pytest.approx(s_min * b_noise)
+    ok = [p for p in grid["points"] if p["fits"]]
+    assert ok and {p["global_batch"] for p in grid["points"]} >= {2048, 16384, 131072}
+    for p in grid["points"]:
+        assert p["steps"] == math.ceil(s_min * (1 + b_noise / p["global_batch"]))
+    fastest = [p for p in grid["points"] if p["fastest"]]
+    cheapest = [p for p in grid["points"] if p["cheapest"]]
+    assert len(fastest) == len(cheapest) == 1
+    assert fastest[0]["time_to_train_s"] == min(p["time_to_train_s"] for p in ok)
+    assert cheapest[0]["gpu_hours"] == min(p["gpu_hours"] for p in ok)
+    # more nodes never cost fewer GPU-hours at one batch, and a huge batch wastes samples: the fastest is not the
+    # largest batch on the fewest nodes
+    assert fastest[0]["nodes"] == 16
+
+
+def test_noise_grid_marks_what_does_not_fit(tmp_path):
+    pilot = timing.read_noise_scale(_pilot(tmp_path, [4096.0]))
+    grid = timing.noise_grid(load_recipe("gpt2_xl"), timing.Cluster(1, 8, A100, HDR), pilot, 2 * 10**9, [1])
+    assert not any(p["fits"] for p in grid["points"])
+    assert all("why" in p for p in grid["points"])
+    assert not any(p["fastest"] or p["cheapest"] for p in grid["points"])
+
+
+def test_cpu_device_from_an_injected_probe():
+    probe = hardware.CpuProbe(flops=50e9, bandwidth=10e9, threads=1, seconds=0.0)
+    dev = hardware.measure_cpu(2, probe_fn=lambda threads: probe)
+    assert dev.peak_flops == {"fp32": 50e9, "fp16": 50e9, "bf16": 50e9}
+    assert dev.memory_bandwidth == 10e9 and dev.efficiency == 1.0
+    w = _workload(1, precision="fp32", num_params=200_000)
+    st = timing.step_time(w, timing.Cluster(1, 2, dev, hardware.INTERCONNECTS["loopback"]), 64, 8, 2)
+    assert st.compute_s == pytest.approx(2 * timing.forward_flops(shape("bert-base"), 30522, 64, 8).model / 50e9)
+
+
+def test_cpu_probe_measures_something_quickly():
+    p = hardware.probe_cpu(1, matmul=128, copy_bytes=1 << 20, budget_s=0.02)
+    assert p.flops > 1e8 and p.bandwidth > 1e8 and p.seconds < 2
+
+
+def test_overrides_replace_catalogue_figures():
+    dev = hardware.device("H100-SXM", peak_tflops=500, memory_bandwidth_gbps=1000, intra_node_gbps=100,
+                          efficiency=0.4)
+    assert (dev.peak_flops["bf16"], dev.memory_bandwidth, dev.intra_node_bandwidth, dev.efficiency) == \
+        (500e12, 1000e9, 100e9, 0.4)
+    assert hardware.interconnect("ndr400", inter_node_gbps=10).bandwidth == 10e9
+
+
+def test_every_catalogue_entry_cites_its_source():
+    for dev in hardware.DEVICES.values():
+        assert "datasheet" in dev.source and dev.efficiency_source
+    for net in hardware.INTERCONNECTS.values():
+        assert net.source
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--gpu", "V100"], "--gpu='V100' is not in the catalogue"),
+    (["--interconnect", "myrinet"], "--interconnect='myrinet' is not in the catalogue"),
+    (["--efficiency", "1.5"], "--efficiency=1.5 is above 1"),
+    (["--efficiency", "-1"], "--efficiency=-1.0 must be a positive number"),
+    (["--scan-nodes", "1,x"], "--scan-nodes='1,x' is not a list of node counts"),
+    (["--noise-scale", "/nonexistent"], "--noise-scale='/nonexistent' holds no metrics.jsonl"),
+])
+def test_bad_flags_end_with_one_sentence_and_exit_2(argv, needle, capsys):
+    assert main(["plan", "tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+def test_cli_json_has_phases_memory_scaling_and_noise_grid(tmp_path, capsys):
+    run = _pilot(tmp_path, [2000.0])
+    assert main(["plan", "bert_base", "--gpu", "H100-SXM", "--nodes", "2", "--json", "--scan-nodes", "1,2",
+                 "--noise-scale", run]) == 0
+    out = json.loads(capsys.readouterr().out)
+    keys = {"seq_len", "global_batch", "micro_batch", "grad_accum", "steps", "step_time_s", "samples_per_s",
+            "tokens_per_s", "mfu", "compute_s", "comm_s", "optimizer_s", "time_s"}
+    assert len(out["phases"]) == 2 and all(keys <= set(p) for p in out["phases"])
+    assert out["time_to_train_s"] == pytest.approx(sum(p["time_s"] for p in out["phases"]))
+    assert out["device"]["name"] == "H100-SXM" and out["world"] == 16
+    assert [r["nodes"] for r in out["scaling"]] == [1, 2] and out["scaling"][0]["scaling_efficiency"] == 1
+    assert out["memory"]["fits"] and len(out["memory"]["phases"]) == 2
+    assert out["noise_scale"]["noise_scale"] == 2000.0
+
+
+def test_cli_text_prints_the_time_table(capsys):
+    assert main(["plan", "bert_large", "--gpu", "A100-80GB", "--nodes", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "Time on 32 x 8 A100-80GB, hdr200 between nodes" in out and "Time to train:" in out

@@ -32,12 +32,15 @@ B200_DATASHEET = ("NVIDIA HGX B200 datasheet (8 GPUs; per GPU = /8): FP16/BF16 t
                   "(2.25 PFLOPS dense per GPU), FP32 600 TFLOPS (75 per GPU), 1.44 TB HBM3e (180 GB per GPU) at "
                   "64 TB/s (8 TB/s per GPU), fifth-generation NVLink 1.8 TB/s per GPU")
 
-# The achievable share of the dense peak a BERT/GPT training step reaches in its matmuls. Calibrated by
-# bench/plan_vs_published.py on NVIDIA DeepLearningExamples' BERT-large LAMB pretraining on one A100 80GB (seq 128
-# and 512, the geometric mean of the two implied factors); every other row of its table is held out. The other GPUs
-# carry the A100's factor over: no published figure calibrates them.
-CALIBRATED_EFFICIENCY = 0.56
-CALIBRATION = "calibrated on NVIDIA's BERT-large A100 80GB figures (bench/plan_vs_published.py)"
+# The achievable share of the dense peak a training step reaches in its matmuls, fitted by bench/plan_vs_published.py
+# (geometric mean of predicted / published = 1 on the rows it marks `calibrate`; every other row is held out):
+# A100 on NVIDIA DeepLearningExamples' BERT-large LAMB pretraining on one A100 80GB (seq 128 and 512); H100 on
+# llm-foundry's MPT-1b and MPT-7b on 8 H100 80GB. H200 and B200 carry H100's factor: nothing published here
+# calibrates them.
+A100_EFFICIENCY = 0.554
+H100_EFFICIENCY = 0.443
+A100_CALIBRATION = "calibrated on NVIDIA's BERT-large figures on one A100 80GB (bench/plan_vs_published.py)"
+H100_CALIBRATION = "calibrated on llm-foundry's MPT-1b/7b on 8 H100 80GB (bench/plan_vs_published.py)"
 
 
 @dataclass(frozen=True)
@@ -64,9 +67,13 @@ class Interconnect:
 
 def _gpu(name: str, half: float, fp32: float, hbm: float, memory_gb: float, nvlink_total: float, network: str,
          source: str) -> Device:
+    if name.startswith("A100"):
+        efficiency, how = A100_EFFICIENCY, A100_CALIBRATION
+    else:
+        how = H100_CALIBRATION if name.startswith("H100") else f"H100's, {H100_CALIBRATION}; not {name}'s own"
+        efficiency = H100_EFFICIENCY
     return Device(name, {"fp32": fp32, "fp16": half, "bf16": half}, hbm, int(memory_gb * GB), nvlink_total / 2,
-                  network, CALIBRATED_EFFICIENCY, CALIBRATION if name.startswith("A100") else
-                  f"the A100's factor, {CALIBRATION}; nothing published calibrates {name} here", source)
+                  network, efficiency, how, source)
 
 
 DEVICES: dict[str, Device] = {

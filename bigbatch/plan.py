@@ -384,8 +384,7 @@ def report(result: PlanResult) -> str:
 def cmd_plan(args: list[str]) -> int:
     """`bigbatch plan`: memory per phase, then time per phase on the named device (bigbatch.timing); 0 when every
     phase fits as written, 1 when one does not."""
-    from bigbatch import hardware, timing
-    from bigbatch.resolve import phase_recipe
+    from bigbatch import hardware
 
     overrides, rest = parse_override_args(args)
     parser = argparse.ArgumentParser(

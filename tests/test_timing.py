@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from bigbatch import hardware, timing
 from bigbatch.cli import main
-from bigbatch.config import ConfigError, ModelConfig
+from bigbatch.config import ConfigError
 from bigbatch.plan import model_size
 from bigbatch.recipe_files import load_recipe
 from bigbatch.shapes import shape
@@ -23,8 +24,8 @@ HDR = hardware.INTERCONNECTS["hdr200"]
 def test_gpt2_small_flops_per_token_are_megatrons_formula():
     # Narayanan et al. 2021 (Megatron-LM), appendix: F = 72 B s l h^2 (1 + s/(6h) + V/(12 l h)) per iteration,
     # for B = 1 sequence; GPT-2 small: s 1024, l 12, h 768, V 50,257 padded to 50,264.
-    s, l, h, V = 1024, 12, 768, 50264
-    megatron = 72 * 1 * s * l * h**2 * (1 + s / (6 * h) + V / (12 * l * h))
+    s, layers, h, V = 1024, 12, 768, 50264
+    megatron = 72 * 1 * s * layers * h**2 * (1 + s / (6 * h) + V / (12 * layers * h))
     f = timing.forward_flops(shape("gpt2-124m"), 50257, s)
     assert f.model == pytest.approx(megatron, rel=1e-12)
     # the same per token, term by term: 3 x (12 layers x (24h^2 + 4sh) + 2hV)
@@ -305,3 +306,12 @@ def test_cli_text_prints_the_time_table(capsys):
     assert main(["plan", "bert_large", "--gpu", "A100-80GB", "--nodes", "32"]) == 0
     out = capsys.readouterr().out
     assert "Time on 32 x 8 A100-80GB, hdr200 between nodes" in out and "Time to train:" in out
+
+
+def test_catalogue_efficiencies_are_the_benchmarks_fitted_values():
+    # bench/plan_vs_published.py fits them on its `calibrate` rows; the committed result must agree with the code
+    fitted = json.loads((Path(__file__).resolve().parent.parent / "bench/results/plan_vs_published.json")
+                        .read_text())["fitted"]
+    assert hardware.DEVICES["A100-80GB"].efficiency == pytest.approx(fitted["A100"], abs=5e-4)
+    assert hardware.DEVICES["H100-SXM"].efficiency == pytest.approx(fitted["H100"], abs=5e-4)
+    assert hardware.DEVICES["B200"].efficiency == hardware.DEVICES["H100-SXM"].efficiency

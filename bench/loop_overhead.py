@@ -38,11 +38,12 @@ from bigbatch.cli import main as bigbatch  # noqa: E402
 from bigbatch.data import prepare  # noqa: E402
 from bigbatch.engine import initialize  # noqa: E402
 from bigbatch.metrics import plot_loss, read_metrics  # noqa: E402
-from bigbatch.rundir import RunDir  # noqa: E402
 from bigbatch.model import build_model  # noqa: E402
 from bigbatch.optim import param_groups  # noqa: E402
 from bigbatch.recipe_files import load_recipe  # noqa: E402
+from bigbatch.rundir import RunDir  # noqa: E402
 from bigbatch.scaling import plan_steps  # noqa: E402
+
 from common import machine, write_results  # noqa: E402
 
 MODEL = ["--model.hidden_size=64", "--model.num_layers=2", "--model.num_heads=2", "--model.intermediate_size=256",

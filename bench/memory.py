@@ -32,9 +32,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bigbatch.distributed import free_port  # noqa: E402
-from bigbatch.plan import (CUDA_ALLOWANCE, activation_bytes, buffer_bytes, logits_grad_bytes,  # noqa: E402
-                           model_size, model_state_bytes)
+from bigbatch.plan import (  # noqa: E402
+    CUDA_ALLOWANCE,
+    activation_bytes,
+    buffer_bytes,
+    logits_grad_bytes,
+    model_size,
+    model_state_bytes,
+)
 from bigbatch.recipe_files import load_recipe  # noqa: E402
+
 from common import deepspeed_launch, machine, write_results  # noqa: E402
 from memory_worker import model_overrides, resolve  # noqa: E402
 

@@ -42,10 +42,10 @@ from bigbatch.config import ConfigError
 from bigbatch.distributed import gather_objects, init, shutdown
 from bigbatch.engine import client_optimizer, initialize, refuse_16bit_stage0
 from bigbatch.model import build_model
-from bigbatch.resolve import DeepSpeedView
 from bigbatch.optim import param_groups
 from bigbatch.plan import PRECISIONS, STAGES
 from bigbatch.recipe_files import load_recipe
+from bigbatch.resolve import DeepSpeedView
 from bigbatch.scaling import solve_batch
 
 # Timed pairs of steps, checkpointing on then off. None for fp16 on the CPU: its matrix products are emulated there

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from bigbatch.optim import LAMB, LARS
+
 from common import machine, write_results
 
 
@@ -58,17 +59,13 @@ def copy_floor(numel: int, bytes_per_param: int, warmup: int, repeat: int) -> fl
     """Time to copy bytes_per_param / 2 bytes per parameter: reads and writes bytes_per_param in all."""
     n = numel * bytes_per_param // 2 // 4
     src, dst = torch.ones(n), torch.zeros(n)  # touched, so page faults are not timed
-    t = time_steps(lambda: dst.copy_(src), warmup, repeat)
-    del src, dst
-    return t
+    return time_steps(lambda: dst.copy_(src), warmup, repeat)
 
 
 def inplace_floor(numel: int, bytes_per_param: int, warmup: int, repeat: int) -> float:
     """Time to `add_` in place over bytes_per_param / 2 bytes per parameter (read + write, no write-allocate)."""
     buf = torch.ones(numel * bytes_per_param // 2 // 4)
-    t = time_steps(lambda: buf.add_(1.0), warmup, repeat)
-    del buf
-    return t
+    return time_steps(lambda: buf.add_(1.0), warmup, repeat)
 
 
 def main() -> None:

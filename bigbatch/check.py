@@ -27,8 +27,20 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from bigbatch.check_values import (Finding, bigbatch_rules, check_shapes, check_stage_context, check_types,
-                                   check_value_rules, delete_path, has_path, hint, one_line, removed_blocks, value_at)
+from bigbatch.check_values import (
+    Finding,
+    bigbatch_rules,
+    check_shapes,
+    check_stage_context,
+    check_types,
+    check_value_rules,
+    delete_path,
+    has_path,
+    hint,
+    one_line,
+    removed_blocks,
+    value_at,
+)
 from bigbatch.config import ConfigError
 
 MAX_PASSES = 20  # DeepSpeed stops at its first error; each pass removes one offending key
@@ -267,9 +279,9 @@ def raise_on_errors(findings: list[Finding], source: str) -> None:
 def check_recipe(name: str, overrides: dict[str, str], world: Optional[int]) -> list[Finding]:
     """The recipe's own checks (keys, data files, fragments, batch arithmetic), then its resolved DeepSpeed JSON."""
     from bigbatch import dsconfig
-    from bigbatch.recipe_files import load_recipe
     from bigbatch.data.corpus import HubUnreachable, check_sources
     from bigbatch.data.tokenizer import check_tokenizer
+    from bigbatch.recipe_files import load_recipe
     from bigbatch.resolve import resolve
 
     out: list[Finding] = []

@@ -22,22 +22,29 @@ import torch
 from bigbatch import checkpoint, distributed, faults, resume
 from bigbatch.check import check_config, raise_on_errors
 from bigbatch.config import ConfigError, Recipe
-from bigbatch.data import TrainingData, prepare
+from bigbatch.data import BatchSource, prepare
 from bigbatch.data.corpus import check_sources
 from bigbatch.data.tokenizer import check_tokenizer
 from bigbatch.engine import client_optimizer, initialize
 from bigbatch.metrics import MetricsLog, device_peak_flops, plot_loss, truncate_metrics
 from bigbatch.model import build_model, count_parameters, padded_vocab
 from bigbatch.noise import GradientNoiseScale
-from bigbatch.step import Halt, StepContext, StepRecord, train_step
 from bigbatch.optim import param_groups
 from bigbatch.optim.layerwise import LayerwiseOptimizer
 from bigbatch.overflow import OverflowGuard, TrainingStopped, state_is_finite
-from bigbatch.preemption import (Preempted, StopRequest, clear_markers, install_handlers, local_request,
-                                 mark_preempted, restore_default_handlers)
+from bigbatch.preemption import (
+    Preempted,
+    StopRequest,
+    clear_markers,
+    install_handlers,
+    local_request,
+    mark_preempted,
+    restore_default_handlers,
+)
 from bigbatch.resolve import ResolvedRun, phase_recipe, resolve
 from bigbatch.rundir import RunDir, default_run_dir, environment
 from bigbatch.scaling import StepPlan, samples_before
+from bigbatch.step import Halt, StepContext, StepRecord, train_step
 
 log = logging.getLogger("bigbatch")
 
@@ -52,12 +59,12 @@ class Trainer:
     recipe: Recipe
     run_dir: RunDir
     engine: Any
-    data: TrainingData  # the data of the phase of `start_step`
+    data: BatchSource  # the data of the phase of `start_step`
     steps: list[StepPlan]
     rank: int
     world: int
     metrics: MetricsLog
-    load_phase: Callable[[int], TrainingData]  # collective: every rank calls it at a phase change
+    load_phase: Callable[[int], BatchSource]  # collective: every rank calls it at a phase change
     preemption: StopRequest  # a request to stop cleanly (exit 0, requeued); _halt is the run stopping itself (exit 3)
     start_step: int = 0
     n_params: int = 0
@@ -366,7 +373,7 @@ def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict
     say = _say if rank == 0 else log.info
     recipe, world, steps, lr, ds_config = run.recipe, run.world, run.steps, run.lr, run.ds_config
 
-    def load_phase(phase: int) -> TrainingData:
+    def load_phase(phase: int) -> BatchSource:
         """Phase 0's data, or a later phase's: the same corpus and tokenizer, packed at that phase's length."""
         if phase == 0:
             return data

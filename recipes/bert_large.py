@@ -14,8 +14,18 @@ v1.1 F1 90.58 with this schedule in 8,599 steps. Those LRs are for a LAMB withou
 
 import sys
 
-from bigbatch.config import (BatchConfig, CheckpointConfig, ClusterConfig, DataConfig, DeepSpeedSection,
-                             OptimizerConfig, PhaseConfig, Recipe, RunConfig, ScheduleConfig)
+from bigbatch.config import (
+    BatchConfig,
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    DeepSpeedSection,
+    OptimizerConfig,
+    PhaseConfig,
+    Recipe,
+    RunConfig,
+    ScheduleConfig,
+)
 from bigbatch.shapes import shape
 
 RECIPE = Recipe(

@@ -13,8 +13,17 @@ derived by rule, not a tuned result.
 import dataclasses
 import sys
 
-from bigbatch.config import (BatchConfig, CheckpointConfig, ClusterConfig, DataConfig, DeepSpeedSection,
-                             OptimizerConfig, Recipe, RunConfig, ScheduleConfig)
+from bigbatch.config import (
+    BatchConfig,
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    DeepSpeedSection,
+    OptimizerConfig,
+    Recipe,
+    RunConfig,
+    ScheduleConfig,
+)
 from bigbatch.shapes import shape
 
 RECIPE = Recipe(

@@ -11,8 +11,17 @@ The shape of TinyLlama (Zhang et al. 2024: width 2,048, 22 layers, 32 heads, 4 k
 
 import sys
 
-from bigbatch.config import (BatchConfig, CheckpointConfig, ClusterConfig, DataConfig, DeepSpeedSection,
-                             OptimizerConfig, Recipe, RunConfig, ScheduleConfig)
+from bigbatch.config import (
+    BatchConfig,
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    DeepSpeedSection,
+    OptimizerConfig,
+    Recipe,
+    RunConfig,
+    ScheduleConfig,
+)
 from bigbatch.shapes import shape
 
 RECIPE = Recipe(

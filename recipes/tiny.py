@@ -8,8 +8,17 @@ with LAMB at a global batch of 4,096 sequences on the English documentation text
 
 import sys
 
-from bigbatch.config import (BatchConfig, ClusterConfig, DataConfig, DeepSpeedSection, ModelConfig, OptimizerConfig,
-                             Recipe, RunConfig, ScheduleConfig)
+from bigbatch.config import (
+    BatchConfig,
+    ClusterConfig,
+    DataConfig,
+    DeepSpeedSection,
+    ModelConfig,
+    OptimizerConfig,
+    Recipe,
+    RunConfig,
+    ScheduleConfig,
+)
 
 RECIPE = Recipe(
     name="tiny",

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bigbatch import faults
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tests never reach the Hugging Face hub (CI has no internet): offline, an `hf:` source that is not cached fails at
@@ -133,3 +137,34 @@ def compiled_calls(run: Any) -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         run()
     return sum(e.name.startswith("Torch-Compiled Region") for e in prof.events())
+
+
+@pytest.fixture
+def inject(monkeypatch):
+    """Steps (1-based) at which a gradient gets an inf, the loss a NaN, or a weight an inf before the forward pass,
+    through the trainer's public per-step hook (`bigbatch.faults.on_step`)."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)  # test only
+    plan = {"inf_grad": set(), "nan_loss": set(), "inf_weight": set(), "step": 0}
+    hooked = weakref.WeakSet()
+
+    def corrupt(step, model):
+        plan["step"] = step
+        if model in hooked:
+            return
+        hooked.add(model)
+        first = next(p for p in model.parameters() if p.requires_grad)
+        first.register_hook(lambda g: g * math.inf if plan["step"] in plan["inf_grad"] else g)
+
+        def break_weight(m, args):
+            if m.training and plan["step"] in plan["inf_weight"]:
+                first.data.fill_(math.inf)
+
+        model.register_forward_pre_hook(break_weight)
+        model.register_forward_hook(
+            lambda m, a, out: out * math.nan if m.training and plan["step"] in plan["nan_loss"] else out)
+
+    remove = faults.on_step(corrupt)
+    yield plan
+    remove()

@@ -12,6 +12,7 @@ import torch
 
 from bigbatch.config import ModelConfig
 from bigbatch.model import build_model
+
 from conftest import in_fresh_process
 
 VOCAB = 96

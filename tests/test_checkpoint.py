@@ -18,6 +18,7 @@ import torch
 from bigbatch import checkpoint
 from bigbatch.cli import main
 from bigbatch.metrics import read_metrics
+
 from conftest import ROOT, WORKERS, launch_env
 
 SMALL = ["--schedule.steps=6", "--batch.global_batch=32", "--batch.micro_batch=16", "--run.eval_every=3",
@@ -154,8 +155,9 @@ def test_where_loading_can_run_pickled_code(optimizer, request, tmp_path, corpus
     assert main(args) == 0
     assert ("through a universal checkpoint" in capsys.readouterr().out) == (optimizer == "lars")
     assert calls, "the resume loaded nothing through torch.load"
-    import bigbatch
     import deepspeed
+
+    import bigbatch
 
     package, ds = Path(bigbatch.__file__).parent, Path(deepspeed.__file__).parent
     ours = [c for c in calls if Path(c[0]).resolve().is_relative_to(package)]

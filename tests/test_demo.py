@@ -15,6 +15,7 @@ import torch
 
 from bigbatch.cli import main
 from bigbatch.metrics import read_metrics
+
 from conftest import _free_port, deepspeed_launch, held_out_loss
 
 

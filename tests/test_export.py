@@ -14,6 +14,7 @@ import torch
 from bigbatch.cli import main
 from bigbatch.metrics import read_metrics
 from bigbatch.recipe_files import load_recipe, load_recipe_file
+
 from conftest import held_out_loss
 
 AUTO = {"bert": "AutoModelForMaskedLM", "gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM"}

@@ -14,6 +14,7 @@ import pytest
 
 from bigbatch.cli import main as bigbatch
 from bigbatch.finetune import main as finetune
+
 from conftest import ROOT
 
 WATER = ["river", "ocean", "water", "rain", "lake", "stream", "wave", "shore"]

@@ -20,6 +20,7 @@ import pytest
 
 from bigbatch.metrics import read_metrics
 from bigbatch.rundir import PREEMPTED, STOP
+
 from conftest import ROOT, _free_port, deepspeed_launch, launch_env
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bigbatch.metrics import read_metrics
+
 from conftest import ROOT, launch_env
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bigbatch.noise import GradientNoiseScale, held_gradient_norm, loss_multiplier
+
 from conftest import in_fresh_process
 
 D, SIGMA, TRUE_B = 64, 1.5, 48.0

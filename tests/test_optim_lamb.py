@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import compiled_calls
 from torch._dynamo.exc import BackendCompilerFailed
 
 from bigbatch.optim import LAMB, kernels, param_groups
+
+from conftest import compiled_calls
 
 
 def lamb_reference(weights, grads_per_step, lr, betas=(0.9, 0.999), eps=1e-6, wd=0.01, bias_correction=True,

@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import compiled_calls
 
 from bigbatch.optim import LARS
+
+from conftest import compiled_calls
 
 
 def lars_reference(weights, grads_per_step, lr, momentum=0.9, wd=1e-4, tc=0.001, eps=0.0, adapt=True):

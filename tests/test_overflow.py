@@ -14,13 +14,11 @@ from __future__ import annotations
 import copy
 import json
 import math
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
-from bigbatch import faults
 from bigbatch.cli import main
 from bigbatch.metrics import read_metrics
 from bigbatch.recipe_files import load_recipe
@@ -37,37 +35,6 @@ def train_tiny(tmp_path, corpus_file, steps: int, *extra: str) -> tuple[int, Pat
     code = main(["train", "tiny", f"--data.sources={corpus_file}", "--run-dir", str(run), f"--schedule.steps={steps}",
                  *extra, *SMALL])
     return code, run
-
-
-@pytest.fixture
-def inject(monkeypatch):
-    """Steps (1-based) at which a gradient gets an inf, the loss a NaN, or a weight an inf before the forward pass,
-    through the trainer's public per-step hook (`bigbatch.faults.on_step`)."""
-    from deepspeed.accelerator import get_accelerator
-
-    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)  # test only
-    plan = {"inf_grad": set(), "nan_loss": set(), "inf_weight": set(), "step": 0}
-    hooked = weakref.WeakSet()
-
-    def corrupt(step, model):
-        plan["step"] = step
-        if model in hooked:
-            return
-        hooked.add(model)
-        first = next(p for p in model.parameters() if p.requires_grad)
-        first.register_hook(lambda g: g * math.inf if plan["step"] in plan["inf_grad"] else g)
-
-        def break_weight(m, args):
-            if m.training and plan["step"] in plan["inf_weight"]:
-                first.data.fill_(math.inf)
-
-        model.register_forward_pre_hook(break_weight)
-        model.register_forward_hook(
-            lambda m, a, out: out * math.nan if m.training and plan["step"] in plan["nan_loss"] else out)
-
-    remove = faults.on_step(corrupt)
-    yield plan
-    remove()
 
 
 def fp16_fragment(tmp_path, **fp16):

@@ -13,12 +13,13 @@ from bigbatch.cli import main
 from bigbatch.metrics import read_metrics
 from bigbatch.model import build_model, count_parameters
 from bigbatch.recipe_files import load_recipe, shipped_recipes
+
 from conftest import ROOT
 
 RECIPES = shipped_recipes()
 # Parameter counts the recipes' names promise (transformers' own models, padded vocabularies), within 10%.
-SIZES = {"bert_base": 110e6, "bert_large": 335e6, "bert_large_32k": 335e6, "gpt2_small": 124e6, "gpt2_medium": 355e6, "gpt2_xl": 1.56e9,
-         "llama_1b": 1.1e9}
+SIZES = {"bert_base": 110e6, "bert_large": 335e6, "bert_large_32k": 335e6, "gpt2_small": 124e6, "gpt2_medium": 355e6,
+         "gpt2_xl": 1.56e9, "llama_1b": 1.1e9}
 
 
 def test_the_issue_list_of_recipes_is_shipped():

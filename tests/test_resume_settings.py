@@ -16,8 +16,8 @@ from bigbatch.engine import client_optimizer, initialize
 from bigbatch.metrics import read_metrics
 from bigbatch.optim import param_groups
 from bigbatch.resume import changed_keys, hyperparameters, refuse_changes, restore
+
 from conftest import TINY_RUN
-from test_overflow import inject  # noqa: F401  (the fixture that injects non-finite gradients)
 
 RUN = [*TINY_RUN, "--schedule.steps=4", "--checkpoint.every_steps=2", "--run.eval_every=4", "--schedule.decay=constant",
        "--schedule.warmup=0.5"]
@@ -143,8 +143,9 @@ def test_restore_puts_this_starts_hyperparameters_back_and_keeps_the_moments(tmp
 def test_the_overflow_count_survives_a_resume(tmp_path, corpus_file, inject, monkeypatch, capsys):
     """Patience 3, gradients not finite from step 3 on: the run must stop after step 5 whether or not it was
     preempted after step 4, with 2 skips counted (a resume that forgot the count would skip on to step 7)."""
-    from bigbatch import faults
     from test_overflow import SMALL as OVERFLOW_RUN
+
+    from bigbatch import faults
 
     inject["inf_grad"] = set(range(3, 100))
     run = tmp_path / "run"

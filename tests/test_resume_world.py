@@ -10,6 +10,7 @@ import pytest
 
 from bigbatch import checkpoint
 from bigbatch.metrics import read_metrics
+
 from conftest import deepspeed_launch
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from bigbatch.metrics import read_metrics
-from conftest import ROOT, launch_env
 
+from conftest import ROOT, launch_env
 
 ARGS = ["--schedule.steps=30", "--batch.global_batch=64", "--batch.micro_batch=16", "--data.vocab_size=400",
         "--data.eval_samples=64", "--run.eval_every=10", "--model.dropout=0.1"]

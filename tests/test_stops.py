@@ -21,6 +21,7 @@ from bigbatch.cli import main
 from bigbatch.metrics import read_metrics
 from bigbatch.preemption import start_id, stop_file_request
 from bigbatch.rundir import OWNER, PREEMPTED, STOP, RunDir
+
 from conftest import ROOT, launch_env
 
 SMALL = ["--schedule.steps=6", "--batch.global_batch=32", "--batch.micro_batch=16", "--run.eval_every=3",

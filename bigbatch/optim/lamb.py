@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-from torch import Tensor
-
 import torch
+from torch import Tensor
 
 from bigbatch.optim.kernels import LAMB_APPLY, LAMB_MOMENTS_AND_NORMS, scalar, use_fused
 from bigbatch.optim.layerwise import FlatLayout, LayerwiseOptimizer

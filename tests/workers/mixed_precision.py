@@ -19,12 +19,13 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-import zero_exactness
 from bigbatch.config import ConfigError
 from bigbatch.distributed import shutdown
 from bigbatch.engine import client_optimizer, initialize
 from bigbatch.optim import param_groups
 from bigbatch.overflow import state_tensors
+
+import zero_exactness
 from zero_exactness import GLOBAL, OPT_PARAMS, Net, batches, reference
 
 STEPS = 4

@@ -130,8 +130,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command not in COMMANDS:
         print(f"bigbatch: error: unknown command {command!r}; commands: {', '.join(COMMANDS)}.", file=sys.stderr)
         return EXIT_BAD_INPUT
+    return _exit_code(lambda: COMMANDS[command](rest))
+
+
+def _exit_code(run: Callable[[], int]) -> int:
+    """Bad input is one sentence and exit 2; a run that stopped itself, its sentence and exit 3."""
     try:
-        return COMMANDS[command](rest)
+        return run()
     except ConfigError as err:
         print(f"bigbatch: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -147,11 +152,4 @@ def run_recipe(recipe_file: str, argv: Optional[list[str]] = None) -> int:
 
         install_handlers()
         return _as_program(run_recipe(recipe_file, sys.argv[1:]))
-    try:
-        return cmd_train(_drop_local_rank(list(argv)), recipe_path=recipe_file)
-    except ConfigError as err:
-        print(f"bigbatch: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except TrainingStopped as err:
-        print(f"bigbatch: {err}", file=sys.stderr)
-        return EXIT_STOPPED
+    return _exit_code(lambda: cmd_train(_drop_local_rank(list(argv)), recipe_path=recipe_file))

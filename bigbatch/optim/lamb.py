@@ -57,63 +57,52 @@ class LAMB(LayerwiseOptimizer):
             min_coeff=min_coeff,
             adapt=True,
         )
-        super().__init__(params, defaults)
-        self.fused = fused
+        super().__init__(params, defaults, fused)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            params, layouts = self._group_tensors(group, gi)
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            grads = [p.grad for p in params]
-            exp_avgs, exp_avg_sqs, steps = [], [], []
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-            bc1, bc2 = _bias_corrections(group, steps)
-            if group["adapt"] and use_fused(self.fused, params):
-                self._fused_step(group, params, layouts, grads, exp_avgs, exp_avg_sqs, bc1, bc2)
-                continue
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], layouts: list[FlatLayout]) -> None:
+        beta1, beta2 = group["betas"]
+        grads = [p.grad for p in params]
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        bc1, bc2 = _bias_corrections(group, steps)
+        if group["adapt"] and use_fused(self.fused, params):
+            self._fused_step(group, params, layouts, grads, exp_avgs, exp_avg_sqs, bc1, bc2)
+            return
 
-            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
 
-            # u = (m / bc1) / (sqrt(v / bc2) + eps) + wd * w
-            denom = torch._foreach_sqrt(exp_avg_sqs)
-            if group["bias_correction"]:
-                torch._foreach_div_(denom, [math.sqrt(b) for b in bc2])
-            torch._foreach_add_(denom, group["eps"])
-            update = torch._foreach_div(exp_avgs, denom)
-            del denom
-            if group["bias_correction"]:
-                torch._foreach_div_(update, bc1)
-            if group["weight_decay"]:
-                torch._foreach_add_(update, params, alpha=group["weight_decay"])
+        # u = (m / bc1) / (sqrt(v / bc2) + eps) + wd * w
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        if group["bias_correction"]:
+            torch._foreach_div_(denom, [math.sqrt(b) for b in bc2])
+        torch._foreach_add_(denom, group["eps"])
+        update = torch._foreach_div(exp_avgs, denom)
+        del denom
+        if group["bias_correction"]:
+            torch._foreach_div_(update, bc1)
+        if group["weight_decay"]:
+            torch._foreach_add_(update, params, alpha=group["weight_decay"])
 
-            lr = group["lr"]
-            if group["adapt"]:
-                norms = self._param_norms([params, update], layouts)
-                ratios = [_trust_ratio(n[0], n[1], group) for n in norms]
-                self._record(layouts, ratios)
-                self._scale_segments(update, layouts, [-lr * r for r in ratios])
-                torch._foreach_add_(params, update)
-            else:
-                torch._foreach_add_(params, update, alpha=-lr)
-        return loss
+        lr = group["lr"]
+        if group["adapt"]:
+            norms = self._param_norms([params, update], layouts)
+            ratios = [_trust_ratio(n[0], n[1], group) for n in norms]
+            self._record(layouts, ratios)
+            self._scale_segments(update, layouts, [-lr * r for r in ratios])
+            torch._foreach_add_(params, update)
+        else:
+            torch._foreach_add_(params, update, alpha=-lr)
 
     def _fused_step(
         self,

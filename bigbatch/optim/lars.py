@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
+from torch import Tensor
 
 from bigbatch.optim.kernels import LARS_APPLY, scalar, use_fused
-from bigbatch.optim.layerwise import LayerwiseOptimizer
+from bigbatch.optim.layerwise import FlatLayout, LayerwiseOptimizer
 
 
 class LARS(LayerwiseOptimizer):
@@ -42,49 +43,38 @@ class LARS(LayerwiseOptimizer):
             lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
             adapt=True,
         )
-        super().__init__(params, defaults)
-        self.fused = fused
+        super().__init__(params, defaults, fused)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            params, layouts = self._group_tensors(group, gi)
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            lr, wd = group["lr"], group["weight_decay"]
-            if group["adapt"]:
-                norms = self._param_norms([params, grads], layouts)
-                local = []
-                for n in norms:
-                    w_norm, g_norm = n[0], n[1]
-                    ratio = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
-                    local.append(torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio)))
-                self._record(layouts, local)
-            bufs = []
-            for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                bufs.append(state["momentum_buffer"])
-            if group["adapt"] and use_fused(self.fused, params):
-                mom, decay = scalar(group["momentum"], params[0]), scalar(wd, params[0])
-                for p, g, buf, lay, r in zip(params, grads, bufs, layouts, local):
-                    flat = [t.view(-1) for t in (g, p, buf)]
-                    for s, n, i in lay.segments:
-                        LARS_APPLY(*(t.narrow(0, s, n) for t in flat), mom, decay, lr * r[i])
-                continue
-            # d = g + wd * w, scaled by lr * local_lr per parameter
-            step_dir = torch._foreach_add(grads, params, alpha=wd) if wd else torch._foreach_mul(grads, 1.0)
-            if group["adapt"]:
-                self._scale_segments(step_dir, layouts, [lr * r for r in local])
-            else:
-                torch._foreach_mul_(step_dir, lr)
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, step_dir)
-            torch._foreach_sub_(params, bufs)
-        return loss
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], layouts: list[FlatLayout]) -> None:
+        grads = [p.grad for p in params]
+        lr, wd = group["lr"], group["weight_decay"]
+        if group["adapt"]:
+            norms = self._param_norms([params, grads], layouts)
+            local = []
+            for n in norms:
+                w_norm, g_norm = n[0], n[1]
+                ratio = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+                local.append(torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio)))
+            self._record(layouts, local)
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+        if group["adapt"] and use_fused(self.fused, params):
+            mom, decay = scalar(group["momentum"], params[0]), scalar(wd, params[0])
+            for p, g, buf, lay, r in zip(params, grads, bufs, layouts, local):
+                flat = [t.view(-1) for t in (g, p, buf)]
+                for s, n, i in lay.segments:
+                    LARS_APPLY(*(t.narrow(0, s, n) for t in flat), mom, decay, lr * r[i])
+            return
+        # d = g + wd * w, scaled by lr * local_lr per parameter
+        step_dir = torch._foreach_add(grads, params, alpha=wd) if wd else torch._foreach_mul(grads, 1.0)
+        if group["adapt"]:
+            self._scale_segments(step_dir, layouts, [lr * r for r in local])
+        else:
+            torch._foreach_mul_(step_dir, lr)
+        torch._foreach_mul_(bufs, group["momentum"])
+        torch._foreach_add_(bufs, step_dir)
+        torch._foreach_sub_(params, bufs)

@@ -46,9 +46,10 @@ def whole_tensor_layout(tensor: Tensor, name: str) -> FlatLayout:
 class LayerwiseOptimizer(torch.optim.Optimizer):
     """Base of LAMB and LARS: keeps the layouts and the trust ratios of the last step."""
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], fused: Optional[bool] = None) -> None:
         self._built_with: set[int] = set()  # filled by add_param_group, which torch's __init__ calls
         super().__init__(params, defaults)
+        self.fused = fused  # None: compiled passes for large groups on a CPU (bigbatch.optim.kernels)
         self._layouts: dict[int, FlatLayout] = {}
         self._last_ratios: dict[tuple[str, ...], Tensor] = {}
 
@@ -138,6 +139,22 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         for names, r in self._last_ratios.items():
             result.update(zip(names, r.tolist()))
         return result
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            params, layouts = self._group_tensors(group, gi)
+            if params:
+                self._step_group(group, params, layouts)
+        return loss
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], layouts: list[FlatLayout]) -> None:
+        """One param group's update: `params` (those with a gradient) laid out as `layouts` say."""
+        raise NotImplementedError
 
     def _group_tensors(self, group: dict[str, Any], group_index: int) -> tuple[list[Tensor], list[FlatLayout]]:
         params, layouts = [], []

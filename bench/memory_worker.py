@@ -37,7 +37,6 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.profiler import ProfilerActivity, profile
 
-from bigbatch import dsconfig
 from bigbatch.config import ConfigError
 from bigbatch.distributed import gather_objects, init, shutdown
 from bigbatch.engine import client_optimizer, initialize, refuse_16bit_stage0
@@ -46,7 +45,7 @@ from bigbatch.optim import param_groups
 from bigbatch.plan import PRECISIONS, STAGES
 from bigbatch.recipe_files import load_recipe
 from bigbatch.resolve import DeepSpeedView
-from bigbatch.scaling import solve_batch
+from bigbatch.resolve import resolve as resolve_run
 
 # Timed pairs of steps, checkpointing on then off. None for fp16 on the CPU: its matrix products are emulated there
 # (~15x slower than fp32), its timings mean nothing.
@@ -424,8 +423,9 @@ def resolve(args: argparse.Namespace, stage: int, precision: str, checkpointing:
     """The recipe and the resolved DeepSpeed JSON, composed from the shipped ds_configs/ fragments."""
     configs = [f"zero{stage}.json", f"{precision}.json"] + (["act_ckpt.json"] if checkpointing else [])
     recipe = load_recipe("tiny", {**model_overrides(args), "deepspeed.configs": ",".join(configs),
-                                  "optimizer.type": optimizer})
-    return recipe, dsconfig.build(recipe, solve_batch(args.micro * world, world, args.micro, 0), 1e-4)
+                                  "optimizer.type": optimizer, "optimizer.lr": "1e-4", "optimizer.lr_rule": "none",
+                                  "batch.global_batch": str(args.micro * world), "batch.micro_batch": str(args.micro)})
+    return recipe, resolve_run(recipe, world).ds_config
 
 
 def run(args: argparse.Namespace, stage: int, precision: str, checkpointing: bool, optimizer: str,

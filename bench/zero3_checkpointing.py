@@ -60,13 +60,12 @@ class GatherCounter:
 def worker(out: Path, warmup: int, steps: int) -> None:
     import deepspeed
 
-    from bigbatch import dsconfig
     from bigbatch.distributed import shutdown
     from bigbatch.engine import initialize
     from bigbatch.model import build_model
     from bigbatch.optim import param_groups
     from bigbatch.recipe_files import load_recipe
-    from bigbatch.scaling import solve_batch
+    from bigbatch.resolve import resolve
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -74,8 +73,10 @@ def worker(out: Path, warmup: int, steps: int) -> None:
     engines = []
     for limits, ckpt in CASES:
         configs = "zero3.json,fp32.json" + (",act_ckpt.json" if ckpt else "")
-        recipe = load_recipe("tiny", {**MODEL, "deepspeed.configs": configs})
-        ds_config = dsconfig.build(recipe, solve_batch(MICRO * world, world, MICRO, 0), 1e-3)
+        recipe = load_recipe("tiny", {**MODEL, "deepspeed.configs": configs, "optimizer.lr": "1e-3",
+                                      "optimizer.lr_rule": "none", "batch.global_batch": str(MICRO * world),
+                                      "batch.micro_batch": str(MICRO)})
+        ds_config = resolve(recipe, world).ds_config
         zero = ds_config["zero_optimization"]
         zero["stage3_param_persistence_threshold"] = 0  # every parameter partitioned, small ones too
         if limits != "default":

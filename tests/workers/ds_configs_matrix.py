@@ -1,5 +1,5 @@
 """Worker for tests/test_ds_configs.py: every shipped stage x precision x checkpointing combination of ds_configs/,
-resolved by bigbatch.dsconfig for the tiny recipe, runs 3 steps of a tiny BERT through bigbatch.engine.initialize.
+resolved by bigbatch.resolve for the tiny recipe, runs 3 steps of a tiny BERT through bigbatch.engine.initialize.
 
 One launch runs the whole matrix; rank 0 writes one JSON result. fp16 on the CPU relies on the test-only accelerator
 patch below (never in the product).
@@ -22,8 +22,7 @@ from bigbatch.engine import client_optimizer, initialize
 from bigbatch.model import build_model
 from bigbatch.optim import param_groups
 from bigbatch.recipe_files import load_recipe
-from bigbatch.resolve import DeepSpeedView
-from bigbatch.scaling import solve_batch
+from bigbatch.resolve import resolve
 
 STEPS = 3
 VOCAB, SEQ, MICRO = 96, 16, 4
@@ -65,12 +64,14 @@ def optimizer_state_bytes(engine, model):
 
 def run(configs, optimizer, world, rank):
     recipe = load_recipe("tiny", {"deepspeed.configs": ",".join(configs), "optimizer.type": optimizer,
+                                  "optimizer.lr": "1e-3", "optimizer.lr_rule": "none",
+                                  "batch.global_batch": str(MICRO * world), "batch.micro_batch": str(MICRO),
                                   "model.num_layers": "2", "model.hidden_size": "32", "model.num_heads": "2",
                                   "model.intermediate_size": "64", "model.dropout": "0.1"})
-    plan = solve_batch(MICRO * world, world, MICRO, 0)
-    ds_config = dsconfig.build(recipe, plan, 1e-3)
+    resolved = resolve(recipe, world)
+    ds_config = resolved.ds_config
     torch.manual_seed(0)
-    model = build_model(recipe.model, VOCAB, pad_id=0, checkpointing=DeepSpeedView.of(ds_config).checkpointing)
+    model = build_model(recipe.model, VOCAB, pad_id=0, checkpointing=resolved.ds.checkpointing)
     num_params = sum(p.numel() for p in model.parameters())
     engine, *_ = initialize(model=model, config=ds_config,
                             model_parameters=param_groups(model, recipe.optimizer.weight_decay))

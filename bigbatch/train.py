@@ -402,46 +402,11 @@ def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict
 
     hostnames = distributed.gather_objects(__import__("socket").gethostname())
     if rank == 0:
-        resolved = {"lr": lr, "lr_rule": run.lr_rule, "world": world, "micro_batch": run.batch.micro_batch,
-                    "grad_accum": run.batch.grad_accum, "global_batch": run.batch.global_batch,
-                    "warmup_steps": run.warmup_steps,
-                    "total_steps": len(steps), "total_samples": sum(sp.global_batch for sp in steps),
-                    "phases": _phase_summary(steps),
-                    "vocab_size": data.vocab_size,
-                    "padded_vocab_size": padded_vocab(data.vocab_size, recipe.model.pad_vocab_to_multiple),
-                    "parameters": n_params}
-        if previous is not None:  # what this start changed (the previous start's recipe.json is in starts/<n>/)
-            resolved["changed_on_resume"] = resume.changed_keys(previous, recipe.to_dict())
-        run_dir.write_records(recipe.to_dict(), resolved, environment(list(argv or sys.argv), world, hostnames),
-                              ds_config)
-        _say(_banner(run, run_dir, n_params))
-        if resolved.get("changed_on_resume"):
-            _say("changed at this resume: " + ", ".join(f"{k} {a!r} -> {b!r}"
-                                                       for k, (a, b) in resolved["changed_on_resume"].items()))
-        if len(recipe.phases) or recipe.batch.ramp_start:
-            _say("phases: " + " -> ".join(
-                f"{ph['phase']}: seq {ph['seq_len']}, {ph['steps']} steps at batch "
-                + (f"{ph['min_global_batch']}..{ph['global_batch']}" if ph["min_global_batch"] != ph["global_batch"]
-                   else f"{ph['global_batch']}") + f", peak lr {ph['peak_lr']:.3g}"
-                for ph in resolved["phases"]))
-
-    # Which checkpoint to resume from, chosen before DeepSpeed starts: one written on another number of ranks under
-    # ZeRO loads through DeepSpeed's universal checkpoint, which the engine must be configured for.
-    resume_tag = None
-    if mode == "resume":
-        root = run_dir.checkpoints
-        if rank == 0:
-            try:
-                resume_tag = _choose_resume(recipe, run.ds.stage, root, world)
-            except Exception as err:  # the others wait in the broadcast below: they raise it too
-                distributed.broadcast(RuntimeError(f"choosing the checkpoint to resume on rank 0 failed: {err}"))
-                raise
-        resume_tag = distributed.broadcast(resume_tag)
-        if isinstance(resume_tag, Exception):
-            raise resume_tag
-        if resume_tag and resume_tag.endswith("-universal"):
-            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-
+        _write_records(run, run_dir, previous, data.vocab_size, n_params, environment(list(argv or sys.argv), world,
+                                                                                      hostnames))
+    resume_tag = _resume_tag(run, run_dir.checkpoints, rank) if mode == "resume" else None
+    if resume_tag and resume_tag.endswith("-universal"):
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     groups = param_groups(model, recipe.optimizer.weight_decay)
     engine, *_ = initialize(model=model, config=ds_config, model_parameters=groups, lr_scheduler=schedule)
     try:
@@ -457,6 +422,48 @@ def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict
                       load_phase, stop, start_step=start_step, n_params=n_params,
                       overflow_in_a_row=overflow_in_a_row)
     return engine, trainer
+
+
+def _write_records(run: ResolvedRun, run_dir: RunDir, previous: Optional[dict[str, Any]], vocab_size: int,
+                   n_params: int, env: dict[str, Any]) -> None:
+    """Writer rank: recipe.json (the tree and what was resolved from it), env.json and ds_config.json; the banner."""
+    recipe, steps = run.recipe, run.steps
+    resolved = {"lr": run.lr, "lr_rule": run.lr_rule, "world": run.world, "micro_batch": run.batch.micro_batch,
+                "grad_accum": run.batch.grad_accum, "global_batch": run.batch.global_batch,
+                "warmup_steps": run.warmup_steps, "total_steps": len(steps),
+                "total_samples": sum(sp.global_batch for sp in steps), "phases": _phase_summary(steps),
+                "vocab_size": vocab_size,
+                "padded_vocab_size": padded_vocab(vocab_size, recipe.model.pad_vocab_to_multiple),
+                "parameters": n_params}
+    if previous is not None:  # what this start changed (the previous start's recipe.json is in starts/<n>/)
+        resolved["changed_on_resume"] = resume.changed_keys(previous, recipe.to_dict())
+    run_dir.write_records(recipe.to_dict(), resolved, env, run.ds_config)
+    _say(_banner(run, run_dir, n_params))
+    if resolved.get("changed_on_resume"):
+        _say("changed at this resume: " + ", ".join(f"{k} {a!r} -> {b!r}"
+                                                   for k, (a, b) in resolved["changed_on_resume"].items()))
+    if len(recipe.phases) or recipe.batch.ramp_start:
+        _say("phases: " + " -> ".join(
+            f"{ph['phase']}: seq {ph['seq_len']}, {ph['steps']} steps at batch "
+            + (f"{ph['min_global_batch']}..{ph['global_batch']}" if ph["min_global_batch"] != ph["global_batch"]
+               else f"{ph['global_batch']}") + f", peak lr {ph['peak_lr']:.3g}"
+            for ph in resolved["phases"]))
+
+
+def _resume_tag(run: ResolvedRun, root: Path, rank: int) -> Optional[str]:
+    """Every rank: the checkpoint to resume from, chosen by the writer before DeepSpeed starts (one written on another
+    number of ranks under ZeRO loads through DeepSpeed's universal checkpoint, which the engine must be set for)."""
+    tag = None
+    if rank == 0:
+        try:
+            tag = _choose_resume(run.recipe, run.ds.stage, root, run.world)
+        except Exception as err:  # the others wait in the broadcast below: they raise it too
+            distributed.broadcast(RuntimeError(f"choosing the checkpoint to resume on rank 0 failed: {err}"))
+            raise
+    tag = distributed.broadcast(tag)
+    if isinstance(tag, Exception):
+        raise tag
+    return tag
 
 
 def _resume(engine: Any, recipe: Recipe, run_dir: RunDir, mode: str, tag: Optional[str], steps: list[StepPlan],

@@ -120,6 +120,16 @@ def calibrate(rows: list[Row]) -> float:
     return (lo + hi) / 2
 
 
+def knee_check() -> list[dict]:
+    quality = json.loads((RESULTS / "large_batch_quality-vm.json").read_text())
+    out = []
+    for method, name in (("adamw", "AdamW, linear rule"), ("lamb", "LAMB, sqrt rule")):
+        crossing = quality["knee"][method]["crossing"]
+        b_noise = quality["noise_scale"][method]["32"]["median_second_half"]
+        out.append({"method": name, "noise_scale": b_noise, "knee": crossing, "ratio": b_noise / crossing})
+    return out
+
+
 def main() -> None:
     fitted = {fam: calibrate([r for r in ROWS if r.role == "calibrate" and FAMILY[r.gpu] == fam])
               for fam in ("A100", "H100")}
@@ -162,9 +172,22 @@ def main() -> None:
     held = [o["ratio"] for o in out if o["role"] == "held out"]
     lines += ["", f"Held-out rows within 25%: {sum(0.75 <= q <= 1.25 for q in held)} of {len(held)}; worst "
               f"{max(held, key=lambda q: abs(math.log(q))):.2f}."]
+    knee = knee_check()
+    lines += ["", "## The noise scale against the measured knee (toy scale)", "",
+              "`bigbatch plan --noise-scale` takes B_noise as the critical batch: McCandlish et al.'s S = S_min (1 + "
+              "B_noise/B) and E = E_min (1 + B/B_noise) double both at B = B_noise. Against the knee "
+              "`bench/large_batch_quality.py` measured (the batch where the held-out loss at equal samples crosses "
+              "1.02x the small-batch one; results/large_batch_quality-vm.md), with B_noise the median over the "
+              "second half of that method's own run at batch 32:", "",
+              "| method | B_noise (pilot at batch 32) | measured knee | B_noise / knee | E / E_min at the knee |",
+              "|---|---:|---:|---:|---:|"]
+    for k in knee:
+        lines.append(f"| {k['method']} | {k['noise_scale']:.0f} | {k['knee']:.0f} | {k['ratio']:.2f} | "
+                     f"{timing.mccandlish_samples(1, k['noise_scale'], k['knee']):.2f} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "plan_vs_published.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "plan_vs_published.json").write_text(json.dumps({"fitted": fitted, "rows": out}, indent=1) + "\n")
+    figures = {"fitted": fitted, "rows": out, "knee": knee}
+    (RESULTS / "plan_vs_published.json").write_text(json.dumps(figures, indent=1) + "\n")
     print("\n".join(lines))
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from bigbatch.config import ConfigError
 
@@ -54,6 +56,9 @@ class Device:
     efficiency: float  # achievable share of the peak in the matmuls
     efficiency_source: str
     source: str
+    # Measured devices only (cpu), where the efficiency factor would not carry over from one shape to another:
+    attention_flops: float = 0.0  # FLOP/s of fused attention (SDPA) at the model's heads; 0: peak x efficiency
+    elementwise_s: float = 0.0  # seconds per element of one elementwise pass (LayerNorm, GELU, adds); 0: absorbed
 
 
 @dataclass(frozen=True)
@@ -111,69 +116,112 @@ def lookup(kind: str, name: str, table: dict) -> object:
 
 
 @dataclass(frozen=True)
-class CpuProbe:
-    """What `measure_cpu` measured on one rank's share of this machine."""
+class CpuShapes:
+    """The model shapes the cpu probe measures at: tokens of a micro-batch, widths, heads, sequence length."""
 
-    flops: float  # fp32 matmul FLOP/s
+    tokens: int = 4096
+    hidden: int = 512
+    ffn: int = 2048
+    heads: int = 8
+    seq: int = 512
+
+
+@dataclass(frozen=True)
+class CpuProbe:
+    """What `probe_cpu` measured on one rank's share of this machine."""
+
+    flops: float  # fp32 matmul FLOP/s at the model's Linear shape
+    attention_flops: float  # fp32 SDPA forward + backward FLOP/s at the model's heads and sequence length
+    elementwise_s: float  # seconds per element of one pass of LayerNorm, GELU, softmax or an add (forward+backward)
     bandwidth: float  # bytes/s of a large copy (read + write)
     threads: int
     seconds: float  # how long the probe took
 
 
-def probe_cpu(threads: int, matmul: int = 512, copy_bytes: int = 64 << 20, budget_s: float = 0.5) -> CpuProbe:
-    """fp32 matmul FLOP/s (square `matmul`-sized) and copy bandwidth on `threads` threads, best of repeats within
-    `budget_s` each. The best, not the mean: on a shared machine the slow repeats measure the neighbours."""
+def probe_cpu(threads: int, shapes: CpuShapes = CpuShapes(), budget_s: float = 0.3, copy_bytes: int = 64 << 20,
+              ranks: int = 1) -> CpuProbe:
+    """Each figure the median of the repeats that fit in `budget_s` (at least 3), on `threads` threads, while
+    `ranks` copies run at once (one per rank sharing the machine: they contend for cores, caches and memory as the
+    ranks will). Tokens are capped at 4,096 so the probe takes about a second whatever the model."""
     import torch
+    import torch.nn.functional as F
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    try:
-        a, b = torch.randn(matmul, matmul), torch.randn(matmul, matmul)
-        best_mm = _best(lambda: torch.mm(a, b), budget_s)
+    t, h = min(shapes.tokens, 4096), shapes.hidden
+    d = h // shapes.heads
+    batch = max(1, t // shapes.seq)
+
+    def workloads() -> dict[str, Callable[[], object]]:
+        a, w, g = torch.randn(t, h), torch.randn(h, shapes.ffn), torch.randn(t, shapes.ffn)
+        q, k, v = (torch.randn(batch, shapes.heads, shapes.seq, d, requires_grad=True) for _ in range(3))
+        x = torch.randn(t, h, requires_grad=True)
         src = torch.empty(copy_bytes // 4)
         src.fill_(1.0)
         dst = torch.empty_like(src)
-        best_copy = _best(lambda: dst.copy_(src), budget_s)
+        # a Linear's three GEMMs in training: forward, the input's gradient, the weight's gradient
+        return {"mm": lambda: (torch.mm(a, w), torch.mm(g, w.t()), torch.mm(a.t(), g)),
+                "attention": lambda: F.scaled_dot_product_attention(q, k, v).sum().backward(),
+                # 4 passes forward (LayerNorm, GELU, softmax, add), each with its backward
+                "chain": lambda: (torch.softmax(F.gelu(F.layer_norm(x, (h,))), -1) + x).sum().backward(),
+                "copy": lambda: dst.copy_(src)}
+
+    copies = [workloads() for _ in range(ranks)]
+    try:
+        best = {name: _median([c[name] for c in copies], budget_s) for name in copies[0]}
     finally:
         torch.set_num_threads(old)
-    return CpuProbe(2 * matmul**3 / best_mm, 2 * copy_bytes / best_copy, threads, time.perf_counter() - start)
+    return CpuProbe(3 * 2 * t * h * shapes.ffn / best["mm"], 3 * 4 * batch * shapes.heads * shapes.seq**2 * d
+                    / best["attention"], best["chain"] / (4 * 3 * t * h), 2 * copy_bytes / best["copy"], threads,
+                    time.perf_counter() - start)
 
 
-def _best(fn, budget_s: float) -> float:
-    fn()  # warm-up: first touch, thread pool start
-    best, end = float("inf"), time.perf_counter() + budget_s
-    while True:
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-        if time.perf_counter() > end:
-            return best
+def _median(fns: list[Callable[[], object]], budget_s: float) -> float:
+    """The median wall time of running every fn at once, one Python thread each (torch releases the GIL): the
+    median, as the step times it predicts are medians on a machine that others share."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(fns)) as pool:
+        def once() -> float:
+            t = time.perf_counter()
+            for future in [pool.submit(fn) for fn in fns]:
+                future.result()
+            return time.perf_counter() - t
+
+        once()  # warm-up: first touch, thread pool start
+        times, end = [], time.perf_counter() + budget_s
+        while len(times) < 3 or time.perf_counter() < end:
+            times.append(once())
+        return statistics.median(times)
 
 
-def cpu_device(probe: CpuProbe, memory_bytes: int, efficiency: float = 1.0) -> Device:
-    """The `cpu` device from a probe: every precision at the fp32 matmul rate (CPUs have no faster 16-bit matmul
-    here), the copy bandwidth for memory and for the ranks' shared-memory collectives."""
+def cpu_device(probe: CpuProbe, memory_bytes: int) -> Device:
+    """The `cpu` device from a probe: every precision at the fp32 matmul rate (no faster 16-bit matmul assumed),
+    the copy bandwidth for memory and for the ranks' shared-memory collectives."""
     return Device("cpu", {p: probe.flops for p in ("fp32", "fp16", "bf16")}, probe.bandwidth, memory_bytes,
-                  probe.bandwidth / 2, "loopback", efficiency,
-                  "measured matmul rate at the model's own shapes is the peak; 1.0 unless --efficiency",
-                  f"measured now: {probe.flops / 1e9:.1f} GFLOP/s fp32 matmul, {probe.bandwidth / 1e9:.1f} GB/s "
-                  f"copy, {probe.threads} thread(s) per rank, in {probe.seconds:.1f} s")
+                  probe.bandwidth / 2, "loopback", 1.0,
+                  "1.0: the probe measured the matmuls, attention and elementwise passes at the model's own shapes",
+                  f"measured now on {probe.threads} thread(s) per rank in {probe.seconds:.1f} s: "
+                  f"{probe.flops / 1e9:.1f} GFLOP/s matmul, {probe.attention_flops / 1e9:.1f} GFLOP/s attention, "
+                  f"{probe.elementwise_s * 1e9:.2f} ns per elementwise pass per element, "
+                  f"{probe.bandwidth / 1e9:.1f} GB/s copy",
+                  attention_flops=probe.attention_flops, elementwise_s=probe.elementwise_s)
 
 
-def measure_cpu(ranks_per_node: int, probe_fn=probe_cpu) -> Device:
+def measure_cpu(ranks_per_node: int, shapes: CpuShapes = CpuShapes(), probe_fn=probe_cpu) -> Device:
     """The `cpu` device measured on the spot for `ranks_per_node` ranks sharing this machine's cores."""
     cores = os.cpu_count() or 1
     threads = max(1, cores // ranks_per_node)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks_per_node
-    return cpu_device(probe_fn(threads), memory)
+    return cpu_device(probe_fn(threads, shapes, ranks=ranks_per_node), memory)
 
 
 def device(name: str, ranks_per_node: int = 1, *, peak_tflops: float | None = None,
            memory_bandwidth_gbps: float | None = None, intra_node_gbps: float | None = None,
-           efficiency: float | None = None) -> Device:
-    """A catalogue device (or the measured cpu) with the command line's overrides applied."""
-    dev = measure_cpu(ranks_per_node) if name == "cpu" else lookup("--gpu", name, DEVICES)
+           efficiency: float | None = None, shapes: CpuShapes = CpuShapes()) -> Device:
+    """A catalogue device (or the cpu, measured at `shapes`) with the command line's overrides applied."""
+    dev = measure_cpu(ranks_per_node, shapes) if name == "cpu" else lookup("--gpu", name, DEVICES)
     for key, value in (("--peak-tflops", peak_tflops), ("--memory-bandwidth", memory_bandwidth_gbps),
                        ("--intra-node-bandwidth", intra_node_gbps), ("--efficiency", efficiency)):
         if value is not None and not value > 0:

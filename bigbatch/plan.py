@@ -440,9 +440,12 @@ def _plan_and_time(known: argparse.Namespace, overrides: dict[str, Any]) -> tupl
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1; give the number of machines and GPUs per machine.")
     scan = timing.parse_nodes("--scan-nodes", known.scan_nodes) if known.scan_nodes else None
+    m = recipe.model
+    shapes = hardware.CpuShapes(recipe.batch.micro_batch * recipe.data.seq_len or 4096, m.hidden_size,
+                                m.intermediate_size, m.num_heads, recipe.data.seq_len)
     device = hardware.device(known.gpu or DEFAULT_GPU, per_node, peak_tflops=known.peak_tflops,
                              memory_bandwidth_gbps=known.memory_bandwidth,
-                             intra_node_gbps=known.intra_node_bandwidth, efficiency=known.efficiency)
+                             intra_node_gbps=known.intra_node_bandwidth, efficiency=known.efficiency, shapes=shapes)
     net = hardware.interconnect(known.interconnect or device.interconnect, known.inter_node_bandwidth)
     if known.gpu_memory:
         memory = parse_memory(known.gpu_memory)

@@ -100,6 +100,31 @@ def forward_flops(model: ModelConfig, vocab_size: int, seq_len: int, micro_batch
     return Flops(float(layers), float(model.num_layers * attention), float(head))
 
 
+def elementwise_passes(model: ModelConfig, vocab_size: int, seq_len: int, micro_batch: int = 1,
+                       mlm_probability: float = 0.15) -> tuple[float, float]:
+    """(every layer, the rest): elements written by the forward pass's elementwise ops for one micro-batch, one
+    pass per op over its output. Only the measured cpu device times them (`Device.elementwise_s`); on a GPU the
+    calibrated efficiency absorbs them. Counted from transformers' BERT, GPT-2 and Llama code: LayerNorm (GPT-2,
+    BERT) or RMSNorm (Llama: square, mean, scale, weight), residual adds, the MLP activation (GELU one op; GPT-2's
+    gelu_new seven; SwiGLU's silu and product), q/k/v/context head reshapes, rotary embeddings (five passes over q
+    and k), dropouts, and the loss's log-softmax (three passes over the logits)."""
+    h, s, f, a = model.hidden_size, seq_len, model.intermediate_size, model.num_heads
+    kv = h // a * (model.num_kv_heads or a)
+    tokens = s * micro_batch
+    drop = 2 * h if model.dropout > 0 else 0
+    v = padded_vocab(vocab_size, model.pad_vocab_to_multiple)
+    if model.arch == "llama":
+        layer = 2 * 4 * h + 2 * h + 2 * f + 5 * (h + kv) + 4 * h
+        rest = tokens * (4 * h + 3 * v)
+    elif model.arch == "gpt2":
+        layer = 2 * h + 2 * h + 7 * f + 4 * h + drop
+        rest = tokens * (h + h + 3 * v)  # position add, ln_f, loss
+    else:
+        layer = 2 * h + 2 * h + f + 4 * h + drop
+        rest = tokens * (3 * h) + round(mlm_probability * tokens) * (2 * h + 3 * v)  # embeddings, MLM head
+    return float(model.num_layers * tokens * layer), float(rest)
+
+
 # ---------------------------------------------------------------------------------------------------- collectives
 def bus_bandwidth(dev: Device, net: Interconnect, nodes: int, gpus_per_node: int) -> float:
     """Bytes/s a ring moves per rank: NVLink one way in a node; across nodes, capped by the node's NICs."""
@@ -203,6 +228,12 @@ def step_time(w: Workload, cluster: Cluster, seq_len: int, micro_batch: int, gra
     flops = forward_flops(w.model, w.vocab_size, seq_len, micro_batch, w.mlm_probability)
     rate = dev.peak_flops[w.precision] * dev.efficiency
     micro_s = flops.hardware(w.checkpointing) / rate
+    if dev.attention_flops:  # a measured device: attention at its own measured rate
+        attention = flops.attention * (3 + w.checkpointing)
+        micro_s += attention / (dev.attention_flops * dev.efficiency) - attention / rate
+    if dev.elementwise_s:
+        layers, rest = elementwise_passes(w.model, w.vocab_size, seq_len, micro_batch, w.mlm_probability)
+        micro_s += (layers * (3 + w.checkpointing) + 3 * rest) * dev.elementwise_s
     backward_s = micro_s * (2 + w.checkpointing) / (3 + w.checkpointing)  # the window a reduction overlaps
     bw = bus_bandwidth(dev, cluster.net, cluster.nodes, cluster.gpus_per_node)
     e = 4 if w.precision == "fp32" else 2

@@ -244,18 +244,30 @@ def test_noise_grid_marks_what_does_not_fit(tmp_path):
 
 
 def test_cpu_device_from_an_injected_probe():
-    probe = hardware.CpuProbe(flops=50e9, bandwidth=10e9, threads=1, seconds=0.0)
-    dev = hardware.measure_cpu(2, probe_fn=lambda threads: probe)
+    # matmuls at 50 GFLOP/s, attention at 20, 1 ns per elementwise pass per element (forward 1, backward 2)
+    probe = hardware.CpuProbe(flops=50e9, attention_flops=20e9, elementwise_s=1e-9, bandwidth=10e9, threads=1,
+                              seconds=0.0)
+    dev = hardware.measure_cpu(2, probe_fn=lambda threads, shapes, ranks: probe)
     assert dev.peak_flops == {"fp32": 50e9, "fp16": 50e9, "bf16": 50e9}
     assert dev.memory_bandwidth == 10e9 and dev.efficiency == 1.0
     w = _workload(1, precision="fp32", num_params=200_000)
     st = timing.step_time(w, timing.Cluster(1, 2, dev, hardware.INTERCONNECTS["loopback"]), 64, 8, 2)
-    assert st.compute_s == pytest.approx(2 * timing.forward_flops(shape("bert-base"), 30522, 64, 8).model / 50e9)
+    # BERT-base, 8 x 64 = 512 tokens: per layer and token 768 x (2 LayerNorm + 2 residual + 4 head reshapes + 2
+    # dropouts) + 3,072 GELU = 10,752 elements; besides the layers, 3 x 768 per token (embedding sum and LayerNorm)
+    # and, at round(0.15 x 512) = 77 masked rows, 2 x 768 (head GELU, LayerNorm) + 3 x 30,528 (log-softmax)
+    layers = 12 * 512 * 10_752
+    rest = 512 * 3 * 768 + 77 * (2 * 768 + 3 * 30_528)
+    f = timing.forward_flops(shape("bert-base"), 30522, 64, 8)
+    attention = 3 * 12 * 512 * 4 * 64 * 768
+    assert 3 * f.attention == attention
+    micro = (f.model - attention) / 50e9 + attention / 20e9 + 3 * (layers + rest) * 1e-9
+    assert st.compute_s == pytest.approx(2 * micro, rel=1e-12)
 
 
 def test_cpu_probe_measures_something_quickly():
-    p = hardware.probe_cpu(1, matmul=128, copy_bytes=1 << 20, budget_s=0.02)
-    assert p.flops > 1e8 and p.bandwidth > 1e8 and p.seconds < 2
+    p = hardware.probe_cpu(1, hardware.CpuShapes(256, 32, 64, 2, 64), budget_s=0.02, copy_bytes=1 << 20, ranks=2)
+    assert p.flops > 1e8 and p.attention_flops > 1e7 and 0 < p.elementwise_s < 1e-6 and p.bandwidth > 1e8
+    assert p.seconds < 2
 
 
 def test_overrides_replace_catalogue_figures():

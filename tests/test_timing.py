@@ -224,7 +224,10 @@ def test_noise_grid_predicts_steps_and_marks_fastest_and_cheapest(tmp_path):
     ok = [p for p in grid["points"] if p["fits"]]
     assert ok and {p["global_batch"] for p in grid["points"]} >= {2048, 16384, 131072}
     for p in grid["points"]:
-        assert p["steps"] == math.ceil(s_min * (1 + b_noise / p["global_batch"]))
+        b = p["global_batch"]
+        assert p["steps"] == math.ceil(s_min * (1 + b_noise / b))
+        # the samples follow E = E_min (1 + B / B_noise), E_min = S_min B_noise, up to the last step's rounding
+        assert 0 <= p["samples"] - s_min * b_noise * (1 + b / b_noise) < b
     fastest = [p for p in grid["points"] if p["fastest"]]
     cheapest = [p for p in grid["points"] if p["cheapest"]]
     assert len(fastest) == len(cheapest) == 1
@@ -327,3 +330,16 @@ def test_catalogue_efficiencies_are_the_benchmarks_fitted_values():
     assert hardware.DEVICES["A100-80GB"].efficiency == pytest.approx(fitted["A100"], abs=5e-4)
     assert hardware.DEVICES["H100-SXM"].efficiency == pytest.approx(fitted["H100"], abs=5e-4)
     assert hardware.DEVICES["B200"].efficiency == hardware.DEVICES["H100-SXM"].efficiency
+
+
+def test_scaling_efficiency_is_samples_per_node_against_the_first():
+    recipe = load_recipe("gpt2_small")
+    cluster = timing.Cluster(1, 8, A100, HDR)
+    rows = timing.scaling(recipe, cluster, [1, 4, 3])
+    by_nodes = {r["nodes"]: r for r in rows}
+    one = timing.estimate(recipe, cluster)
+    four = timing.estimate(recipe, dataclasses.replace(cluster, nodes=4))
+    sps = [sum(p.samples for p in e.phases) / e.time_to_train_s for e in (one, four)]
+    assert by_nodes[4]["scaling_efficiency"] == pytest.approx((sps[1] / 4) / sps[0])
+    assert by_nodes[4]["scaling_efficiency"] < 1  # 4 nodes add inter-node all-reduces
+    assert by_nodes[3]["samples_per_s"] is None and "divisible" in by_nodes[3]["error"]  # 4,096 over 24 GPUs

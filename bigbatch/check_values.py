@@ -408,15 +408,24 @@ def check_types(config: dict[str, Any], out: list[Finding]) -> None:
 
 
 def bigbatch_rules(config: dict[str, Any], out: list[Finding]) -> None:
-    """What bigbatch.engine.initialize refuses for LAMB/LARS, reported before a run starts."""
+    """What bigbatch.engine.initialize refuses, reported before a run starts: offload and 16 bits at stage 0 for
+    LAMB/LARS, and 16 bits at stage 0 for torch's AdamW (`torch_adam`, bigbatch's `adamw`), which DeepSpeed steps
+    through the same unfused wrapper."""
     from bigbatch.engine import refuse_16bit_stage0, refuse_offload
 
     opt = config.get("optimizer")
-    if isinstance(opt, dict) and str(opt.get("type", "")).lower() in BIGBATCH_OPTIMIZERS:
-        if isinstance(config.get("zero_optimization"), bool):  # DeepSpeed's deprecated form: true means stage 1
-            config = {**config, "zero_optimization": {"stage": int(config["zero_optimization"])}}
-        for rule in (refuse_offload, refuse_16bit_stage0):
-            try:
-                rule(config)
-            except ConfigError as err:
-                out.append(Finding("error", str(err)))
+    if not isinstance(opt, dict):
+        return
+    kind = str(opt.get("type", "")).lower()
+    torch_adam = kind in ("adam", "adamw") and (opt.get("params") or {}).get("torch_adam") is True
+    if kind not in BIGBATCH_OPTIMIZERS and not torch_adam:
+        return
+    if isinstance(config.get("zero_optimization"), bool):  # DeepSpeed's deprecated form: true means stage 1
+        config = {**config, "zero_optimization": {"stage": int(config["zero_optimization"])}}
+    rules = [lambda c: refuse_16bit_stage0(c, f"optimizer {opt['type']!r} (torch_adam)")] if torch_adam else \
+        [refuse_offload, refuse_16bit_stage0]
+    for rule in rules:
+        try:
+            rule(config)
+        except ConfigError as err:
+            out.append(Finding("error", str(err)))

@@ -142,14 +142,16 @@ def probe_cpu(threads: int, shapes: CpuShapes = CpuShapes(), budget_s: float = 0
               ranks: int = 1) -> CpuProbe:
     """Each figure the median of the repeats that fit in `budget_s` (at least 3), on `threads` threads, while
     `ranks` copies run at once (one per rank sharing the machine: they contend for cores, caches and memory as the
-    ranks will). Tokens are capped at 4,096 so the probe takes about a second whatever the model."""
+    ranks will). Tokens are capped (4,096, and about 1 GFLOP a GEMM) so the probe takes about a second whatever the
+    model."""
     import torch
     import torch.nn.functional as F
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    t, h = min(shapes.tokens, 4096), shapes.hidden
+    h = shapes.hidden
+    t = max(64, min(shapes.tokens, 4096, int(1e9 // (2 * h * shapes.ffn))))  # at most ~1 GFLOP a GEMM
     d = h // shapes.heads
     batch = max(1, t // shapes.seq)
 

@@ -373,7 +373,7 @@ def report(est: Estimate) -> str:
     for p in est.phases:
         step = p.step_time_s
         rows.append((str(p.phase), str(p.seq_len), f"{p.global_batch:,}", f"{p.micro_batch} x {p.grad_accum}",
-                     f"{p.steps:,}", f"{step:.3g}", f"{p.samples_per_s:,.0f}", f"{p.tokens_per_s:,.0f}",
+                     f"{p.steps:,}", f"{step:.3g}", _rate(p.samples_per_s), _rate(p.tokens_per_s),
                      f"{est.mfu(p):.1%}", f"{p.compute_s / step:.0%}", f"{p.comm_s / step:.0%}",
                      f"{p.optimizer_s / step:.0%}", duration(p.time_s)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -387,6 +387,10 @@ def report(est: Estimate) -> str:
         *table,
         f"Time to train: {duration(est.time_to_train_s)} ({est.gpu_hours:,.0f} GPU-hours) for "
         f"{sum(p.steps for p in est.phases):,} steps."])
+
+
+def _rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def duration(seconds: float) -> str:

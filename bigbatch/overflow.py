@@ -58,7 +58,8 @@ class OverflowGuard:
     def overflow_message(self, step: int, saved: Optional[str], previous: Optional[str] = None) -> str:
         where = (f"with the fp16 loss scale at its minimum ({float(self.scaler.min_scale):g})" if self.dynamic
                  else "with gradients that are not finite")
-        return (f"stopped at step {step}: {self.in_a_row} steps in a row were skipped {where}; "
+        count = "1 step was" if self.in_a_row == 1 else f"{self.in_a_row} steps in a row were"
+        return (f"stopped at step {step}: {count} skipped {where}; "
                 f"{checkpoint_clause(saved, previous, 'the last applied update')}. Try bf16 (e.g. "
                 "--deepspeed.configs=zero1.json,bf16.json), a lower --optimizer.lr or a longer --schedule.warmup, then "
                 "continue with --resume.")

@@ -107,7 +107,7 @@ def train_step(ctx: StepContext, data: Any, sp: StepPlan) -> StepRecord:
         except Exception as err:  # ZeRO's scaler at its minimum, if the guard could not switch it off
             if DS_MIN_SCALE_ERROR not in str(err):
                 raise
-            ctx.guard.in_a_row = ctx.guard.patience
+            ctx.guard.in_a_row += 1  # this step, skipped at the minimum: DeepSpeed can go no further
             raise Halt(sp.step, partial(ctx.guard.overflow_message, sp.step + 1)) from None
     seconds = time.perf_counter() - started
     norm = engine.get_global_grad_norm()

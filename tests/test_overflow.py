@@ -192,8 +192,9 @@ def test_deepspeeds_raise_at_the_minimum_scale_is_caught_and_stops_with_a_checkp
     # scale 4 at step 3 -> 2, step 4 -> 1 (the minimum), step 5 overflows at the minimum: DeepSpeed raises in it
     err = capsys.readouterr().err
     assert "stopped at step 5: " in err and "Current loss scale" not in err
-    assert ("with the fp16 loss scale at its minimum (1); checkpoint step00000004 holds the last applied update."
-            in (run / "DIVERGED").read_text())
+    # one step skipped at the minimum (step 4's scale was 2 when it began), said as it is, not as the patience
+    assert ("stopped at step 5: 1 step was skipped with the fp16 loss scale at its minimum (1); checkpoint "
+            "step00000004 holds the last applied update." in (run / "DIVERGED").read_text())
     assert same(states(run, 2), states(run, 4))  # steps 3 and 4 were skipped, step 5 raised before any update
 
 

@@ -5,7 +5,8 @@ the dense ones, and mark them with a footnote. fp32 training in PyTorch runs pla
 default for matmuls since torch 1.12), so the fp32 peak is the non-tensor FP32 figure. NVLink figures are the
 datasheets' totals over both directions; a ring sends in one direction at a time, so the model uses half.
 
-`cpu` is not in the table: `measure_cpu` probes this machine's matmul FLOP/s and memory bandwidth on the spot.
+`cpu` is not in the table: `measure_cpu` probes this machine on the spot, at the recipe's own shapes: matmul and
+attention FLOP/s, the time of an elementwise pass, and copy bandwidth.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ k/v widths, and BERT's MLM head, which bigbatch runs only at the masked position
 h x V; `bigbatch.model.MaskedLM`). Attention is counted at full s x s (no causal halving), as Megatron-LM and PaLM
 (Chowdhery et al. 2022, appendix B: 6N + 12 l h s per token) both do. Activation checkpointing recomputes every
 layer's forward once more (hardware FLOPs: 4x the layers); MFU counts model FLOPs only (PaLM's definition).
-Time = hardware FLOPs / (dense peak of the precision x efficiency). Elementwise work is not counted: the
-efficiency factor (bigbatch.hardware, calibrated on published figures) absorbs it.
+Time = hardware FLOPs / (dense peak of the precision x efficiency). On a GPU elementwise work is not counted: the
+efficiency factor (bigbatch.hardware, calibrated on published figures) absorbs it. The measured cpu device times
+attention and elementwise passes at their own measured rates instead (`elementwise_passes`).
 
 Communication (DeepSpeed 0.19, checked in its source). Ψ parameters, e bytes per element of the communication
 dtype (DeepSpeed's default `communication_data_type` is the model's: 2 in fp16/bf16, 4 in fp32), n ranks, a

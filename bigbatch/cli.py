@@ -121,7 +121,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("usage: bigbatch {" + ",".join(COMMANDS) + "} ...\n\n"
               "  train   train a recipe on this launch's ranks (see `bigbatch train --help`)\n"
               "  check   report every problem of a recipe or a DeepSpeed JSON, one sentence each\n"
-              "  plan    memory per GPU for each ZeRO stage and precision; the largest micro-batch that fits\n"
+              "  plan    memory per GPU for each ZeRO stage, precision and phase; step time and time to train\n"
               "  sweep   a grid of overrides as one SLURM job array; --report tabulates final eval losses\n"
               "  tokenizer train   a SentencePiece model for --data.tokenizer\n"
               "  export  a run's newest checkpoint as a transformers directory (from_pretrained), with its tokenizer\n")

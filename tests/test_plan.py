@@ -12,9 +12,19 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from bigbatch.config import ConfigError, ModelConfig
 from bigbatch.model import CausalLM, MaskedLM, hf_config
+from bigbatch.plan import (
+    CUDA_ALLOWANCE,
+    Row,
+    activation_bytes,
+    buffer_bytes,
+    cmd_plan,
+    model_size,
+    model_state_bytes,
+    parse_memory,
+    plan,
+    sdpa_backend,
+)
 from bigbatch.recipe_files import load_recipe
-from bigbatch.plan import (CUDA_ALLOWANCE, Row, activation_bytes, buffer_bytes, cmd_plan, model_size,
-                           model_state_bytes, parse_memory, plan, sdpa_backend)
 
 VOCAB = 1000
 

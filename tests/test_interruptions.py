@@ -58,10 +58,10 @@ def _ranks(root: int) -> list[int]:
     return found
 
 
-def _launch(run_dir: Path, corpus: Path, resume: bool) -> subprocess.Popen:
+def _launch(run_dir: Path, corpus: Path, resume: bool, port: int) -> subprocess.Popen:
     """The deepspeed launcher in a session of its own, so a kill can take the whole launch."""
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), *_args(run_dir, corpus)]
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(port), *_args(run_dir, corpus)]
     return subprocess.Popen([*cmd, *(["--resume"] if resume else [])], cwd=ROOT, env=launch_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -76,7 +76,8 @@ def _wait_for(proc: subprocess.Popen, seen: list[str], predicate, timeout: float
 
 def _interrupt(run_dir: Path, corpus: Path, how: str, when) -> tuple[int, str]:
     """One start, interrupted `how` once `when(run_dir, ranks)` holds; returns its exit code and output."""
-    proc = _launch(run_dir, corpus, resume=True)  # --resume on a missing or empty directory starts it
+    port = _free_port()
+    proc = _launch(run_dir, corpus, resume=True, port=port)  # --resume on a missing or empty directory starts it
     seen: list[str] = []
     reader = threading.Thread(target=lambda: seen.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
@@ -86,6 +87,10 @@ def _interrupt(run_dir: Path, corpus: Path, how: str, when) -> tuple[int, str]:
         (run_dir / STOP).write_text("")
     elif how == "kill":
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        # killed ranks cannot unlink DeepSpeed's CPU all-reduce buffers (66 MB each in /dev/shm, named by the port)
+        for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            buffer.unlink(missing_ok=True)
     else:
         for pid in ranks:
             os.kill(pid, {"usr1": signal.SIGUSR1, "term": signal.SIGTERM}[how])

@@ -87,26 +87,26 @@ def start_id() -> str:
     return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0') or '0'}" if job else ""
 
 
-def stop_file_request(run_dir: Path) -> Optional[str]:
-    """The reason a STOP file in `run_dir` asks this start to stop, or None (no file, or one for another start)."""
+def _stop_file_for(run_dir: Path) -> Optional[str]:
+    """Whom a STOP file in `run_dir` is for: None without one; "" for this start (empty, naming this start, or
+    unreadable mid-write on a network file system, where its presence is the request); else the start it names."""
     try:
         named = (run_dir / STOP).read_text().strip()
     except FileNotFoundError:
         return None
-    except OSError:  # unreadable (mid-write on a network file system): its presence is the request
-        named = ""
-    if named and named != start_id():
-        return None  # written for an earlier start of this run: not a request for this one
-    return f"{STOP} file"
+    except OSError:
+        return ""
+    return "" if named in ("", start_id()) else named
+
+
+def stop_file_request(run_dir: Path) -> Optional[str]:
+    """The reason a STOP file in `run_dir` asks this start to stop, or None (no file, or one for another start)."""
+    return f"{STOP} file" if _stop_file_for(run_dir) == "" else None
 
 
 def stale_stop_file(run_dir: Path) -> Optional[str]:
     """Writer rank, at start: the name of the start a leftover STOP file was written for, if it is not this one."""
-    try:
-        named = (run_dir / STOP).read_text().strip()
-    except OSError:
-        return None
-    return named if named and named != start_id() else None
+    return _stop_file_for(run_dir) or None
 
 
 def local_request(run_dir: Optional[Path]) -> Optional[str]:

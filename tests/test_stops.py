@@ -19,7 +19,7 @@ import pytest
 from bigbatch import faults
 from bigbatch.cli import main
 from bigbatch.metrics import read_metrics
-from bigbatch.preemption import start_id, stop_file_request
+from bigbatch.preemption import stale_stop_file, start_id, stop_file_request
 from bigbatch.rundir import OWNER, PREEMPTED, STOP, RunDir
 
 from conftest import ROOT, launch_env
@@ -129,11 +129,11 @@ def test_a_stop_file_names_the_start_it_is_for(tmp_path, monkeypatch):
     assert start_id() == "77.2"
     assert stop_file_request(tmp_path) is None
     (tmp_path / STOP).write_text("77.1\n")
-    assert stop_file_request(tmp_path) is None
+    assert stop_file_request(tmp_path) is None and stale_stop_file(tmp_path) == "77.1"
     (tmp_path / STOP).write_text("77.2\n")
-    assert stop_file_request(tmp_path) == "STOP file"
+    assert stop_file_request(tmp_path) == "STOP file" and stale_stop_file(tmp_path) is None
     (tmp_path / STOP).write_text("")
-    assert stop_file_request(tmp_path) == "STOP file"
+    assert stop_file_request(tmp_path) == "STOP file" and stale_stop_file(tmp_path) is None
     monkeypatch.delenv("SLURM_RESTART_COUNT")
     (tmp_path / STOP).write_text("77.0")
     assert stop_file_request(tmp_path) == "STOP file"

@@ -31,11 +31,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bigbatch.config.files import load_recipe  # noqa: E402
 from bigbatch.data import TrainingData  # noqa: E402
 from bigbatch.data.corpus import open_source, python_docs  # noqa: E402
 from bigbatch.data.pipeline import iter_rows, preprocess  # noqa: E402
 from bigbatch.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from bigbatch.recipe_files import load_recipe  # noqa: E402
 
 from common import machine, write_results  # noqa: E402
 

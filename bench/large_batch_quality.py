@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 from bigbatch.cli import main as bigbatch  # noqa: E402
 from bigbatch.data.corpus import python_docs  # noqa: E402
 from bigbatch.data.tokenizer import CLS, PAD, SEP, train_tokenizer  # noqa: E402
-from bigbatch.metrics import read_metrics  # noqa: E402
-from bigbatch.rundir import DIVERGED  # noqa: E402
+from bigbatch.run.metrics import read_metrics  # noqa: E402
+from bigbatch.run.rundir import DIVERGED  # noqa: E402
 
 from common import RESULTS, machine  # noqa: E402
 

@@ -35,14 +35,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bigbatch.cli import main as bigbatch  # noqa: E402
+from bigbatch.config.files import load_recipe  # noqa: E402
+from bigbatch.config.schedule import plan_steps  # noqa: E402
 from bigbatch.data import prepare  # noqa: E402
 from bigbatch.engine import initialize  # noqa: E402
-from bigbatch.metrics import plot_loss, read_metrics  # noqa: E402
-from bigbatch.model import build_model  # noqa: E402
+from bigbatch.models.build import build_model  # noqa: E402
 from bigbatch.optim import param_groups  # noqa: E402
-from bigbatch.recipe_files import load_recipe  # noqa: E402
-from bigbatch.rundir import RunDir  # noqa: E402
-from bigbatch.scaling import plan_steps  # noqa: E402
+from bigbatch.run.metrics import plot_loss, read_metrics  # noqa: E402
+from bigbatch.run.rundir import RunDir  # noqa: E402
 
 from common import machine, write_results  # noqa: E402
 
@@ -65,7 +65,7 @@ class Clock:
     def install(self) -> None:
         from deepspeed.runtime.engine import DeepSpeedEngine
 
-        from bigbatch.noise import GradientNoiseScale
+        from bigbatch.run.noise import GradientNoiseScale
 
         for name in ("forward", "backward", "step"):
             setattr(DeepSpeedEngine, name, self._timed(getattr(DeepSpeedEngine, name), self.engine, nested=True))

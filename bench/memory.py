@@ -31,8 +31,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bigbatch.distributed import free_port  # noqa: E402
-from bigbatch.plan import (  # noqa: E402
+from bigbatch.config.files import load_recipe  # noqa: E402
+from bigbatch.plan.memory import (  # noqa: E402
     CUDA_ALLOWANCE,
     activation_bytes,
     buffer_bytes,
@@ -40,7 +40,7 @@ from bigbatch.plan import (  # noqa: E402
     model_size,
     model_state_bytes,
 )
-from bigbatch.recipe_files import load_recipe  # noqa: E402
+from bigbatch.run.distributed import free_port  # noqa: E402
 
 from common import deepspeed_launch, machine, write_results  # noqa: E402
 from memory_worker import model_overrides, resolve  # noqa: E402
@@ -201,14 +201,15 @@ def report(args: argparse.Namespace, data: dict[str, Any], load: tuple[float, fl
         f"; load average {load[0]:.1f} before, {load[1]:.1f} after (other work shared these cores: step times "
         "are noisy).",
         "",
-        f"Model: BERT (bigbatch.model.build_model), hidden {args.hidden}, {args.layers} layers, "
+        f"Model: BERT (bigbatch.models.build.build_model), hidden {args.hidden}, {args.layers} layers, "
         f"{args.hidden // 64} heads, FFN {4 * args.hidden}, vocabulary {args.vocab}, sequence {args.seq}, "
         f"micro-batch {args.micro} per rank, no gradient accumulation, dropout 0, SDPA attention: "
         f"{plan0['num_params'] / 1e6:.2f}M parameters, largest layer {plan0['largest_layer'] / 1e6:.2f}M (the word "
         "embeddings). Optimizer: bigbatch's LAMB through bigbatch.engine.initialize; at ZeRO-0 in 16 bit, which "
         "bigbatch refuses for LAMB (below), DeepSpeed's AdamW (torch's), which keeps the same bytes. DeepSpeed "
         "JSON: the shipped ds_configs/ fragments (zero*.json, fp32/fp16/bf16.json, act_ckpt.json) resolved by "
-        "bigbatch.dsconfig. Planner: bigbatch/plan.py's functions for the same model, world, stage and precision.",
+        "bigbatch.config.dsconfig. Planner: bigbatch/plan/memory.py's functions for the same model, world, stage and "
+        "precision.",
         "",
     ]
     if not cuda:

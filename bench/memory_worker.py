@@ -38,14 +38,14 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.profiler import ProfilerActivity, profile
 
 from bigbatch.config import ConfigError
-from bigbatch.distributed import gather_objects, init, shutdown
+from bigbatch.config.files import load_recipe
 from bigbatch.engine import client_optimizer, initialize, refuse_16bit_stage0
-from bigbatch.model import build_model
+from bigbatch.models.build import build_model
 from bigbatch.optim import param_groups
-from bigbatch.plan import PRECISIONS, STAGES
-from bigbatch.recipe_files import load_recipe
+from bigbatch.plan.memory import PRECISIONS, STAGES
 from bigbatch.resolve import DeepSpeedView
 from bigbatch.resolve import resolve as resolve_run
+from bigbatch.run.distributed import gather_objects, init, shutdown
 
 # Timed pairs of steps, checkpointing on then off. None for fp16 on the CPU: its matrix products are emulated there
 # (~15x slower than fp32), its timings mean nothing.

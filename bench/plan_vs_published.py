@@ -1,6 +1,6 @@
 """`bigbatch plan`'s step-time model against published training throughputs; writes results/plan_vs_published.md.
 
-Each row runs a shipped recipe, with overrides for the published model and batch, through bigbatch.timing on the
+Each row runs a shipped recipe, with overrides for the published model and batch, through bigbatch.plan.timing on the
 published cluster, and divides the prediction by the published figure. The efficiency factor of each GPU is fitted
 here on the rows marked `calibrate` (the geometric mean of their ratios set to 1) and every other row is held out;
 bigbatch/hardware.py carries the fitted values, and this script says whether they still agree. No GPU is needed.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bigbatch import hardware, timing  # noqa: E402
-from bigbatch.recipe_files import load_recipe  # noqa: E402
+from bigbatch.config.files import load_recipe  # noqa: E402
+from bigbatch.plan import hardware, timing  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NVIDIA = ("NVIDIA DeepLearningExamples, PyTorch/LanguageModeling/BERT README (21.11 container): BERT-large "

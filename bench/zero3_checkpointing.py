@@ -60,12 +60,12 @@ class GatherCounter:
 def worker(out: Path, warmup: int, steps: int) -> None:
     import deepspeed
 
-    from bigbatch.distributed import shutdown
+    from bigbatch.config.files import load_recipe
     from bigbatch.engine import initialize
-    from bigbatch.model import build_model
+    from bigbatch.models.build import build_model
     from bigbatch.optim import param_groups
-    from bigbatch.recipe_files import load_recipe
     from bigbatch.resolve import resolve
+    from bigbatch.run.distributed import shutdown
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -136,7 +136,7 @@ def main() -> None:
         worker(args.worker, args.warmup, args.steps)
         return
 
-    from bigbatch.distributed import free_port
+    from bigbatch.run.distributed import free_port
 
     m = machine()
     started = time.perf_counter()

@@ -3,8 +3,8 @@
 import sys
 
 # First, before the imports that take seconds: from here on SIGUSR1/SIGTERM ask the run to stop cleanly instead of
-# killing the rank (see bigbatch.preemption).
-from bigbatch.preemption import install_handlers, trains
+# killing the rank (see bigbatch.run.preemption).
+from bigbatch.run.preemption import install_handlers, trains
 
 if trains(sys.argv[1:]):
     install_handlers()

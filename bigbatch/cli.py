@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from bigbatch.config import ConfigError
-from bigbatch.overflow import EXIT_STOPPED, TrainingStopped
-from bigbatch.overrides import parse_override_args
-from bigbatch.recipe_files import load_recipe
+from bigbatch.config.files import load_recipe
+from bigbatch.config.overrides import parse_override_args
+from bigbatch.run.overflow import EXIT_STOPPED, TrainingStopped
 
 EXIT_BAD_INPUT = 2
 
@@ -60,7 +60,7 @@ def cmd_train(args: list[str], recipe_path: Optional[str] = None) -> int:
                           "see `bigbatch train --help`.")
     recipe = load_recipe(known.recipe, overrides)
     run_dir = run_dir_from(known.run_dir)
-    from bigbatch.train import train
+    from bigbatch.run.train import train
 
     train(recipe, run_dir, resume=known.resume, overwrite=known.overwrite, argv=sys.argv)
     return 0
@@ -77,11 +77,11 @@ def _lazy(module: str, name: str) -> Callable[[list[str]], int]:
 
 COMMANDS = {
     "train": cmd_train,
-    "check": _lazy("bigbatch.check", "cmd_check"),
-    "plan": _lazy("bigbatch.plan", "cmd_plan"),
-    "sweep": _lazy("bigbatch.sweep", "cmd_sweep"),
+    "check": _lazy("bigbatch.check.command", "cmd_check"),
+    "plan": _lazy("bigbatch.plan.memory", "cmd_plan"),
+    "sweep": _lazy("bigbatch.run.sweep", "cmd_sweep"),
     "tokenizer": _lazy("bigbatch.data.tokenizer", "cmd_tokenizer"),
-    "export": _lazy("bigbatch.export", "cmd_export"),
+    "export": _lazy("bigbatch.run.export", "cmd_export"),
 }
 
 
@@ -101,9 +101,9 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
 
 
 def _as_program(code: int) -> int:
-    """The process is about to exit: tear the process group down first (see `bigbatch.distributed.shutdown`).
+    """The process is about to exit: tear the process group down first (see `bigbatch.run.distributed.shutdown`).
     Only when run as a program: an in-process caller may train again on the same group."""
-    from bigbatch.distributed import shutdown
+    from bigbatch.run.distributed import shutdown
 
     shutdown()
     return code
@@ -111,7 +111,7 @@ def _as_program(code: int) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     if argv is None:  # a program (the `bigbatch` script): a training's signals are stop requests from here on
-        from bigbatch.preemption import install_handlers, trains
+        from bigbatch.run.preemption import install_handlers, trains
 
         if trains(sys.argv[1:]):
             install_handlers()
@@ -148,7 +148,7 @@ def _exit_code(run: Callable[[], int]) -> int:
 def run_recipe(recipe_file: str, argv: Optional[list[str]] = None) -> int:
     """`python recipes/<name>.py [--key=value ...]`: train that recipe in this process (or under a launcher)."""
     if argv is None:
-        from bigbatch.preemption import install_handlers
+        from bigbatch.run.preemption import install_handlers
 
         install_handlers()
         return _as_program(run_recipe(recipe_file, sys.argv[1:]))

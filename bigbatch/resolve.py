@@ -3,8 +3,8 @@
 The batch plan (micro x accumulation x world), the peak LR and the rule that carried it, the step table (one row per
 optimizer step: batch, sequence length, LR, phase, data offset), the resolved DeepSpeed JSON, and a typed view of that
 JSON. `bigbatch train`, `check`, `plan`, `sweep`, the benchmarks and the test workers all start here, so the sequence
-is written once. The config linter (`bigbatch.check`) is not called here: it imports this module, and its callers
-decide what a finding means for them.
+is written once. The config linter (`bigbatch.check.command`) is not called here: it imports this module, and its
+callers decide what a finding means for them.
 """
 
 from __future__ import annotations
@@ -13,9 +13,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from bigbatch import dsconfig
-from bigbatch.config import Recipe
-from bigbatch.scaling import BatchPlan, StepPlan, plan_steps, samples_before, scaled_lr, solve_batch, warmup_steps
+from bigbatch.config import Recipe, dsconfig
+from bigbatch.config.schedule import (
+    BatchPlan,
+    StepPlan,
+    plan_steps,
+    samples_before,
+    scaled_lr,
+    solve_batch,
+    warmup_steps,
+)
 
 
 @dataclass(frozen=True)

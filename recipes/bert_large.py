@@ -26,7 +26,7 @@ from bigbatch.config import (
     RunConfig,
     ScheduleConfig,
 )
-from bigbatch.shapes import shape
+from bigbatch.config.shapes import shape
 
 RECIPE = Recipe(
     name="bert_large",

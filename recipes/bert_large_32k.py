@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from bigbatch.config import BatchConfig, PhaseConfig, ScheduleConfig
-from bigbatch.recipe_files import load_recipe_file
+from bigbatch.config.files import load_recipe_file
 
 LARGE = load_recipe_file(Path(__file__).with_name("bert_large.py"))
 STEPS, PHASE2_STEPS = 15_625 - 1_562, 1_562

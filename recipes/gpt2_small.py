@@ -24,7 +24,7 @@ from bigbatch.config import (
     RunConfig,
     ScheduleConfig,
 )
-from bigbatch.shapes import shape
+from bigbatch.config.shapes import shape
 
 RECIPE = Recipe(
     name="gpt2_small",

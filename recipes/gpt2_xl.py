@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from bigbatch.config import ClusterConfig, DeepSpeedSection
-from bigbatch.recipe_files import load_recipe_file
-from bigbatch.shapes import shape
+from bigbatch.config.files import load_recipe_file
+from bigbatch.config.shapes import shape
 
 SMALL = load_recipe_file(Path(__file__).with_name("gpt2_small.py"))
 RECIPE = dataclasses.replace(

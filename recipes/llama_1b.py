@@ -22,7 +22,7 @@ from bigbatch.config import (
     RunConfig,
     ScheduleConfig,
 )
-from bigbatch.shapes import shape
+from bigbatch.config.shapes import shape
 
 RECIPE = Recipe(
     name="llama_1b",

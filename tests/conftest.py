@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bigbatch import faults
+from bigbatch.run import faults
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tests never reach the Hugging Face hub (CI has no internet): offline, an `hf:` source that is not cached fails at
@@ -109,8 +109,8 @@ def held_out_loss(model: Any, run_dir: Path) -> float:
     import torch
     import torch.nn.functional as F
 
+    from bigbatch.config.files import load_recipe_file
     from bigbatch.data import prepare
-    from bigbatch.recipe_files import load_recipe_file
 
     recipe = load_recipe_file(run_dir / "recipe.json")
     world = read_json(run_dir / "recipe.json")["resolved"]["world"]
@@ -142,7 +142,7 @@ def compiled_calls(run: Any) -> int:
 @pytest.fixture
 def inject(monkeypatch):
     """Steps (1-based) at which a gradient gets an inf, the loss a NaN, or a weight an inf before the forward pass,
-    through the trainer's public per-step hook (`bigbatch.faults.on_step`)."""
+    through the trainer's public per-step hook (`bigbatch.run.faults.on_step`)."""
     from deepspeed.accelerator import get_accelerator
 
     monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)  # test only

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bigbatch.config import ModelConfig
-from bigbatch.model import build_model
+from bigbatch.models.build import build_model
 
 from conftest import in_fresh_process
 
@@ -76,9 +76,9 @@ def zero_gaps(stage: int) -> dict[str, float]:
     between the boundary gradients with and without checkpointing."""
     from deepspeed.utils import safe_get_full_grad
 
-    from bigbatch import distributed
     from bigbatch.engine import initialize
     from bigbatch.optim import param_groups
+    from bigbatch.run import distributed
 
     distributed.ensure_env()
     distributed.init()

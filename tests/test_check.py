@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bigbatch.check import check_config
+from bigbatch.check.command import check_config
 from bigbatch.cli import main
-from bigbatch.dsconfig import DS_CONFIGS
+from bigbatch.config.dsconfig import DS_CONFIGS
 
 STAGES = sorted(p.name for p in DS_CONFIGS.glob("zero*.json"))
 PRECISIONS = ("fp32.json", "fp16.json", "bf16.json")
@@ -275,7 +275,7 @@ def test_deepspeed_parser_failures_name_the_key_they_were_reading():
 
 def _known_paths():
     """Every key the checker has a rule for, every section, and a few that only DeepSpeed's parser reads."""
-    from bigbatch.check_values import OPTIMIZER_PARAMS, SCHEDULER_PARAMS, SECTIONS
+    from bigbatch.check.rules import OPTIMIZER_PARAMS, SCHEDULER_PARAMS, SECTIONS
 
     paths = [f"{s}.{k}" if s else k for s, rules in SECTIONS.items() for k in rules]
     paths += [f"optimizer.params.{k}" for k in OPTIMIZER_PARAMS] + [f"scheduler.params.{k}" for k in SCHEDULER_PARAMS]
@@ -338,7 +338,7 @@ def test_every_scalar_field_of_deepspeeds_models_has_a_rule():
         DeepSpeedZeroOffloadParamConfig,
     )
 
-    from bigbatch.check_values import SECTIONS
+    from bigbatch.check.rules import SECTIONS
 
     models = {"fp16": DeepSpeedFP16Config, "bf16": DeepSpeedBF16Config, "zero_optimization": DeepSpeedZeroConfig,
               "zero_optimization.offload_optimizer": DeepSpeedZeroOffloadOptimizerConfig,

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigbatch import checkpoint
 from bigbatch.cli import main
-from bigbatch.metrics import read_metrics
+from bigbatch.run import checkpoint
+from bigbatch.run.metrics import read_metrics
 
 from conftest import ROOT, WORKERS, launch_env
 

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bigbatch import dsconfig
-from bigbatch.config import ConfigError, Recipe
-from bigbatch.overrides import apply_overrides, parse_override_args
-from bigbatch.recipe_files import load_recipe, recipe_from_dict
+from bigbatch.config import ConfigError, Recipe, dsconfig
+from bigbatch.config.files import load_recipe, recipe_from_dict
+from bigbatch.config.overrides import apply_overrides, parse_override_args
 
 
 def test_tiny_recipe_loads_and_validates():
@@ -72,7 +71,7 @@ def test_the_users_own_recipes_and_fragments_come_before_the_shipped_ones(tmp_pa
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "tiny.py").write_text(
         "import dataclasses\n"
-        "from bigbatch.recipe_files import shipped_dir, load_recipe_file\n"
+        "from bigbatch.config.files import shipped_dir, load_recipe_file\n"
         "RECIPE = dataclasses.replace(load_recipe_file(shipped_dir('recipes') / 'tiny.py'), name='my_tiny')\n")
     (tmp_path / "ds_configs").mkdir()
     (tmp_path / "ds_configs" / "zero1.json").write_text('{"zero_optimization": {"stage": 1}}')

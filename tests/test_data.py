@@ -171,7 +171,7 @@ def test_sources(tmp_path):
 
 
 def _recipe(corpus, **data):
-    from bigbatch.recipe_files import load_recipe
+    from bigbatch.config.files import load_recipe
 
     overrides = {"data.sources": str(corpus), "data.vocab_size": "300", "batch.global_batch": "16",
                  "data.eval_samples": "64", **{f"data.{k}": str(v) for k, v in data.items()}}
@@ -306,7 +306,7 @@ def test_streaming_and_blended_runs_train_and_a_streamed_run_resumes_exactly(tmp
     import shutil
 
     from bigbatch.cli import main
-    from bigbatch.metrics import read_metrics
+    from bigbatch.run.metrics import read_metrics
 
     small = ["--batch.global_batch=32", "--batch.micro_batch=16", "--run.eval_every=2", "--checkpoint.every_steps=1",
              "--checkpoint.keep_last=9", "--data.vocab_size=400", "--data.eval_samples=64", "--data.seq_len=32",
@@ -351,7 +351,7 @@ def test_a_writer_failure_reaches_every_rank(tmp_path, monkeypatch):
     # not bad input but a crash (a full disk, a bug): the writer shares it before raising, so the other ranks raise
     # too instead of waiting in the broadcast until the process group times out
     import bigbatch.data.build as data_module
-    from bigbatch.recipe_files import load_recipe
+    from bigbatch.config.files import load_recipe
 
     def crash(*args, **kwargs):
         raise OSError("No space left on device")

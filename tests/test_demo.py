@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bigbatch.cli import main
-from bigbatch.metrics import read_metrics
+from bigbatch.run.metrics import read_metrics
 
 from conftest import _free_port, deepspeed_launch, held_out_loss
 
@@ -88,10 +88,10 @@ def reference_lamb_step(params: list[dict], t: int, lr: float, betas: tuple[floa
 def demo_setup(tmp_path: Path, corpus: Path):
     """The demo's model and DeepSpeed JSON (ZeRO-1, fp32, LAMB with its clamp and clipping, the peak LR the demo
     reaches), shrunk in batch only to one process; real MLM batches of the built-in text's kind."""
-    from bigbatch import dsconfig
+    from bigbatch.config import dsconfig
+    from bigbatch.config.files import load_recipe
+    from bigbatch.config.schedule import scaled_lr, solve_batch
     from bigbatch.data import prepare
-    from bigbatch.recipe_files import load_recipe
-    from bigbatch.scaling import scaled_lr, solve_batch
 
     recipe = load_recipe("tiny")
     demo = solve_batch(recipe.batch.global_batch, 2, recipe.batch.micro_batch)
@@ -106,7 +106,7 @@ def demo_setup(tmp_path: Path, corpus: Path):
 
 
 def fresh_model(recipe, vocab_size: int):
-    from bigbatch.model import build_model
+    from bigbatch.models.build import build_model
 
     torch.manual_seed(0)
     return build_model(recipe.model, vocab_size, pad_id=0)
@@ -116,10 +116,10 @@ def bigbatch_run(recipe, config, vocab_size, batches, flat_ratio: bool = False):
     """Losses, weights and trust ratios of the demo's optimizer through `bigbatch.engine.initialize`. With
     `flat_ratio` each of ZeRO's flat partitions is declared one parameter: one trust ratio over the flat tensor,
     what any per-tensor LAMB computes as a client optimizer under ZeRO."""
-    from bigbatch import distributed
     from bigbatch.engine import client_optimizer, initialize
     from bigbatch.optim import param_groups
     from bigbatch.optim.layerwise import whole_tensor_layout
+    from bigbatch.run import distributed
 
     distributed.init()
     model = fresh_model(recipe, vocab_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bigbatch.plan import model_state_bytes
+from bigbatch.plan.memory import model_state_bytes
 
 from conftest import WORKERS, deepspeed_launch, read_json
 

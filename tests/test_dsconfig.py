@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from bigbatch import dsconfig
-from bigbatch.config import ConfigError
-from bigbatch.recipe_files import load_recipe
-from bigbatch.scaling import solve_batch
+from bigbatch.config import ConfigError, dsconfig
+from bigbatch.config.files import load_recipe
+from bigbatch.config.schedule import solve_batch
 
 SHIPPED = sorted(p.name for p in dsconfig.DS_CONFIGS.glob("*.json"))
 

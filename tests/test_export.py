@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from bigbatch.cli import main
-from bigbatch.metrics import read_metrics
-from bigbatch.recipe_files import load_recipe, load_recipe_file
+from bigbatch.config.files import load_recipe, load_recipe_file
+from bigbatch.run.metrics import read_metrics
 
 from conftest import held_out_loss
 
@@ -47,10 +47,10 @@ def test_logits_match_the_engine_loading_the_zero3_checkpoint(tiny_runs, tmp_pat
     """DeepSpeed's own loader, its ZeRO-3 partitions gathered, against the export (zero_to_fp32): the same logits."""
     import deepspeed
 
-    from bigbatch import checkpoint
     from bigbatch.engine import initialize
-    from bigbatch.model import build_model
+    from bigbatch.models.build import build_model
     from bigbatch.optim import param_groups
+    from bigbatch.run import checkpoint
 
     run_dir = tiny_runs("gpt2", 3)
     out = tmp_path / "export"

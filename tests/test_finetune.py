@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bigbatch.cli import main as bigbatch
-from bigbatch.finetune import main as finetune
+from bigbatch.models.finetune import main as finetune
 
 from conftest import ROOT
 

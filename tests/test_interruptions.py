@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from bigbatch.metrics import read_metrics
-from bigbatch.rundir import PREEMPTED, STOP
+from bigbatch.run.metrics import read_metrics
+from bigbatch.run.rundir import PREEMPTED, STOP
 
 from conftest import ROOT, _free_port, deepspeed_launch, launch_env
 

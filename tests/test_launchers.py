@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bigbatch.metrics import read_metrics
+from bigbatch.run.metrics import read_metrics
 
 from conftest import ROOT, launch_env
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from bigbatch.noise import GradientNoiseScale, held_gradient_norm, loss_multiplier
+from bigbatch.run.noise import GradientNoiseScale, held_gradient_norm, loss_multiplier
 
 from conftest import in_fresh_process
 
@@ -31,8 +31,8 @@ class Quadratic(torch.nn.Module):
 def estimate(stage: int, micro: int, accum: int) -> dict[str, float]:
     """300 steps of the quadratic through a DeepSpeed engine (world 1, ZeRO `stage`); the estimator's last output and
     the truth."""
-    from bigbatch import distributed
     from bigbatch.engine import initialize
+    from bigbatch.run import distributed
 
     distributed.ensure_env()
     distributed.init()
@@ -54,7 +54,7 @@ def estimate(stage: int, micro: int, accum: int) -> dict[str, float]:
             gns.micro_batch_done(loss_multiplier(engine))
             big = held_gradient_norm(engine.module) if stage == 0 and m == accum - 1 else None
             engine.step()
-        total, count = distributed.sum_across_ranks(list(gns.take_local()))  # as bigbatch.step.train_step does
+        total, count = distributed.sum_across_ranks(list(gns.take_local()))  # as bigbatch.run.step.train_step does
         out = gns.update(total, count, micro, micro * accum, big if stage == 0 else engine.get_global_grad_norm(),
                          applied=True)
     engine.destroy()

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from bigbatch.cli import main
-from bigbatch.metrics import read_metrics
-from bigbatch.recipe_files import load_recipe
-from bigbatch.scaling import plan_steps
+from bigbatch.config.files import load_recipe
+from bigbatch.config.schedule import plan_steps
+from bigbatch.run.metrics import read_metrics
 
 SMALL = ["--batch.global_batch=32", "--batch.micro_batch=16", "--run.eval_every=100", "--checkpoint.every_steps=1",
          "--checkpoint.keep_last=20", "--data.vocab_size=400", "--data.eval_samples=32", "--data.seq_len=32",
@@ -207,8 +207,8 @@ def test_stage0_fp32_skips_a_step_whose_gradient_is_not_finite(kind, clip):
     """ZeRO stage 0 in fp32, world 1, through bigbatch.engine.initialize: an inf gradient at step 2 and a NaN one at
     step 4 leave weights (the masters here) and optimizer state bit-identical, count as skipped and hold the LR;
     the other steps apply, and the reported gradient norm is the one before clipping."""
-    from bigbatch import distributed
     from bigbatch.engine import client_optimizer, initialize
+    from bigbatch.run import distributed
 
     distributed.ensure_env()
     distributed.init()

@@ -11,10 +11,10 @@ import pytest
 
 from bigbatch.cli import main
 from bigbatch.config import BatchConfig, ConfigError, PhaseConfig, ScheduleConfig
-from bigbatch.metrics import read_metrics
-from bigbatch.overrides import apply_overrides
-from bigbatch.recipe_files import load_recipe
-from bigbatch.scaling import plan_steps, ramp_batch
+from bigbatch.config.files import load_recipe
+from bigbatch.config.overrides import apply_overrides
+from bigbatch.config.schedule import plan_steps, ramp_batch
+from bigbatch.run.metrics import read_metrics
 
 
 def test_ramp_follows_megatron_increments():
@@ -117,7 +117,7 @@ def test_run_across_a_phase_boundary_and_resume_after_it(tmp_path, capsys, corpu
     recipe_file = tmp_path / "two_phase.py"
     recipe_file.write_text(
         "from bigbatch.config import BatchConfig, PhaseConfig, ScheduleConfig\n"
-        "from bigbatch.recipe_files import find_recipe, load_recipe_file\n"
+        "from bigbatch.config.files import find_recipe, load_recipe_file\n"
         "import dataclasses\n"
         "RECIPE = dataclasses.replace(load_recipe_file(find_recipe('tiny')), name='two_phase',\n"
         "    batch=BatchConfig(global_batch=64, micro_batch=16, ramp_start=32, ramp_increment=16, ramp_samples=64),\n"

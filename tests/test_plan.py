@@ -11,8 +11,9 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from bigbatch.config import ConfigError, ModelConfig
-from bigbatch.model import CausalLM, MaskedLM, hf_config
-from bigbatch.plan import (
+from bigbatch.config.files import load_recipe
+from bigbatch.models.build import CausalLM, MaskedLM, hf_config
+from bigbatch.plan.memory import (
     CUDA_ALLOWANCE,
     Row,
     activation_bytes,
@@ -24,7 +25,6 @@ from bigbatch.plan import (
     plan,
     sdpa_backend,
 )
-from bigbatch.recipe_files import load_recipe
 
 VOCAB = 1000
 

@@ -10,9 +10,9 @@ import math
 import pytest
 
 from bigbatch.cli import main
-from bigbatch.metrics import read_metrics
-from bigbatch.model import build_model, count_parameters
-from bigbatch.recipe_files import load_recipe, shipped_recipes
+from bigbatch.config.files import load_recipe, shipped_recipes
+from bigbatch.models.build import build_model, count_parameters
+from bigbatch.run.metrics import read_metrics
 
 from conftest import ROOT
 
@@ -111,7 +111,7 @@ def test_smoke_train_with_size_overrides(name, tmp_path, corpus_file, monkeypatc
 
 def test_pure_32k_plan_is_the_lamb_papers():
     """The second BERT-large plan: 15,625 steps at 32,768 (LAMB paper, Table 1), 90% of them at sequence 128."""
-    from bigbatch.scaling import plan_steps
+    from bigbatch.config.schedule import plan_steps
 
     steps = plan_steps(load_recipe("bert_large_32k"), world=64)
     assert len(steps) == 15_625 and {sp.global_batch for sp in steps} == {32_768}

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from bigbatch.cli import main
-from bigbatch.plan import parse_memory, plan
-from bigbatch.recipe_files import load_recipe
+from bigbatch.config.files import load_recipe
+from bigbatch.plan.memory import parse_memory, plan
 from bigbatch.resolve import phase_recipe, resolve
 
 

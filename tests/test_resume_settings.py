@@ -10,12 +10,12 @@ import shutil
 import pytest
 import torch
 
-from bigbatch import distributed
 from bigbatch.cli import main
 from bigbatch.engine import client_optimizer, initialize
-from bigbatch.metrics import read_metrics
 from bigbatch.optim import param_groups
-from bigbatch.resume import changed_keys, hyperparameters, refuse_changes, restore
+from bigbatch.run import distributed
+from bigbatch.run.metrics import read_metrics
+from bigbatch.run.resume import changed_keys, hyperparameters, refuse_changes, restore
 
 from conftest import TINY_RUN
 
@@ -145,7 +145,7 @@ def test_the_overflow_count_survives_a_resume(tmp_path, corpus_file, inject, mon
     preempted after step 4, with 2 skips counted (a resume that forgot the count would skip on to step 7)."""
     from test_overflow import SMALL as OVERFLOW_RUN
 
-    from bigbatch import faults
+    from bigbatch.run import faults
 
     inject["inf_grad"] = set(range(3, 100))
     run = tmp_path / "run"

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from bigbatch import checkpoint
-from bigbatch.metrics import read_metrics
+from bigbatch.run import checkpoint
+from bigbatch.run.metrics import read_metrics
 
 from conftest import deepspeed_launch
 

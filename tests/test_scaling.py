@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bigbatch.config import ConfigError, OptimizerConfig, ScheduleConfig
-from bigbatch.scaling import lr_factor, scaled_lr, solve_batch, warmup_steps
+from bigbatch.config.schedule import lr_factor, scaled_lr, solve_batch, warmup_steps
 
 
 def test_solve_for_each_missing_factor():

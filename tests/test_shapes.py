@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 
 from bigbatch.config import ConfigError
-from bigbatch.model import build_model, count_parameters
-from bigbatch.shapes import SHAPES, shape
+from bigbatch.config.shapes import SHAPES, shape
+from bigbatch.models.build import build_model, count_parameters
 
 # name: (vocabulary, parameters, relative tolerance, source). A layer fewer is 2.1% of GPT-2 1.5B and more of every
 # other shape, so each tolerance fails a wrong depth; a wrong width or MLP width moves the count further.

@@ -16,11 +16,11 @@ import sys
 
 import pytest
 
-from bigbatch import faults
 from bigbatch.cli import main
-from bigbatch.metrics import read_metrics
-from bigbatch.preemption import stale_stop_file, start_id, stop_file_request
-from bigbatch.rundir import OWNER, PREEMPTED, STOP, RunDir
+from bigbatch.run import faults
+from bigbatch.run.metrics import read_metrics
+from bigbatch.run.preemption import stale_stop_file, start_id, stop_file_request
+from bigbatch.run.rundir import OWNER, PREEMPTED, STOP, RunDir
 
 from conftest import ROOT, launch_env
 
@@ -30,7 +30,7 @@ SMALL = ["--schedule.steps=6", "--batch.global_batch=32", "--batch.micro_batch=1
 # tiny with a second phase at another sequence length: the re-packing at its start is a moment of its own
 TWO_PHASES = """import dataclasses
 from bigbatch.config import PhaseConfig
-from bigbatch.recipe_files import find_recipe, load_recipe_file
+from bigbatch.config.files import find_recipe, load_recipe_file
 RECIPE = dataclasses.replace(load_recipe_file(find_recipe('tiny')), name='tiny_two_phases',
     phases=(PhaseConfig(global_batch=32, seq_len=32, steps=2, lr=2e-3, warmup=0.5),))
 """
@@ -194,7 +194,7 @@ def test_a_metrics_line_torn_by_a_kill_is_left_out(tmp_path):
 
 
 def test_only_a_training_process_turns_signals_into_requests():
-    from bigbatch.preemption import trains
+    from bigbatch.run.preemption import trains
 
     assert trains(["train", "tiny"]) and trains(["--local_rank=1", "train", "tiny"])
     assert trains(["--local_rank", "1", "train"]) and trains(["--local-rank=0", "train"])

@@ -9,7 +9,7 @@ import pytest
 
 from bigbatch.cli import main
 from bigbatch.config import ConfigError
-from bigbatch.sweep import parse_grid, point_args
+from bigbatch.run.sweep import parse_grid, point_args
 
 
 def test_grid_and_points(tmp_path, capsys):

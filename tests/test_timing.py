@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from bigbatch import hardware, timing
 from bigbatch.cli import main
 from bigbatch.config import ConfigError
-from bigbatch.plan import model_size
-from bigbatch.recipe_files import load_recipe
-from bigbatch.shapes import shape
+from bigbatch.config.files import load_recipe
+from bigbatch.config.shapes import shape
+from bigbatch.plan import hardware, timing
+from bigbatch.plan.memory import model_size
 
 A100 = hardware.DEVICES["A100-80GB"]
 HDR = hardware.INTERCONNECTS["hdr200"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bigbatch.cli import main
-from bigbatch.metrics import read_metrics
+from bigbatch.run.metrics import read_metrics
 
 SMALL = ["--schedule.steps=4", "--batch.global_batch=64", "--batch.micro_batch=16", "--run.eval_every=2",
          "--checkpoint.every_steps=2", "--checkpoint.keep_last=3", "--data.vocab_size=400", "--data.eval_samples=64",
@@ -118,10 +118,10 @@ def test_console_script_exit_code():
 @pytest.fixture
 def handed_to_trainer(monkeypatch):
     """What `bigbatch train` hands the trainer, without training: {"run_dir": ...} after main() returns."""
-    import bigbatch.train
+    import bigbatch.run.train
 
     seen = {}
-    monkeypatch.setattr(bigbatch.train, "train", lambda recipe, run_dir, **kw: seen.update(run_dir=run_dir))
+    monkeypatch.setattr(bigbatch.run.train, "train", lambda recipe, run_dir, **kw: seen.update(run_dir=run_dir))
     monkeypatch.delenv("BIGBATCH_RUN_DIR", raising=False)
     return seen
 

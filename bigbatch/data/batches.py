@@ -16,7 +16,7 @@ from bigbatch.data.tokenizer import PAD, Tokenizer
 
 
 class BatchSource(Protocol):
-    """A phase's training and held-out data as the loop sees it (`bigbatch.step`, `bigbatch.train`)."""
+    """A phase's training and held-out data as the loop sees it (`bigbatch.run.step`, `bigbatch.run.train`)."""
 
     tokenizer: Tokenizer
     sampler: Positions

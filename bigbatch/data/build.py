@@ -22,7 +22,7 @@ from bigbatch.data.packing import split_documents
 from bigbatch.data.pipeline import iter_rows, preprocess, write_rows
 from bigbatch.data.streaming import StreamingData
 from bigbatch.data.tokenizer import PAD, Tokenizer, train_tokenizer
-from bigbatch.preemption import Preempted
+from bigbatch.run.preemption import Preempted
 
 TOKENIZER_DOCS = 200_000  # streamed documents a tokenizer is trained on
 

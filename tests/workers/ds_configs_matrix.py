@@ -15,14 +15,13 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param
 
-from bigbatch import dsconfig
-from bigbatch.config import ConfigError
-from bigbatch.distributed import shutdown
+from bigbatch.config import ConfigError, dsconfig
+from bigbatch.config.files import load_recipe
 from bigbatch.engine import client_optimizer, initialize
-from bigbatch.model import build_model
+from bigbatch.models.build import build_model
 from bigbatch.optim import param_groups
-from bigbatch.recipe_files import load_recipe
 from bigbatch.resolve import resolve
+from bigbatch.run.distributed import shutdown
 
 STEPS = 3
 VOCAB, SEQ, MICRO = 96, 16, 4

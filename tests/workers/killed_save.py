@@ -6,8 +6,8 @@ import os
 import signal
 import sys
 
-from bigbatch import checkpoint
 from bigbatch.cli import main
+from bigbatch.run import checkpoint
 
 if __name__ == "__main__":
     kill_at = checkpoint.tag_for(int(sys.argv[1]))

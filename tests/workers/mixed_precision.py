@@ -20,10 +20,10 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from bigbatch.config import ConfigError
-from bigbatch.distributed import shutdown
 from bigbatch.engine import client_optimizer, initialize
 from bigbatch.optim import param_groups
-from bigbatch.overflow import state_tensors
+from bigbatch.run.distributed import shutdown
+from bigbatch.run.overflow import state_tensors
 
 import zero_exactness
 from zero_exactness import GLOBAL, OPT_PARAMS, Net, batches, reference

@@ -11,10 +11,10 @@ import deepspeed
 import torch
 from torch import nn
 
-from bigbatch.distributed import shutdown
 from bigbatch.engine import client_optimizer, initialize
 from bigbatch.optim import LAMB, LARS, param_groups
 from bigbatch.optim.layerwise import whole_tensor_layout
+from bigbatch.run.distributed import shutdown
 
 STEPS = 8
 # Divisible by accumulation 1, 2, 3 x world 2, 3 and 4. The worst LAMB deviation, 4e-6, is one element of inp.weight

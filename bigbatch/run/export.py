@@ -2,7 +2,7 @@
 
 What `from_pretrained` needs, from what the run wrote: the weights of the newest complete checkpoint
 (`checkpoint.choose`), gathered from every rank's ZeRO partitions by DeepSpeed's own `zero_to_fp32`; the transformers
-model the trainer built (`bigbatch.model.build_model`, padded vocabulary), into which they must load with no key
+model the trainer built (`bigbatch.models.build.build_model`, padded vocabulary), into which they must load with no key
 missing or left over; and the run's SentencePiece model, with a tokenizer_config.json so that `AutoTokenizer` loads it.
 The directory is written under a temporary name and renamed when complete, so a failed export leaves no half of one.
 """
@@ -16,10 +16,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from bigbatch import checkpoint
 from bigbatch.config import ConfigError, Recipe
-from bigbatch.recipe_files import load_recipe_file
-from bigbatch.rundir import RunDir
+from bigbatch.config.files import load_recipe_file
+from bigbatch.run import checkpoint
+from bigbatch.run.rundir import RunDir
 
 AUTO_CLASS = {"bert": "AutoModelForMaskedLM", "gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM"}
 
@@ -48,7 +48,7 @@ def cmd_export(args: list[str]) -> int:
 def export(run_dir: Path, out: Optional[Path] = None, overwrite: bool = False) -> Path:
     """Writes the export directory (default `<run_dir>/export`) and returns its path."""
     from bigbatch.data.tokenizer import CLS, PAD, SEP
-    from bigbatch.model import build_model
+    from bigbatch.models.build import build_model
 
     run = RunDir(Path(run_dir))
     run_dir = run.path

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bigbatch.config import ConfigError
-from bigbatch.metrics import read_metrics
-from bigbatch.overrides import parse_override_args
-from bigbatch.recipe_files import load_recipe
-from bigbatch.rundir import RunDir
+from bigbatch.config.files import load_recipe
+from bigbatch.config.overrides import parse_override_args
+from bigbatch.run.metrics import read_metrics
+from bigbatch.run.rundir import RunDir
 
 
 def parse_grid(specs: list[str]) -> dict[str, list[str]]:

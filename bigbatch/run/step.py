@@ -1,6 +1,6 @@
 """One optimizer step over its micro-batches, as torchtitan's `train_step`: forward, backward and DeepSpeed's step,
 with the checks that belong to a step (a loss that is not finite is never applied; a skipped step is told apart),
-returning a typed record. The loop (`bigbatch.train.Trainer.fit`) decides what the record means for the run.
+returning a typed record. The loop (`bigbatch.run.train.Trainer.fit`) decides what the record means for the run.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from bigbatch import distributed, faults
-from bigbatch.noise import GradientNoiseScale, held_gradient_norm, loss_multiplier
-from bigbatch.overflow import DS_MIN_SCALE_ERROR, OverflowGuard, divergence_message
-from bigbatch.scaling import StepPlan
+from bigbatch.config.schedule import StepPlan
+from bigbatch.run import distributed, faults
+from bigbatch.run.noise import GradientNoiseScale, held_gradient_norm, loss_multiplier
+from bigbatch.run.overflow import DS_MIN_SCALE_ERROR, OverflowGuard, divergence_message
 
 
 def dropout_seed(seed: int, step: int, rank: int) -> int:

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from bigbatch.config import ConfigError, Recipe
-from bigbatch.recipe_files import shipped_dir
-from bigbatch.scaling import BatchPlan
+from bigbatch.config.files import shipped_dir
+from bigbatch.config.schedule import BatchPlan
 
 DS_CONFIGS = shipped_dir("ds_configs")
 # DeepSpeed's deepest keys sit 6 levels down (data_efficiency.data_routing.random_ltd...); far deeper input would

@@ -6,11 +6,11 @@ Compute. Model FLOPs are counted matmul by matmul at the real shapes, as Megatro
 forward pass costs 24h^2 + 4sh for a 4h MLP, the logits 2hV; backward twice forward, so training is 3x forward,
 F = 72 B s l h^2 (1 + s/6h + V/12lh)). Generalised here to any MLP width, SwiGLU's three matrices, grouped-query
 k/v widths, and BERT's MLM head, which bigbatch runs only at the masked positions (transform h x h, then decoder
-h x V; `bigbatch.model.MaskedLM`). Attention is counted at full s x s (no causal halving), as Megatron-LM and PaLM
-(Chowdhery et al. 2022, appendix B: 6N + 12 l h s per token) both do. Activation checkpointing recomputes every
+h x V; `bigbatch.models.build.MaskedLM`). Attention is counted at full s x s (no causal halving), as Megatron-LM and
+PaLM (Chowdhery et al. 2022, appendix B: 6N + 12 l h s per token) both do. Activation checkpointing recomputes every
 layer's forward once more (hardware FLOPs: 4x the layers); MFU counts model FLOPs only (PaLM's definition).
 Time = hardware FLOPs / (dense peak of the precision x efficiency). On a GPU elementwise work is not counted: the
-efficiency factor (bigbatch.hardware, calibrated on published figures) absorbs it. The measured cpu device times
+efficiency factor (bigbatch.plan.hardware, calibrated on published figures) absorbs it. The measured cpu device times
 attention and elementwise passes at their own measured rates instead (`elementwise_passes`).
 
 Communication (DeepSpeed 0.19, checked in its source). Ψ parameters, e bytes per element of the communication
@@ -53,8 +53,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bigbatch.config import ConfigError, ModelConfig, Recipe
-from bigbatch.hardware import Device, Interconnect
-from bigbatch.model import padded_vocab
+from bigbatch.models.build import padded_vocab
+from bigbatch.plan.hardware import Device, Interconnect
 
 # bytes per parameter of the optimizer's own passes (see the module docstring)
 OPTIMIZER_BYTES = {"lamb": 40, "lars": 28, "adamw": 28}
@@ -486,7 +486,7 @@ def mccandlish_samples(e_min: float, b_noise: float, batch: float) -> float:
 
 
 def _fits(recipe: Recipe, world: int, micro: int, memory: int, w: Workload) -> bool:
-    from bigbatch.plan import activation_bytes, buffer_bytes, logits_grad_bytes, model_state_bytes
+    from bigbatch.plan.memory import activation_bytes, buffer_bytes, logits_grad_bytes, model_state_bytes
 
     num_params, largest, attention = _model_size(recipe.model, recipe.data.vocab_size)
     d = recipe.data
@@ -501,7 +501,7 @@ _SIZES: dict[tuple[ModelConfig, int], tuple[int, int, str]] = {}
 
 
 def _model_size(model: ModelConfig, vocab: int) -> tuple[int, int, str]:
-    from bigbatch.plan import model_size
+    from bigbatch.plan.memory import model_size
 
     if (model, vocab) not in _SIZES:
         _SIZES[(model, vocab)] = model_size(model, vocab)

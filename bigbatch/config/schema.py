@@ -1,9 +1,9 @@
 """The recipe tree: small frozen dataclasses composed into one `Recipe`, and its validation.
 
 Each number has one home here. The DeepSpeed JSON that a run hands to DeepSpeed is *generated* from this tree plus the
-`ds_configs/` fragments it names (see `bigbatch.dsconfig`), never written by hand with a second copy of a number.
-Overrides are parsed in `bigbatch.overrides`, recipe files found and loaded in `bigbatch.recipe_files`, model shapes
-named in `bigbatch.shapes`.
+`ds_configs/` fragments it names (see `bigbatch.config.dsconfig`), never written by hand with a second copy of a number.
+Overrides are parsed in `bigbatch.config.overrides`, recipe files found and loaded in `bigbatch.config.files`, model
+shapes named in `bigbatch.config.shapes`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Model shape; built from a transformers config (`bigbatch.model`), never from downloaded weights."""
+    """Model shape; built from a transformers config (`bigbatch.models.build`), never from downloaded weights."""
 
     arch: str = "bert"  # bert (masked LM) | gpt2 | llama (causal LM; llama: RMSNorm, rotary, SwiGLU)
     hidden_size: int = 64
@@ -152,9 +152,9 @@ class RunConfig:
     trust_ratio_every: int = 10  # steps between trust-ratio records in metrics.jsonl; 0 disables
     runs_root: str = "runs"  # default run directory: <runs_root>/<recipe>-<time>
     # Steps in a row skipped with the fp16 loss scale already at min_loss_scale (or, in fp32/bf16, skipped for a
-    # gradient that is not finite) before the run checkpoints and stops (bigbatch.overflow).
+    # gradient that is not finite) before the run checkpoints and stops (bigbatch.run.overflow).
     overflow_patience: int = 10
-    # Moving-average factor of the gradient noise scale's estimates (bigbatch.noise; logged as noise_scale, the
+    # Moving-average factor of the gradient noise scale's estimates (bigbatch.run.noise; logged as noise_scale, the
     # critical batch estimate); 0 switches the estimate off.
     noise_scale_ema: float = 0.95
 

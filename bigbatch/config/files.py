@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bigbatch.config import ConfigError, PhaseConfig, Recipe
-from bigbatch.overrides import all_keys, apply_overrides, unknown_key
+from bigbatch.config.overrides import all_keys, apply_overrides, unknown_key
 
 
 def shipped_dir(folder: str) -> Path:
     """`recipes` or `ds_configs` as this installation ships them: inside the installed package, else the checkout's."""
     # Path(str(...)): pip unpacks wheels, so the resource is a real directory that spec_from_file_location can read
     installed = Path(str(importlib.resources.files("bigbatch") / folder))
-    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / folder
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / folder
 
 
 def shipped_recipes() -> list[str]:

@@ -16,7 +16,7 @@ import signal
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from bigbatch.rundir import RunDir
+from bigbatch.run.rundir import RunDir
 
 ENV = "BIGBATCH_FAULT"
 ACTIONS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL}

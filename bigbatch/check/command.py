@@ -10,7 +10,7 @@ DeepSpeed rejects is rejected), and around them:
   read key by key are checked the same way as the top level.
 - each DeepSpeed error is turned into one sentence, the offending key is dropped, and the parse runs again, so that
   one run reports every problem. Blocks DeepSpeed has removed (it raises on them) are reported up front, all at once.
-- values DeepSpeed never checks (types, ranges, settings its ZeRO stage ignores): see `bigbatch.check_values`.
+- values DeepSpeed never checks (types, ranges, settings its ZeRO stage ignores): see `bigbatch.check.rules`.
 No input ends in a traceback: whatever DeepSpeed's parser raises becomes a sentence naming the key it was reading.
 """
 
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from bigbatch.check_values import (
+from bigbatch.check.rules import (
     Finding,
     bigbatch_rules,
     check_shapes,
@@ -278,10 +278,10 @@ def raise_on_errors(findings: list[Finding], source: str) -> None:
 
 def check_recipe(name: str, overrides: dict[str, str], world: Optional[int]) -> list[Finding]:
     """The recipe's own checks (keys, data files, fragments, batch arithmetic), then its resolved DeepSpeed JSON."""
-    from bigbatch import dsconfig
+    from bigbatch.config import dsconfig
+    from bigbatch.config.files import load_recipe
     from bigbatch.data.corpus import HubUnreachable, check_sources
     from bigbatch.data.tokenizer import check_tokenizer
-    from bigbatch.recipe_files import load_recipe
     from bigbatch.resolve import resolve
 
     out: list[Finding] = []
@@ -311,7 +311,7 @@ def check_recipe(name: str, overrides: dict[str, str], world: Optional[int]) -> 
 
 def cmd_check(args: list[str]) -> int:
     """`bigbatch check X [--world N]`: X is a DeepSpeed JSON when it names an existing .json file, else a recipe."""
-    from bigbatch.overrides import parse_override_args
+    from bigbatch.config.overrides import parse_override_args
 
     overrides, rest = parse_override_args(args)
     # On a host without a GPU, importing DeepSpeed logs its accelerator choice to stdout, where its logger then
@@ -332,7 +332,7 @@ def cmd_check(args: list[str]) -> int:
         raise ConfigError(f"{path} is not a file; give the path of a DeepSpeed JSON or of a run's recipe.json, or a "
                           "recipe name.")
     if path.suffix == ".json" and not _is_recipe_json(path):
-        from bigbatch.dsconfig import load_fragment
+        from bigbatch.config.dsconfig import load_fragment
 
         findings = check_config(load_fragment(path), known.world)
     else:

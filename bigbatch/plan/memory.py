@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bigbatch.config import ConfigError, ModelConfig, Recipe
-from bigbatch.model import padded_vocab
-from bigbatch.overrides import parse_override_args
-from bigbatch.recipe_files import load_recipe
+from bigbatch.config.files import load_recipe
+from bigbatch.config.overrides import parse_override_args
+from bigbatch.models.build import padded_vocab
 
 STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -224,7 +224,7 @@ def model_size(model_cfg: ModelConfig, vocab_size: int) -> tuple[int, int, str]:
     device so no memory is allocated. Tied embeddings count once."""
     import torch
 
-    from bigbatch.model import build_model
+    from bigbatch.models.build import build_model
 
     with torch.device("meta"):
         model = build_model(model_cfg, vocab_size, pad_id=0)
@@ -274,9 +274,9 @@ class PlanResult:
 
 def plan(recipe: Recipe, nodes: int, gpus_per_node: int, gpu_memory_bytes: int) -> PlanResult:
     """The memory table of `recipe` on nodes x gpus_per_node GPUs of `gpu_memory_bytes` each."""
-    from bigbatch import dsconfig
+    from bigbatch.config import dsconfig
+    from bigbatch.config.schedule import BatchPlan, scaled_lr, solve_batch
     from bigbatch.resolve import DeepSpeedView
-    from bigbatch.scaling import BatchPlan, scaled_lr, solve_batch
 
     for key, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
         if value < 1:
@@ -382,9 +382,9 @@ def report(result: PlanResult) -> str:
 
 
 def cmd_plan(args: list[str]) -> int:
-    """`bigbatch plan`: memory per phase, then time per phase on the named device (bigbatch.timing); 0 when every
+    """`bigbatch plan`: memory per phase, then time per phase on the named device (bigbatch.plan.timing); 0 when every
     phase fits as written, 1 when one does not."""
-    from bigbatch import hardware
+    from bigbatch.plan import hardware
 
     overrides, rest = parse_override_args(args)
     parser = argparse.ArgumentParser(
@@ -430,7 +430,7 @@ def cmd_plan(args: list[str]) -> int:
 
 
 def _plan_and_time(known: argparse.Namespace, overrides: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    from bigbatch import hardware, timing
+    from bigbatch.plan import hardware, timing
     from bigbatch.resolve import phase_recipe
 
     recipe = load_recipe(known.recipe, overrides)

@@ -31,7 +31,7 @@ def slurm_restart() -> int:
 
 
 OWNER = "bigbatch-run.json"  # written first by a start in a new directory: this directory is a bigbatch run
-STOP = "STOP"  # a stop request (bigbatch.preemption says which start it is for)
+STOP = "STOP"  # a stop request (bigbatch.run.preemption says which start it is for)
 PREEMPTED = "PREEMPTED"  # the last start ended on a stop request: the SLURM template requeues on it
 DIVERGED = "DIVERGED"  # the run stopped itself (overflow policy, divergence): the sentence why; not requeued
 MARKERS = (STOP, PREEMPTED)  # may be written by the SLURM template before any rank has started
@@ -152,7 +152,7 @@ class RunDir:
     # -- markers ----------------------------------------------------------------------------------------------------
     def clear_outcome(self) -> None:
         """Writer rank, at start: the previous start's PREEMPTED and DIVERGED go (a STOP file stays: see
-        bigbatch.preemption)."""
+        bigbatch.run.preemption)."""
         for name in (PREEMPTED, DIVERGED):
             (self.path / name).unlink(missing_ok=True)
 
@@ -181,7 +181,7 @@ class RunDir:
 def _git(*args: str) -> str:
     """git's answer about the checkout bigbatch runs from; "" for an installed package (a wheel has no commit, and
     git run in site-packages would answer for whatever repository holds the environment)."""
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]
     if not (checkout / ".git").exists():
         return ""
     try:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from bigbatch import faults
+from bigbatch.run import faults
 
 log = logging.getLogger(__name__)
 TAG = re.compile(r"^step(\d+)$")

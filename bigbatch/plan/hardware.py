@@ -1,4 +1,4 @@
-"""Device and interconnect catalogues for the step-time model (`bigbatch.timing`), each figure with its datasheet.
+"""Device and interconnect catalogues for the step-time model (`bigbatch.plan.timing`), each figure with its datasheet.
 
 Peaks are dense (no structured sparsity): NVIDIA's datasheets print the tensor-core figures "with sparsity", twice
 the dense ones, and mark them with a footnote. fp32 training in PyTorch runs plain fp32 matmuls (TF32 is off by

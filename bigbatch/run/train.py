@@ -1,6 +1,6 @@
 """The training loop: data -> forward -> engine.backward -> engine.step, with evaluation, metrics and checkpoints.
 
-Read top to bottom: `Trainer.fit()` is the loop (each step is `bigbatch.step.train_step`); `train()` sets the run
+Read top to bottom: `Trainer.fit()` is the loop (each step is `bigbatch.run.step.train_step`); `train()` sets the run
 up: `resolve()` the recipe, the run directory, then `_start()` (data, model, DeepSpeed engine, resume).
 """
 
@@ -19,20 +19,22 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from bigbatch import checkpoint, distributed, faults, resume
-from bigbatch.check import check_config, raise_on_errors
+from bigbatch.check.command import check_config, raise_on_errors
 from bigbatch.config import ConfigError, Recipe
+from bigbatch.config.schedule import StepPlan, samples_before
 from bigbatch.data import BatchSource, prepare
 from bigbatch.data.corpus import check_sources
 from bigbatch.data.tokenizer import check_tokenizer
 from bigbatch.engine import client_optimizer, initialize
-from bigbatch.metrics import MetricsLog, device_peak_flops, plot_loss, truncate_metrics
-from bigbatch.model import build_model, count_parameters, padded_vocab
-from bigbatch.noise import GradientNoiseScale
+from bigbatch.models.build import build_model, count_parameters, padded_vocab
 from bigbatch.optim import param_groups
 from bigbatch.optim.layerwise import LayerwiseOptimizer
-from bigbatch.overflow import OverflowGuard, TrainingStopped, state_is_finite
-from bigbatch.preemption import (
+from bigbatch.resolve import ResolvedRun, phase_recipe, resolve
+from bigbatch.run import checkpoint, distributed, faults, resume
+from bigbatch.run.metrics import MetricsLog, device_peak_flops, plot_loss, truncate_metrics
+from bigbatch.run.noise import GradientNoiseScale
+from bigbatch.run.overflow import OverflowGuard, TrainingStopped, state_is_finite
+from bigbatch.run.preemption import (
     Preempted,
     StopRequest,
     clear_markers,
@@ -41,10 +43,8 @@ from bigbatch.preemption import (
     mark_preempted,
     restore_default_handlers,
 )
-from bigbatch.resolve import ResolvedRun, phase_recipe, resolve
-from bigbatch.rundir import RunDir, default_run_dir, environment
-from bigbatch.scaling import StepPlan, samples_before
-from bigbatch.step import Halt, StepContext, StepRecord, train_step
+from bigbatch.run.rundir import RunDir, default_run_dir, environment
+from bigbatch.run.step import Halt, StepContext, StepRecord, train_step
 
 log = logging.getLogger("bigbatch")
 
@@ -468,7 +468,7 @@ def _resume_tag(run: ResolvedRun, root: Path, rank: int) -> Optional[str]:
 
 def _resume(engine: Any, recipe: Recipe, run_dir: RunDir, mode: str, tag: Optional[str], steps: list[StepPlan],
             rank: int) -> tuple[int, int]:
-    """Loads `tag` (every rank) with this start's hyper-parameters put back (`bigbatch.resume`); returns the step to
+    """Loads `tag` (every rank) with this start's hyper-parameters put back (`bigbatch.run.resume`); returns the step to
     start from and the overflow guard's saved count."""
     if mode != "resume":
         return 0, 0

@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from bigbatch.rundir import STOP, RunDir
+from bigbatch.run.rundir import STOP, RunDir
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -125,7 +125,7 @@ class StopRequest:
         """True on every rank when any rank was asked to stop (one all-reduce; collective)."""
         import torch.distributed as dist
 
-        from bigbatch import distributed
+        from bigbatch.run import distributed
 
         self.reason = self.reason or local_request(self.run_dir)
         local = 1.0 if self.reason else 0.0

@@ -18,7 +18,6 @@ from bigbatch.config.schedule import (
     BatchPlan,
     StepPlan,
     plan_steps,
-    samples_before,
     scaled_lr,
     solve_batch,
     warmup_steps,
@@ -55,23 +54,8 @@ class ResolvedRun:
     ds: DeepSpeedView
 
     @property
-    def total_steps(self) -> int:
-        return len(self.steps)
-
-    @property
     def warmup_steps(self) -> int:
         return warmup_steps(self.recipe.schedule, self.batch.global_batch)
-
-    def samples_before(self, step: int) -> int:
-        return samples_before(self.steps, step)
-
-    def phase_batches(self) -> list[tuple[int, StepPlan]]:
-        """(phase, its step with the largest global batch): what the memory planner must fit, per phase."""
-        out: dict[int, StepPlan] = {}
-        for sp in self.steps:
-            if sp.phase not in out or sp.global_batch > out[sp.phase].global_batch:
-                out[sp.phase] = sp
-        return sorted(out.items())
 
 
 def phase_recipe(recipe: Recipe, phase: int) -> Recipe:

@@ -57,7 +57,7 @@ def test_truncated_or_half_written_checkpoints_are_skipped(reference, tmp_path, 
     # the newest complete one is truncated on disk
     victim = next((root / "step00000006").rglob("*model_states.pt"))
     victim.write_bytes(victim.read_bytes()[:100])
-    assert checkpoint.choose(root) == "step00000004"
+    assert checkpoint.newest_complete(root) == "step00000004"
     out = capsys.readouterr().out
     assert "step00000006 is incomplete and is skipped" in out and "truncated" in out
 
@@ -72,7 +72,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(reference, tmp_pat
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     root = run / "checkpoints"
     assert (root / "step00000004.tmp").is_dir()  # DeepSpeed's files of step 4, never completed
-    assert (root / "latest").read_text() == "step00000002" and checkpoint.choose(root) == "step00000002"
+    assert (root / "latest").read_text() == "step00000002" and checkpoint.newest_complete(root) == "step00000002"
     assert main([*args, "--resume"]) == 0
     assert losses(run) == losses(reference)  # resumed at step 2: every later step again, as uninterrupted
     assert not (root / "step00000004.tmp").exists()  # the next save of step 4 replaced the leftover
@@ -182,9 +182,10 @@ def test_pruning_keeps_the_checkpoint_just_written_when_a_newer_one_was_skipped(
     save(100)
     # step 100 turns out truncated: the next start finds nothing to resume, trains from step 0 and saves step 50
     (root / "step00000100" / "mp_rank_00_model_states.pt").write_bytes(b"w")
-    assert checkpoint.choose(root) is None
+    assert checkpoint.newest_complete(root) is None
     save(50)
-    assert checkpoint.choose(root) == "step00000050"  # counted with the newer, skipped 100 it was pruned at once
+    # counted with the newer, skipped 100 it was pruned at once
+    assert checkpoint.newest_complete(root) == "step00000050"
     assert checkpoint.list_tags(root) == ["step00000050", "step00000100"]  # 100 left as it was, for a look
 
 

@@ -60,7 +60,7 @@ def test_logits_match_the_engine_loading_the_zero3_checkpoint(tiny_runs, tmp_pat
     model = build_model(recipe.model, vocab, pad_id=0)
     engine, *_ = initialize(model=model, config=str(run_dir / "ds_config.json"),
                             model_parameters=param_groups(model, recipe.optimizer.weight_decay))
-    checkpoint.load(engine, run_dir / "checkpoints", checkpoint.choose(run_dir / "checkpoints"))
+    engine.load_checkpoint(str(run_dir / "checkpoints"), tag=checkpoint.newest_complete(run_dir / "checkpoints"))
     ids = torch.randint(5, vocab, (3, 32), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     engine.eval()

@@ -18,8 +18,9 @@ import pytest
 
 from bigbatch.cli import main
 from bigbatch.run import faults
+from bigbatch.run.launch import start_id
 from bigbatch.run.metrics import read_metrics
-from bigbatch.run.preemption import stale_stop_file, start_id, stop_file_request
+from bigbatch.run.preemption import stale_stop_file, stop_file_request
 from bigbatch.run.rundir import OWNER, PREEMPTED, STOP, RunDir
 
 from conftest import ROOT, launch_env

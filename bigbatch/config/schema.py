@@ -13,9 +13,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """Bad user input: one sentence naming the key, the value and the fix. The CLI turns it into exit code 2."""
+from bigbatch.config.errors import ConfigError
 
 
 @dataclass(frozen=True)

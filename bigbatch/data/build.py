@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from bigbatch.config import ConfigError, Recipe
+from bigbatch.config.errors import Preempted
 from bigbatch.data.batches import BatchSource
 from bigbatch.data.blend import Blend
 from bigbatch.data.corpus import check_sources, open_source
@@ -22,7 +23,6 @@ from bigbatch.data.packing import split_documents
 from bigbatch.data.pipeline import iter_rows, preprocess, write_rows
 from bigbatch.data.streaming import StreamingData
 from bigbatch.data.tokenizer import PAD, Tokenizer, train_tokenizer
-from bigbatch.run.preemption import Preempted
 
 TOKENIZER_DOCS = 200_000  # streamed documents a tokenizer is trained on
 

@@ -11,6 +11,7 @@ from typing import Iterable
 import numpy as np
 
 from bigbatch.config import ConfigError
+from bigbatch.data.corpus import load_documents
 
 # Fixed ids so every model trained here agrees on them: [PAD]=0 [UNK]=1 [CLS]=2 (bos) [SEP]=3 (eos, end of document
 # for GPT) [MASK]=4.
@@ -117,7 +118,6 @@ def cmd_tokenizer(args: list[str]) -> int:
     """`bigbatch tokenizer train --input SRC [SRC ...] --vocab-size N --out PREFIX [--model-type unigram|bpe]`."""
     import argparse
 
-    from bigbatch.data.corpus import load_documents
 
     p = argparse.ArgumentParser(prog="bigbatch tokenizer", description=cmd_tokenizer.__doc__)
     sub = p.add_subparsers(dest="action", required=True)

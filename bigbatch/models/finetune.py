@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from bigbatch.config import ConfigError
-
-EXIT_BAD_INPUT = 2
+from bigbatch.config.errors import EXIT_BAD_INPUT, ConfigError
+from bigbatch.data.tokenizer import CLS, PAD, SEP, Tokenizer
+from bigbatch.optim import param_groups
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,7 +87,6 @@ def label_names(examples: list[tuple[str, str]], path: Path) -> list[str]:
 
 def encode(tokenizer: Any, texts: list[str], bert: bool, max_len: int) -> list[list[int]]:
     """Token ids with the special tokens pretraining put around text (see bigbatch.data.packing), cut to max_len."""
-    from bigbatch.data.tokenizer import CLS, SEP
 
     if bert:
         return [[CLS, *ids[: max_len - 2], SEP] for ids in tokenizer.encode(texts)]
@@ -98,7 +97,6 @@ def batches(ids: list[list[int]], labels: list[int], order: list[int], size: int
     """Right-padded micro-batches with [PAD] and an attention mask."""
     import torch
 
-    from bigbatch.data.tokenizer import PAD
 
     out = []
     for start in range(0, len(order), size):
@@ -153,8 +151,6 @@ def finetune(a: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from bigbatch.data.tokenizer import PAD, Tokenizer
-    from bigbatch.optim import param_groups
 
     out = _check_args(a)
     train = read_examples(a.train)

@@ -17,8 +17,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -101,64 +99,6 @@ def verify(directory: Path) -> Optional[str]:
     return None
 
 
-def to_universal(root: Path, tag: str, lars: bool = False) -> str:
-    """Writer rank: DeepSpeed's universal checkpoint of `tag` (once), which loads on any number of ranks.
-
-    DeepSpeed's converter carries the fp32 masters and Adam-style moments (`exp_avg`, `exp_avg_sq`, `step`), which is
-    why LAMB names its moments so. LARS's `momentum_buffer` takes its own path (`_lars_as_adam`): the converter runs
-    on a copy whose optimizer files call it `exp_avg`, and the per-parameter files it writes are renamed back.
-    DeepSpeed's loader reads every `<state>.pt` of a parameter, so `momentum_buffer.pt` lands in LARS's state.
-    """
-    target = f"{tag}-universal"
-    if (root / target).is_dir():
-        return target
-    staging = root / f"{target}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    source = _lars_as_adam(root, tag) if lars else root / tag
-    try:
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
-               "--output_folder", str(staging), "--inject_missing_state", "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {root / tag}:\n{out.stderr[-3000:]}")
-    finally:
-        if lars:
-            shutil.rmtree(source, ignore_errors=True)
-    if lars:
-        for param_dir in (staging / "zero").iterdir():
-            if (param_dir / "exp_avg.pt").is_file():
-                os.replace(param_dir / "exp_avg.pt", param_dir / "momentum_buffer.pt")
-                (param_dir / "exp_avg_sq.pt").unlink(missing_ok=True)
-    os.replace(staging, root / target)
-    (root / "latest_universal").unlink(missing_ok=True)  # the converter points it at the staging name
-    return target
-
-
-def _lars_as_adam(root: Path, tag: str) -> Path:
-    """A copy of a ZeRO-1/2 checkpoint of LARS whose optimizer files name the momentum `exp_avg` (and carry a zero
-    `exp_avg_sq`), the only per-parameter states DeepSpeed's converter extracts. The files are read with
-    weights_only=True, allowing by name only the DeepSpeed classes a ZeRO-1/2 optimizer file holds in any precision
-    (checked on 0.19.8), so reading them runs no pickled code; any other class is refused."""
-    import torch
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    copy = root / f"{tag}-lars-as-adam.tmp"
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(root / tag, copy)
-    for path in copy.glob("*optim_states.pt"):
-        with torch.serialization.safe_globals([ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]):
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        groups = sd["optimizer_state_dict"]["base_optimizer_state"]["state"]
-        for state in groups.values():
-            state["exp_avg"] = state.pop("momentum_buffer")
-            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-        torch.save(sd, path)
-    return copy
-
-
 def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_last: int, is_writer: bool,
          barrier: Callable[[], None], world: int) -> str:
     """Every rank calls this: each writes its own partitions; the writer makes the checkpoint complete and visible."""
@@ -184,7 +124,7 @@ def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_
     return tag
 
 
-def choose(root: Path) -> Optional[str]:
+def newest_complete(root: Path) -> Optional[str]:
     """The newest complete, verified checkpoint: `latest` first, then older tags; a bad one is named in a warning."""
     candidates = list(reversed(list_tags(root)))
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
@@ -198,11 +138,3 @@ def choose(root: Path) -> Optional[str]:
         log.warning("checkpoint %s is incomplete and is skipped: %s", root / tag, problem)
         print(f"warning: checkpoint {root / tag} is incomplete and is skipped: {problem}", flush=True)
     return None
-
-
-def load(engine: Any, root: Path, tag: str) -> dict[str, Any]:
-    """Loads `tag` on every rank (chosen once by the writer, see `choose`); returns its client_state."""
-    path, client_state = engine.load_checkpoint(str(root), tag=tag)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
-    return client_state

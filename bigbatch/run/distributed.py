@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
+# torch loads on first use, not on import: the CLI imports this module, and `bigbatch check`, `plan` and a rank's
+# signal handlers (bigbatch.run.preemption) come before torch's seconds of import time.
 
 
 def free_port() -> int:
@@ -46,6 +47,7 @@ def world_size_from_env() -> int:
 def init() -> tuple[int, int]:
     """Starts the process group through DeepSpeed (gloo on the CPU, nccl on GPUs); returns (rank, world)."""
     import deepspeed
+    import torch.distributed as dist
 
     ensure_env()
     for attempt in range(5):
@@ -63,6 +65,10 @@ def init() -> tuple[int, int]:
 def shutdown() -> None:
     """Tears the process group down before the interpreter exits. Left to interpreter exit, a rank's gloo threads
     can abort it ("terminate called without an active exception"), which the launcher reports as a failed run."""
+    if "torch.distributed" not in sys.modules:  # nothing started a group (`bigbatch plan`): torch need not load
+        return
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.barrier()  # every rank is past its last collective: the shared buffers below are no longer read
         _unlink_cpu_comm_buffer(dist.get_rank())
@@ -80,12 +86,16 @@ def _unlink_cpu_comm_buffer(rank: int) -> None:
 
 
 def barrier() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.barrier()
 
 
 def sum_across_ranks(values: list[float]) -> list[float]:
     """One all-reduce of a few numbers, on the accelerator's device (NCCL reduces no CPU tensor)."""
+    import torch
+    import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
     t = torch.tensor(values, dtype=torch.float64, device=get_accelerator().current_device_name())
@@ -94,12 +104,16 @@ def sum_across_ranks(values: list[float]) -> list[float]:
 
 
 def broadcast(obj: Any, src: int = 0) -> Any:
+    import torch.distributed as dist
+
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
 def gather_objects(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out

@@ -1,10 +1,11 @@
 """`bigbatch export <run_dir> [--out DIR] [--overwrite]`: a run's newest checkpoint as a transformers directory.
 
 What `from_pretrained` needs, from what the run wrote: the weights of the newest complete checkpoint
-(`checkpoint.choose`), gathered from every rank's ZeRO partitions by DeepSpeed's own `zero_to_fp32`; the transformers
-model the trainer built (`bigbatch.models.build.build_model`, padded vocabulary), into which they must load with no key
-missing or left over; and the run's SentencePiece model, with a tokenizer_config.json so that `AutoTokenizer` loads it.
-The directory is written under a temporary name and renamed when complete, so a failed export leaves no half of one.
+(`checkpoint.newest_complete`), gathered from every rank's ZeRO partitions by DeepSpeed's own `zero_to_fp32`; the
+transformers model the trainer built (`bigbatch.models.build.build_model`, padded vocabulary), into which they must
+load with no key missing or left over; and the run's SentencePiece model, with a tokenizer_config.json so that
+`AutoTokenizer` loads it. The directory is written under a temporary name and renamed when complete, so a failed
+export leaves no half of one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any, Optional
 
 from bigbatch.config import ConfigError, Recipe
 from bigbatch.config.files import load_recipe_file
+from bigbatch.data.tokenizer import CLS, PAD, SEP, Tokenizer
+from bigbatch.models.build import build_model
 from bigbatch.run import checkpoint
 from bigbatch.run.rundir import RunDir
 
@@ -47,8 +50,6 @@ def cmd_export(args: list[str]) -> int:
 
 def export(run_dir: Path, out: Optional[Path] = None, overwrite: bool = False) -> Path:
     """Writes the export directory (default `<run_dir>/export`) and returns its path."""
-    from bigbatch.data.tokenizer import CLS, PAD, SEP
-    from bigbatch.models.build import build_model
 
     run = RunDir(Path(run_dir))
     run_dir = run.path
@@ -63,7 +64,7 @@ def export(run_dir: Path, out: Optional[Path] = None, overwrite: bool = False) -
         raise ConfigError(f"export directory {out} already exists and is not empty; choose another --out or pass "
                           "--overwrite to replace it.")
     root = run.checkpoints
-    tag = checkpoint.choose(root)
+    tag = checkpoint.newest_complete(root)
     if tag is None:
         raise ConfigError(f"{run_dir} has no complete checkpoint in {root}; a run saves one when it finishes, or "
                           "every --checkpoint.every_steps steps.")
@@ -134,7 +135,6 @@ def _tokenizer_file(recipe: Recipe, run: RunDir) -> Path:
 
 
 def _vocab_size(tokenizer_file: Path, resolved: dict[str, Any]) -> int:
-    from bigbatch.data.tokenizer import Tokenizer
 
     size = Tokenizer(tokenizer_file).vocab_size
     if resolved.get("vocab_size", size) != size:

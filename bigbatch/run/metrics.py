@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Optional
 
 from bigbatch.run.rundir import RunDir
+
+log = logging.getLogger("bigbatch")
+
+
+def say(message: str) -> None:
+    """The writer rank's word to the user: on stdout and in its log file."""
+    log.info(message)
+    print(message, flush=True)
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) for model FLOPs utilization, by a substring of the device name.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10": 125e12, "L40": 181e12, "V100": 125e12}

@@ -23,12 +23,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from bigbatch.engine import client_optimizer
+from bigbatch.optim.zero import shard_real_numel
+
 DS_MIN_SCALE_ERROR = "Current loss scale already at minimum"
-EXIT_STOPPED = 3  # the run stopped itself (overflow policy, divergence): not bad input (2), not a crash (1)
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot make progress; its checkpoint holds the last good state. The CLI exits with EXIT_STOPPED."""
 
 
 class OverflowGuard:
@@ -85,7 +83,6 @@ def state_tensors(engine: Any) -> list[torch.Tensor]:
     """This rank's weights (at ZeRO-3 its shards), fp32 masters and optimizer state: what a skipped step must leave
     bit-identical and a checkpoint of the last good state must hold finite. Views of the real elements only: ZeRO-3
     pads each shard with uninitialised memory, which may hold any bits (NaN seen)."""
-    from bigbatch.engine import client_optimizer
 
     opt = client_optimizer(engine)
     runs = _stage3_real_runs(engine.optimizer) if engine.zero_optimization_stage() == 3 else {}
@@ -108,7 +105,6 @@ def _real_shard(p: torch.Tensor) -> torch.Tensor:
     """A parameter, or at ZeRO-3 the real elements of this rank's shard of it."""
     if not hasattr(p, "ds_tensor"):
         return p
-    from bigbatch.optim.zero import shard_real_numel
 
     n = p.partition_numel()
     return p.ds_tensor.view(-1).narrow(0, 0, shard_real_numel(p.ds_numel, n, dist.get_rank(p.ds_process_group)))
@@ -117,7 +113,6 @@ def _real_shard(p: torch.Tensor) -> torch.Tensor:
 def _stage3_real_runs(ds_optimizer: Any) -> dict[int, list[tuple[int, int, int]]]:
     """ZeRO-3: (start, shard size, real elements) of each parameter's shard in each sub-group's flat fp32 master,
     keyed by the master's id; the shards lie end to end in the order of `fp16_groups`."""
-    from bigbatch.optim.zero import shard_real_numel
 
     runs = {}
     for s, params in enumerate(ds_optimizer.fp16_groups):

@@ -19,26 +19,19 @@ that acts on it consumes it, recording it in `PREEMPTED`.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+from bigbatch.config.errors import Preempted
+from bigbatch.run.launch import drop_local_rank, start_id
 from bigbatch.run.rundir import STOP, RunDir
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 log = logging.getLogger(__name__)
 _requested: Optional[str] = None  # set by the handler, from the first moment of the process
-
-
-class Preempted(Exception):
-    """Every rank agreed to stop before the run's last step; the state is resumable as it stands."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def _handler(signum: int, frame: Any) -> None:
@@ -64,9 +57,7 @@ def install_handlers() -> bool:
 def trains(argv: list[str]) -> bool:
     """Whether a `bigbatch` command line trains (the launcher's --local_rank may come first): only a training
     process turns signals into stop requests; `bigbatch plan` or `check` stay killable by SIGTERM."""
-    words = list(argv)
-    while words and words[0].startswith(("--local_rank", "--local-rank")):
-        words = words[1:] if "=" in words[0] else words[2:]
+    words = drop_local_rank(list(argv))
     return bool(words) and words[0] == "train"
 
 
@@ -75,16 +66,6 @@ def restore_default_handlers() -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
-
-
-def signalled() -> Optional[str]:
-    return _requested
-
-
-def start_id() -> str:
-    """This start's name as the SLURM template writes it into STOP (`<job id>.<restart count>`); '' outside SLURM."""
-    job = os.environ.get("SLURM_JOB_ID", "")
-    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0') or '0'}" if job else ""
 
 
 def _stop_file_for(run_dir: Path) -> Optional[str]:
@@ -115,27 +96,24 @@ def local_request(run_dir: Optional[Path]) -> Optional[str]:
 
 
 class StopRequest:
-    """What every rank agrees on: whether any of them was asked to stop."""
+    """What every rank agrees on: whether any of them was asked to stop. `sum_across_ranks` is the run's all-reduce
+    of a few numbers (`bigbatch.run.distributed.sum_across_ranks`); it is handed in so that this module, which a rank
+    imports before torch, stays light."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, sum_across_ranks: Callable[[list[float]], list[float]]) -> None:
         self.run_dir = run_dir
+        self.sum_across_ranks = sum_across_ranks
         self.reason: Optional[str] = None
 
     def agreed(self) -> bool:
         """True on every rank when any rank was asked to stop (one all-reduce; collective)."""
-        import torch.distributed as dist
-
-        from bigbatch.run import distributed
-
         self.reason = self.reason or local_request(self.run_dir)
-        local = 1.0 if self.reason else 0.0
-        # on the accelerator's device, through distributed.sum_across_ranks: NCCL reduces no CPU tensor
-        anyone = distributed.sum_across_ranks([local])[0] > 0 if dist.is_initialized() else bool(local)
+        anyone = self.sum_across_ranks([1.0 if self.reason else 0.0])[0] > 0
         if anyone and self.reason is None:
             self.reason = "another rank"
         return anyone
 
-    def check(self) -> None:
+    def raise_if_requested(self) -> None:
         """Collective: raises Preempted on every rank when any rank was asked to stop."""
         if self.agreed():
             raise Preempted(self.reason or "")

@@ -1,4 +1,5 @@
-"""What a resume keeps from the checkpoint and what it takes from the recipe as given at this start.
+"""Resuming a run, in one place: choose the checkpoint, load it, put this start's settings back, refuse what a run
+fixes (as torchtitan's `CheckpointManager.load` owns its resume).
 
 Kept from the checkpoint: the weights, the optimizer's moments and step counts, the loss scaler, the LR scheduler's
 position, and the data position. Taken from this start's recipe: every optimizer hyper-parameter (LR table, weight
@@ -12,15 +13,28 @@ old LR while recipe.json shows the new one (and the overflow stop's advice "a lo
 
 Some settings cannot change within a run, because the checkpoint's data position or shapes depend on them (the
 batch, the sequence lengths, the seed, the data and its blend, the model, the optimizer type): a resume that changes
-one is refused, naming the key.
+one is refused, naming the key. A checkpoint written on another number of ranks under ZeRO loads through DeepSpeed's
+universal checkpoint, converted once by the writer rank.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 from bigbatch.config import ConfigError
+from bigbatch.config.schedule import samples_before
+from bigbatch.engine import client_optimizer
+from bigbatch.resolve import ResolvedRun
+from bigbatch.run import checkpoint, distributed
+from bigbatch.run.metrics import say, truncate_metrics
+from bigbatch.run.rundir import RunDir
 
 # Recipe keys fixed for the life of a run (dotted paths into recipe.json's "recipe"); `phases.*` covers each phase.
 FIXED = (
@@ -103,3 +117,130 @@ def restore(optimizer: Any, scheduler: Any, groups: list[dict[str, Any]], base_l
         for group, lr in zip(optimizer.param_groups, lrs):
             group["lr"] = lr
         scheduler._last_lr = lrs
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a start continues: the step (0 for a new run) and the overflow guard's count saved with it."""
+
+    step: int = 0
+    overflow_in_a_row: int = 0
+
+
+def choose(run: ResolvedRun, root: Path, rank: int) -> Optional[str]:
+    """Every rank: the checkpoint to resume from, chosen by the writer before DeepSpeed starts (one written on another
+    number of ranks under ZeRO loads through DeepSpeed's universal checkpoint, which the engine must be set for)."""
+    tag = None
+    if rank == 0:
+        try:
+            tag = _choose_on_writer(run, root)
+        except Exception as err:  # the others wait in the broadcast below: they raise it too
+            distributed.broadcast(RuntimeError(f"choosing the checkpoint to resume on rank 0 failed: {err}"))
+            raise
+    tag = distributed.broadcast(tag)
+    if isinstance(tag, Exception):
+        raise tag
+    return tag
+
+
+def _choose_on_writer(run: ResolvedRun, root: Path) -> Any:
+    """Writer rank: the newest complete tag (None without one), converted to a universal checkpoint when it was
+    written on another number of ranks under ZeRO; a ConfigError, for every rank to raise, when it cannot be resumed
+    here."""
+    tag = checkpoint.newest_complete(root)  # verifies the manifests once
+    stage, world = run.ds.stage, run.world
+    if not (tag and stage and checkpoint.saved_world(root / tag) not in (None, world)):
+        return tag
+    lars = run.recipe.optimizer.type.lower() == "lars"
+    if lars and stage == 3:
+        return ConfigError(
+            f"{root / tag} was written by {checkpoint.saved_world(root / tag)} ranks and this start has {world}: a "
+            "LARS run under ZeRO-3 resumes on the same number of ranks only (its momentum has no universal-checkpoint "
+            "path there yet).")
+    return to_universal(root, tag, lars=lars)
+
+
+def load(engine: Any, run: ResolvedRun, run_dir: RunDir, tag: Optional[str], rank: int) -> Resumed:
+    """Every rank, on a resume: loads `tag` with this start's hyper-parameters put back, checks the data position,
+    and cuts metrics.jsonl back to the checkpoint (the steps after it are recorded again; without one, every step)."""
+    resumed = Resumed()
+    if tag is not None:
+        optimizer = client_optimizer(engine)
+        settings, base_lrs = hyperparameters(optimizer), list(engine.lr_scheduler.base_lrs)
+        path, state = engine.load_checkpoint(str(run_dir.checkpoints), tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {run_dir.checkpoints / tag}")
+        restore(optimizer, engine.lr_scheduler, settings, base_lrs)
+        resumed = Resumed(int(state["step"]), int(state.get("overflow_in_a_row", 0)))
+        expected = samples_before(run.steps, resumed.step)
+        if int(state["samples"]) != expected:  # the sampler position follows the step table: data would repeat
+            raise ConfigError(                 # or be skipped without a word
+                f"{run_dir.checkpoints / tag} was saved after {state['samples']} samples, but this recipe "
+                f"reaches step {resumed.step} after {expected}: resume with the batch settings and phases the run "
+                "started with (its recipe.json), or start a new run directory.")
+        if rank == 0:
+            say(f"resumed {run_dir} at step {resumed.step} ({state['samples']} samples)"
+                 + (" through a universal checkpoint (another number of ranks)" if tag.endswith("-universal") else ""))
+    elif rank == 0:
+        say(f"no checkpoint in {run_dir.checkpoints}; starting from step 0")
+    if rank == 0:
+        truncate_metrics(run_dir.metrics_file, resumed.step if tag is not None else -1)
+    return resumed
+
+
+def to_universal(root: Path, tag: str, lars: bool = False) -> str:
+    """Writer rank: DeepSpeed's universal checkpoint of `tag` (once), which loads on any number of ranks.
+
+    DeepSpeed's converter carries the fp32 masters and Adam-style moments (`exp_avg`, `exp_avg_sq`, `step`), which is
+    why LAMB names its moments so. LARS's `momentum_buffer` takes its own path (`_lars_as_adam`): the converter runs
+    on a copy whose optimizer files call it `exp_avg`, and the per-parameter files it writes are renamed back.
+    DeepSpeed's loader reads every `<state>.pt` of a parameter, so `momentum_buffer.pt` lands in LARS's state.
+    """
+    target = f"{tag}-universal"
+    if (root / target).is_dir():
+        return target
+    staging = root / f"{target}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    source = _lars_as_adam(root, tag) if lars else root / tag
+    try:
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+               "--output_folder", str(staging), "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {root / tag}:\n{out.stderr[-3000:]}")
+    finally:
+        if lars:
+            shutil.rmtree(source, ignore_errors=True)
+    if lars:
+        for param_dir in (staging / "zero").iterdir():
+            if (param_dir / "exp_avg.pt").is_file():
+                os.replace(param_dir / "exp_avg.pt", param_dir / "momentum_buffer.pt")
+                (param_dir / "exp_avg_sq.pt").unlink(missing_ok=True)
+    os.replace(staging, root / target)
+    (root / "latest_universal").unlink(missing_ok=True)  # the converter points it at the staging name
+    return target
+
+
+def _lars_as_adam(root: Path, tag: str) -> Path:
+    """A copy of a ZeRO-1/2 checkpoint of LARS whose optimizer files name the momentum `exp_avg` (and carry a zero
+    `exp_avg_sq`), the only per-parameter states DeepSpeed's converter extracts. The files are read with
+    weights_only=True, allowing by name only the DeepSpeed classes a ZeRO-1/2 optimizer file holds in any precision
+    (checked on 0.19.8), so reading them runs no pickled code; any other class is refused."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    copy = root / f"{tag}-lars-as-adam.tmp"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(root / tag, copy)
+    for path in copy.glob("*optim_states.pt"):
+        with torch.serialization.safe_globals([ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]):
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        groups = sd["optimizer_state_dict"]["base_optimizer_state"]["state"]
+        for state in groups.values():
+            state["exp_avg"] = state.pop("momentum_buffer")
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        torch.save(sd, path)
+    return copy

@@ -20,14 +20,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bigbatch.config import ConfigError
+from bigbatch.run.launch import slurm_restart
 
 
 def default_run_dir(root: str, recipe_name: str) -> Path:
     return Path(root) / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def slurm_restart() -> int:
-    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
 OWNER = "bigbatch-run.json"  # written first by a start in a new directory: this directory is a bigbatch run

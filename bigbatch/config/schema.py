@@ -185,6 +185,16 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         """Checks that need no other file; raises ConfigError on the first problem."""
+        self._check_counts()
+        self._check_model_shape()
+        self._check_ranges()
+        self._check_data()
+        self._check_phases()
+        self._check_ramp()
+        return self
+
+    def _check_counts(self) -> None:
+        """The named choices, and every count that must be at least 1."""
         _choice("model.arch", self.model.arch, ("bert", "gpt2", "llama"))
         _choice("optimizer.type", self.optimizer.type.lower(), ("lamb", "lars", "adamw"))
         _choice("optimizer.lr_rule", self.optimizer.lr_rule, ("none", "linear", "sqrt"))
@@ -207,6 +217,9 @@ class Recipe:
         ]:
             if value < 1:
                 raise ConfigError(f"{key}={value} must be a positive integer; set --{key}=<n> with n >= 1.")
+
+    def _check_model_shape(self) -> None:
+        """Heads divide the width (and key/value heads the heads); the sequence fits the positions."""
         kv = self.model.num_kv_heads
         if kv < 0 or (kv and self.model.num_heads % kv):
             raise ConfigError(f"model.num_kv_heads={kv} must divide model.num_heads={self.model.num_heads} "
@@ -221,6 +234,9 @@ class Recipe:
                 f"data.seq_len={self.data.seq_len} exceeds model.max_position={self.model.max_position}; "
                 f"raise --model.max_position or lower --data.seq_len."
             )
+
+    def _check_ranges(self) -> None:
+        """The optimizer's, data's, run's and schedule's numbers within their ranges."""
         if not 0.0 < self.optimizer.lr:
             raise ConfigError(f"optimizer.lr={self.optimizer.lr} must be positive.")
         if self.optimizer.grad_clip < 0:
@@ -234,6 +250,9 @@ class Recipe:
                               "noise scale estimate off.")
         if self.schedule.warmup < 0:
             raise ConfigError(f"schedule.warmup={self.schedule.warmup} must be >= 0 (a fraction, or samples).")
+
+    def _check_data(self) -> None:
+        """Sources and their blend weights, the data workers, and at least one DeepSpeed fragment."""
         if not self.data.sources:
             raise ConfigError("data.sources is empty; name at least one file, directory or `hf:<name>`.")
         w = self.data.weights
@@ -249,6 +268,9 @@ class Recipe:
                               f"{self.data.shuffle_buffer} >= 1.")
         if not self.deepspeed.configs:
             raise ConfigError("deepspeed.configs is empty; name at least one DeepSpeed JSON, e.g. zero1.json.")
+
+    def _check_phases(self) -> None:
+        """Each later phase: its decay, sizes, length in steps or samples, and sequence length."""
         for i, ph in enumerate(self.phases, start=1):
             key = f"phases.{i}"
             _choice(f"{key}.decay", ph.decay, ("poly", "cosine", "constant"))
@@ -261,6 +283,9 @@ class Recipe:
             if ph.seq_len > self.model.max_position:
                 raise ConfigError(f"{key}.seq_len={ph.seq_len} exceeds model.max_position={self.model.max_position}; "
                                   f"raise --model.max_position to at least {ph.seq_len}.")
+
+    def _check_ramp(self) -> None:
+        """The batch ramp: all three keys or none, landing on the global batch."""
         b = self.batch
         if b.ramp_start or b.ramp_increment or b.ramp_samples:
             if min(b.ramp_start, b.ramp_increment, b.ramp_samples) < 1 or b.ramp_start >= b.global_batch:
@@ -272,7 +297,6 @@ class Recipe:
                 raise ConfigError(
                     f"batch.global_batch={b.global_batch} - batch.ramp_start={b.ramp_start} is not a multiple of "
                     f"batch.ramp_increment={b.ramp_increment}; the ramp must land on the global batch.")
-        return self
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

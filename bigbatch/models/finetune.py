@@ -149,8 +149,7 @@ def _check_args(a: argparse.Namespace) -> Path:
 def finetune(a: argparse.Namespace) -> dict[str, Any]:
     """Trains, evaluates after each epoch, saves to the output directory; returns the metrics it wrote."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
+    from transformers import AutoConfig
 
     out = _check_args(a)
     train = read_examples(a.train)
@@ -176,19 +175,40 @@ def finetune(a: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(a.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = _classifier(a.model, names, index).to(device).train()
+    epochs = _train_epochs(a, model, train_ids, train_labels, eval_data, device)
+    _save(model, a.model, out)
+    metrics = {"model": str(a.model), "train": str(a.train), "eval": str(a.eval) if a.eval else None,
+               "labels": names, "train_examples": len(train), "eval_examples": len(held_out), "max_len": max_len,
+               "epochs": epochs, "eval_accuracy": epochs[-1].get("eval_accuracy"),
+               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(f"saved {out}")
+    return metrics
+
+
+def _classifier(export: Path, names: list[str], index: dict[str, int]) -> Any:
+    from transformers import AutoModelForSequenceClassification
+
     # pad_token_id: GPT-2 and Llama classify from the last token that is not [PAD]
-    model = AutoModelForSequenceClassification.from_pretrained(
-        a.model, num_labels=len(names), id2label=dict(enumerate(names)), label2id=index, pad_token_id=PAD)
-    model.to(device).train()
+    return AutoModelForSequenceClassification.from_pretrained(
+        export, num_labels=len(names), id2label=dict(enumerate(names)), label2id=index, pad_token_id=PAD)
+
+
+def _train_epochs(a: argparse.Namespace, model: Any, train_ids: list[list[int]], train_labels: list[int],
+                  eval_data: list[dict[str, Any]], device: Any) -> list[dict[str, Any]]:
+    """AdamW with a linear warmup and decay, clipped at norm 1; one record per epoch (with the held-out accuracy)."""
+    import torch
+
     optimizer = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=a.lr)
-    steps = a.epochs * math.ceil(len(train) / a.batch_size)
+    steps = a.epochs * math.ceil(len(train_ids) / a.batch_size)
     warmup = int(a.warmup * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: (k + 1) / warmup if k < warmup else max(0.0, (steps - k) / (steps - warmup)))
     shuffle = torch.Generator().manual_seed(a.seed)
     epochs = []
     for epoch in range(1, a.epochs + 1):
-        order = torch.randperm(len(train), generator=shuffle).tolist()
+        order = torch.randperm(len(train_ids), generator=shuffle).tolist()
         total = 0.0
         for batch in batches(train_ids, train_labels, order, a.batch_size):
             loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
@@ -198,29 +218,26 @@ def finetune(a: argparse.Namespace) -> dict[str, Any]:
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             total += float(loss.detach()) * len(batch["labels"])
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": total / len(train)}
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": total / len(train_ids)}
         if eval_data:
             record["eval_accuracy"] = accuracy(model, eval_data, device)
         epochs.append(record)
         print(f"epoch {epoch}/{a.epochs}: train loss {record['train_loss']:.4f}"
-              + (f", eval accuracy {record['eval_accuracy']:.4f} ({len(held_out)} examples)" if eval_data else ""),
-              flush=True)
+              + (f", eval accuracy {record['eval_accuracy']:.4f} ({sum(len(b['labels']) for b in eval_data)} "
+                 "examples)" if eval_data else ""), flush=True)
+    return epochs
 
+
+def _save(model: Any, export: Path, out: Path) -> None:
+    """The classifier, with the export's tokenizer files so that AutoTokenizer.from_pretrained(out) works as there."""
     if out.is_dir():
         shutil.rmtree(out)
     elif out.exists():
         out.unlink()
     model.save_pretrained(out)
-    for name in ("tokenizer.model", "tokenizer_config.json"):  # AutoTokenizer.from_pretrained(out) as from the export
-        if (a.model / name).is_file():
-            shutil.copyfile(a.model / name, out / name)
-    metrics = {"model": str(a.model), "train": str(a.train), "eval": str(a.eval) if a.eval else None,
-               "labels": names, "train_examples": len(train), "eval_examples": len(held_out), "max_len": max_len,
-               "epochs": epochs, "eval_accuracy": epochs[-1].get("eval_accuracy"),
-               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(f"saved {out}")
-    return metrics
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        if (export / name).is_file():
+            shutil.copyfile(export / name, out / name)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,8 +1,8 @@
 """`bigbatch check <recipe | ds_config.json> [--world N]`: every problem of a recipe or a DeepSpeed JSON, one sentence
 per line on stdout, their count on stderr; exit 2 when one is an error.
 
-A DeepSpeed JSON goes through `bigbatch.check.dsjson.check_config`; a recipe through its own checks (data, tokenizer,
-fragments, batch arithmetic), then its resolved DeepSpeed JSON through the same `check_config`.
+A DeepSpeed JSON goes through `bigbatch.check.dsjson.check_config`; a recipe through the pre-flight `bigbatch train`
+runs too (`bigbatch.check.preflight`).
 """
 
 from __future__ import annotations
@@ -15,59 +15,23 @@ from pathlib import Path
 from typing import Optional
 
 from bigbatch.check.dsjson import check_config
-from bigbatch.check.rules import Finding
+from bigbatch.check.preflight import preflight
+from bigbatch.check.rules import Finding, errors
 from bigbatch.config import ConfigError
-
-
-def errors(findings: list[Finding]) -> list[Finding]:
-    return [f for f in findings if f.level == "error"]
-
-
-def raise_on_errors(findings: list[Finding], source: str) -> None:
-    """Used by `bigbatch train`: every error of the resolved config, one line each, as one ConfigError."""
-    bad = errors(findings)
-    if bad:
-        lines = "\n  ".join(f.message for f in bad)
-        raise ConfigError(f"the DeepSpeed config from {source} has {len(bad)} problem(s):\n  {lines}")
+from bigbatch.config.dsconfig import load_fragment
+from bigbatch.config.files import load_recipe
+from bigbatch.config.overrides import parse_override_args
 
 
 def check_recipe(name: str, overrides: dict[str, str], world: Optional[int]) -> list[Finding]:
-    """The recipe's own checks (keys, data files, fragments, batch arithmetic), then its resolved DeepSpeed JSON."""
-    from bigbatch.config import dsconfig
-    from bigbatch.config.files import load_recipe
-    from bigbatch.data.corpus import HubUnreachable, check_sources
-    from bigbatch.data.tokenizer import check_tokenizer
-    from bigbatch.resolve import resolve
-
-    out: list[Finding] = []
+    """The pre-flight `bigbatch train` runs, on `world` ranks or else the cluster the recipe was planned for."""
     recipe = load_recipe(name, overrides)
-    try:
-        check_sources(tuple(s for s in recipe.data.sources if s.startswith("hf:")), recipe.data.cache_dir or None)
-    except HubUnreachable as err:  # nothing to say about the data until the hub can be asked: the rest still counts
-        out.append(Finding("note", f"{err} (bigbatch check could not verify it; the run will stop if it cannot)"))
-    except ConfigError as err:
-        out.append(Finding("error", str(err)))
-    for step in (lambda: check_sources(tuple(s for s in recipe.data.sources if not s.startswith("hf:"))),
-                 lambda: check_tokenizer(recipe.data.tokenizer, recipe.data.vocab_size),
-                 lambda: [dsconfig.find_fragment(f) for f in recipe.deepspeed.configs]):
-        try:
-            step()
-        except ConfigError as err:
-            out.append(Finding("error", str(err)))
-    if any(f.level == "error" for f in out):
-        return out
-    world = world or recipe.cluster.nodes * recipe.cluster.gpus_per_node  # the cluster it was planned for
-    try:
-        run = resolve(recipe, world)  # every phase's and every ramp step's batch arithmetic, and the JSON
-    except ConfigError as err:
-        return [*out, Finding("error", str(err))]
-    return [*out, *check_config(run.ds_config, run.world)]
+    world = world or recipe.cluster.nodes * recipe.cluster.gpus_per_node
+    return list(preflight(recipe, world, hub_required=False).findings)
 
 
 def cmd_check(args: list[str]) -> int:
     """`bigbatch check X [--world N]`: X is a DeepSpeed JSON when it names an existing .json file, else a recipe."""
-    from bigbatch.config.overrides import parse_override_args
-
     overrides, rest = parse_override_args(args)
     # On a host without a GPU, importing DeepSpeed logs its accelerator choice to stdout, where its logger then
     # stays; stdout here holds findings only.
@@ -87,8 +51,6 @@ def cmd_check(args: list[str]) -> int:
         raise ConfigError(f"{path} is not a file; give the path of a DeepSpeed JSON or of a run's recipe.json, or a "
                           "recipe name.")
     if path.suffix == ".json" and not _is_recipe_json(path):
-        from bigbatch.config.dsconfig import load_fragment
-
         findings = check_config(load_fragment(path), known.world)
     else:
         findings = check_recipe(known.target, overrides, known.world)

@@ -22,7 +22,7 @@ import numbers
 import re
 import reprlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from bigbatch.config import ConfigError
 from bigbatch.engine import OPTIMIZERS, refuse_16bit_stage0, refuse_offload
@@ -37,6 +37,11 @@ class Finding:
         # Keys and values come from the user's JSON: a line break inside one must not start a line of its own.
         text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in self.message)
         return f"{self.level}: {text}"
+
+
+def errors(findings: Iterable[Finding]) -> list[Finding]:
+    """The findings that are errors: a note never stops a run or fails `bigbatch check`."""
+    return [f for f in findings if f.level == "error"]
 
 
 def value_at(config: dict[str, Any], path: str) -> Any:

@@ -3,7 +3,7 @@
 The batch plan (micro x accumulation x world), the peak LR and the rule that carried it, the step table (one row per
 optimizer step: batch, sequence length, LR, phase, data offset), the resolved DeepSpeed JSON, and a typed view of that
 JSON. `bigbatch train`, `check`, `plan`, `sweep`, the benchmarks and the test workers all start here, so the sequence
-is written once. The config linter (`bigbatch.check.command`) is not called here: it imports this module, and its
+is written once. The config linter (`bigbatch.check.preflight`) is not called here: it imports this module, and its
 callers decide what a finding means for them.
 """
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
@@ -20,6 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # once instead of after ~25 s of retries per call. Tests of the hub paths set their own environment.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 WORKERS = ROOT / "tests" / "workers"
+
+
+def check_messages(config: dict[str, Any], world: Optional[int] = None, level: str = "error") -> list[str]:
+    """The sentences of one level ("error" or "note") that `bigbatch check` finds in a DeepSpeed config dict."""
+    from bigbatch.check.dsjson import check_config  # here, not above: it loads torch, which most tests never need
+
+    return [f.message for f in check_config(config, world) if f.level == level]
 
 
 def launch_env() -> dict[str, str]:

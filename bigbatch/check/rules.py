@@ -22,9 +22,10 @@ import numbers
 import re
 import reprlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from bigbatch.config import ConfigError
+from bigbatch.engine import OPTIMIZERS, refuse_16bit_stage0, refuse_offload
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,11 @@ class Finding:
         # Keys and values come from the user's JSON: a line break inside one must not start a line of its own.
         text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in self.message)
         return f"{self.level}: {text}"
+
+
+def errors(findings: Iterable[Finding]) -> list[Finding]:
+    """The findings that are errors: a note never stops a run or fails `bigbatch check`."""
+    return [f for f in findings if f.level == "error"]
 
 
 def value_at(config: dict[str, Any], path: str) -> Any:
@@ -249,7 +255,7 @@ def misordered(params: dict[str, Any], prefix: str) -> list[str]:
 
 
 # The optimizer types bigbatch.engine.initialize builds itself (any casing).
-BIGBATCH_OPTIMIZERS = ("lamb", "lars")
+BIGBATCH_OPTIMIZERS = tuple(OPTIMIZERS)
 # Sections DeepSpeed reads as JSON objects (a list or a number there fails inside its parser); `zero_optimization`
 # may also be DeepSpeed's deprecated true/false, and an offload block null.
 OBJECT_SECTIONS = (*(s for s in SECTIONS if s), "optimizer", "scheduler", "optimizer.params", "scheduler.params",
@@ -387,8 +393,6 @@ def check_types(config: dict[str, Any], out: list[Finding]) -> None:
                                         f"({', '.join(sorted(torch_optimizers))})."))
             delete_path(config, "optimizer")
         elif kind.lower() in BIGBATCH_OPTIMIZERS:
-            from bigbatch.engine import OPTIMIZERS
-
             _check_signature(OPTIMIZERS[kind.lower()], opt.get("params", {}), "optimizer.params.", out)
             plain = ("would pick DeepSpeed's CUDA-only FusedLamb" if kind.lower() == "lamb"
                      else "does not know LARS")
@@ -411,8 +415,6 @@ def bigbatch_rules(config: dict[str, Any], out: list[Finding]) -> None:
     """What bigbatch.engine.initialize refuses, reported before a run starts: offload and 16 bits at stage 0 for
     LAMB/LARS, and 16 bits at stage 0 for torch's AdamW (`torch_adam`, bigbatch's `adamw`), which DeepSpeed steps
     through the same unfused wrapper."""
-    from bigbatch.engine import refuse_16bit_stage0, refuse_offload
-
     opt = config.get("optimizer")
     if not isinstance(opt, dict):
         return

@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torch._dynamo.exc import TorchDynamoException
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,9 @@ class Compiled:
             self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
         try:
             return self._compiled(*args)
-        except TorchDynamoException as err:
+        # Named through torch's lazy `_dynamo` attribute: importing torch._dynamo takes 1.5 s, which `bigbatch check`
+        # (it reads LAMB's and LARS's signatures through bigbatch.engine) need not pay; torch.compile has loaded it.
+        except torch._dynamo.exc.TorchDynamoException as err:
             log.warning("torch.compile of %s failed (%s); using the eager version", self.fn.__name__, err)
             self._eager = True
             return self.fn(*args)

@@ -14,17 +14,15 @@ from typing import Any, Optional
 
 import torch
 
-from bigbatch.check.command import check_config, raise_on_errors
+from bigbatch.check.preflight import ready_to_train
 from bigbatch.config import Recipe
 from bigbatch.config.errors import Preempted
 from bigbatch.config.schedule import StepPlan
 from bigbatch.data import BatchSource, prepare
-from bigbatch.data.corpus import check_sources
-from bigbatch.data.tokenizer import check_tokenizer
 from bigbatch.engine import initialize
 from bigbatch.models.build import build_model, count_parameters, padded_vocab
 from bigbatch.optim import param_groups
-from bigbatch.resolve import ResolvedRun, phase_recipe, resolve
+from bigbatch.resolve import ResolvedRun, phase_recipe
 from bigbatch.run import distributed, faults, resume
 from bigbatch.run.loop import Trainer
 from bigbatch.run.metrics import MetricsLog, log, plot_loss, say
@@ -90,10 +88,7 @@ def _train(recipe: Recipe, path: Optional[Path], resume_run: bool, overwrite: bo
            argv: Optional[list[str]]) -> dict[str, Any]:
     # Everything that can be wrong with the input is checked before the process group starts.
     distributed.ensure_env()
-    run = resolve(recipe, distributed.world_size_from_env())
-    check_sources(recipe.data.sources, recipe.data.cache_dir or None)
-    check_tokenizer(recipe.data.tokenizer, recipe.data.vocab_size)
-    raise_on_errors(check_config(run.ds_config, run.world), f"recipe {recipe.name}")
+    run = ready_to_train(recipe, distributed.world_size_from_env())  # the pre-flight `bigbatch check` runs too
     previous = None
     if path is not None:
         run_dir = RunDir(path)

@@ -1,0 +1,129 @@
+"""`bigbatch.check.rules`: the values DeepSpeed's parser never checks (types, ranges, removed blocks, settings the
+ZeRO stage ignores, optimizer and scheduler types and parameters, bigbatch's LAMB/LARS rules), through check_config."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import check_messages
+
+
+def test_values_deepspeed_never_validates():
+    found = check_messages({"gradient_clipping": "big", "steps_per_print": 0, "train_batch_size": 0})
+    assert "gradient_clipping='big' must be a number >= 0 (0 disables clipping)." in found
+    assert "steps_per_print=0 must be a whole number >= 1." in found
+    assert "train_batch_size=0 must be a whole number >= 1." in found
+
+
+def test_lamb_and_lars_rules_of_bigbatch_engine():
+    base = {"gradient_clipping": 1.0, "optimizer": {"type": "lars", "params": {"lr": 0.1, "momentm": 0.9}},
+            "bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}
+    found = check_messages(base)
+    assert any("optimizer.params.momentm is not a parameter of LARS (did you mean 'momentum'?)" in m for m in found)
+    refusal = "bf16.enabled=true with bigbatch's LAMB/LARS needs zero_optimization.stage >= 1"
+    assert any(m.startswith(refusal) for m in found)
+    offload = {"gradient_clipping": 1.0, "optimizer": {"type": "LAMB"},
+               "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    assert any("offload_optimizer.device='cpu' is not supported" in m for m in check_messages(offload))
+
+
+def test_a_removed_block_names_itself_what_deepspeed_does_and_the_fix():
+    (found,) = check_messages({"gradient_clipping": 1.0, "train_batch_size": 8, "sparse_attention": {"mode": "fixed"}})
+    assert found.startswith("sparse_attention: DeepSpeed Sparse Attention has been removed in DeepSpeed ")
+    assert "refuses any config that still holds it; delete sparse_attention" in found
+    assert found.count(". ") == 0 and found.endswith(".")  # one sentence
+
+
+@pytest.mark.parametrize("kind,params,key", [
+    ("LAMB", {"lr": "fast"}, "lr"), ("LAMB", {"betas": [0.9, 1.5]}, "betas"), ("LAMB", {"eps": 0}, "eps"),
+    ("LAMB", {"min_coeff": 0.3, "max_coeff": 0.01}, "min_coeff"), ("LAMB", {"weight_decay": -1e-4}, "weight_decay"),
+    ("lars", {"lr": "fast"}, "lr"), ("lars", {"momentum": 1.2}, "momentum"), ("lars", {"eps": -1.0}, "eps"),
+    ("lars", {"trust_coefficient": 0}, "trust_coefficient"), ("lars", {"weight_decay": -1e-4}, "weight_decay")])
+def test_lamb_and_lars_values_that_cannot_work_are_errors(kind, params, key):
+    config = {"gradient_clipping": 1.0, "zero_optimization": {"stage": 1},
+              "optimizer": {"type": kind, "params": {"lr": 0.01, **params}}}
+    found = check_messages(config)
+    value = repr(params[key])
+    assert any(m.startswith(f"optimizer.params.{key}={value} ") for m in found), found
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
+
+
+@settings(max_examples=150, deadline=None)
+@given(lr=finite, b1=finite, b2=finite, eps=finite, wd=finite, momentum=finite, trust=finite, low=finite,
+       high=finite)
+def test_optimizer_ranges_match_the_issue(lr, b1, b2, eps, wd, momentum, trust, low, high):
+    """lr > 0; 0 <= beta < 1; eps > 0 (LARS: >= 0); weight_decay >= 0; 0 <= momentum < 1; trust_coefficient > 0;
+    min_coeff <= max_coeff: an error exactly when a bound is broken."""
+    lamb = {"type": "LAMB", "params": {"lr": lr, "betas": [b1, b2], "eps": eps, "weight_decay": wd,
+                                       "min_coeff": abs(low), "max_coeff": abs(high)}}
+    lars = {"type": "LARS", "params": {"lr": 0.1, "eps": eps, "momentum": momentum, "trust_coefficient": trust}}
+    found, found_lars = (" ".join(check_messages({"optimizer": o, "zero_optimization": {"stage": 1}}))
+                         for o in (lamb, lars))
+    assert ("optimizer.params.lr=" in found) == (not lr > 0)
+    assert ("optimizer.params.betas=" in found) == (not (0 <= b1 < 1 and 0 <= b2 < 1))
+    assert ("optimizer.params.eps=" in found) == (not eps > 0)
+    assert ("optimizer.params.weight_decay=" in found) == (not wd >= 0)
+    assert ("exceeds optimizer.params.max_coeff" in found) == (abs(low) > abs(high) > 0)
+    assert ("optimizer.params.eps=" in found_lars) == (not eps >= 0)
+    assert ("optimizer.params.momentum=" in found_lars) == (not 0 <= momentum < 1)
+    assert ("optimizer.params.trust_coefficient=" in found_lars) == (not trust > 0)
+
+
+def test_settings_deepspeed_ignores_at_the_stage():
+    stage0 = {"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}
+    (found,) = check_messages(stage0)
+    assert found.startswith("zero_optimization.offload_optimizer.device='cpu' does nothing at "
+                            "zero_optimization.stage=0")
+    assert check_messages({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}) == []
+    assert check_messages({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}) == []
+    stage1 = {"zero_optimization": {"stage": 1, "stage3_max_live_parameters": 1e9}}
+    assert check_messages(stage1) == []
+    assert any("DeepSpeed ignores stage3_max_live_parameters" in n for n in check_messages(stage1, level="note"))
+
+
+def test_every_scalar_field_of_deepspeeds_models_has_a_rule():
+    """The sections bigbatch knows are type-checked key by key: every scalar field DeepSpeed's own pydantic models
+    define for them, and every key of the sections it reads with dict.get, has a rule in check_values (a new
+    DeepSpeed may add some)."""
+    from deepspeed.comm.config import CommsLoggerConfig
+    from deepspeed.monitor.config import CSVConfig, TensorBoardConfig, WandbConfig
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import (
+        DeepSpeedZeroOffloadOptimizerConfig,
+        DeepSpeedZeroOffloadParamConfig,
+    )
+
+    from bigbatch.check.rules import SECTIONS
+
+    models = {"fp16": DeepSpeedFP16Config, "bf16": DeepSpeedBF16Config, "zero_optimization": DeepSpeedZeroConfig,
+              "zero_optimization.offload_optimizer": DeepSpeedZeroOffloadOptimizerConfig,
+              "zero_optimization.offload_param": DeepSpeedZeroOffloadParamConfig, "tensorboard": TensorBoardConfig,
+              "wandb": WandbConfig, "csv_monitor": CSVConfig, "comms_logger": CommsLoggerConfig}
+    scalars = (bool, int, float, str, Optional[bool], Optional[str], list)
+    missing = [f"{section}.{info.alias or name}" for section, model in models.items()
+               for name, info in model.model_fields.items()
+               if info.annotation in scalars and (info.alias or name) not in SECTIONS[section]]
+    assert missing == []
+    # the sections DeepSpeed reads key by key: their keys are its named constants
+    from deepspeed.profiling import constants
+    from deepspeed.runtime.activation_checkpointing.config import ACT_CHKPT_DEFAULT
+
+    profiler = {v for k, v in vars(constants).items()
+                if k.startswith("FLOPS_PROFILER_") and not k.endswith(("_DEFAULT", "_FORMAT"))}
+    assert set(ACT_CHKPT_DEFAULT) <= set(SECTIONS["activation_checkpointing"])
+    assert profiler and profiler <= set(SECTIONS["flops_profiler"])
+
+
+def test_torch_optimizers_are_built_by_their_exact_name():
+    """DeepSpeed builds an unknown type as getattr(torch.optim, type): "SGD" works, "sgd" fails at initialize."""
+    assert check_messages({"gradient_clipping": 1.0, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}) == []
+    (found,) = check_messages({"gradient_clipping": 1.0, "optimizer": {"type": "sgd", "params": {"lr": 0.1}}})
+    assert found.startswith("optimizer.type='sgd' is not an optimizer DeepSpeed or bigbatch knows "
+                            "(did you mean 'SGD'?)")

@@ -108,6 +108,7 @@ INTERCONNECTS: dict[str, Interconnect] = {
 
 
 def lookup(kind: str, name: str, table: dict) -> object:
+    """`table[name]`; ConfigError naming the flag `kind`, the closest name and every choice otherwise."""
     if name not in table:
         hint = difflib.get_close_matches(name, table, n=1, cutoff=0.4)
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
@@ -212,7 +213,8 @@ def cpu_device(probe: CpuProbe, memory_bytes: int) -> Device:
                   attention_flops=probe.attention_flops, elementwise_s=probe.elementwise_s)
 
 
-def measure_cpu(ranks_per_node: int, shapes: CpuShapes = CpuShapes(), probe_fn=probe_cpu) -> Device:
+def measure_cpu(ranks_per_node: int, shapes: CpuShapes = CpuShapes(),
+                probe_fn: Callable[..., CpuProbe] = probe_cpu) -> Device:
     """The `cpu` device measured on the spot for `ranks_per_node` ranks sharing this machine's cores."""
     cores = os.cpu_count() or 1
     threads = max(1, cores // ranks_per_node)
@@ -245,6 +247,7 @@ def device(name: str, ranks_per_node: int = 1, *, peak_tflops: float | None = No
 
 
 def interconnect(name: str, inter_node_gbps: float | None = None) -> Interconnect:
+    """A catalogue network, its bandwidth replaced by --inter-node-bandwidth when given."""
     net = lookup("--interconnect", name, INTERCONNECTS)
     if inter_node_gbps is not None:
         if not inter_node_gbps > 0:

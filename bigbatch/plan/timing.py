@@ -45,16 +45,15 @@ Gradient accumulation: a micro-steps of compute; stage 0-1 communicate once a st
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from bigbatch.config import ConfigError, ModelConfig, Recipe
+from bigbatch.config.schedule import BatchPlan
 from bigbatch.models.build import padded_vocab
 from bigbatch.plan.hardware import Device, Interconnect
+from bigbatch.plan.memory import model_size
+from bigbatch.resolve import ResolvedRun, resolve
 
 # bytes per parameter of the optimizer's own passes (see the module docstring)
 OPTIMIZER_BYTES = {"lamb": 40, "lars": 28, "adamw": 28}
@@ -269,15 +268,11 @@ def step_time(w: Workload, cluster: Cluster, seq_len: int, micro_batch: int, gra
 
 
 # ------------------------------------------------------------------------------------------------- whole schedule
-def workload(recipe: Recipe, world: int) -> tuple[Workload, Any]:
-    """(the workload, the resolved run) of `recipe` on `world` ranks; ConfigError when its batch does not solve."""
-    from bigbatch.resolve import resolve
-
-    run = resolve(recipe, world)
-    num_params = _model_size(recipe.model, recipe.data.vocab_size)[0]
-    ds = run.ds
-    return Workload(recipe.model, recipe.data.vocab_size, recipe.data.mlm_probability, num_params, ds.stage,
-                    ds.precision, ds.checkpointing, ds.zero, recipe.optimizer.type.lower()), run
+def workload(run: ResolvedRun) -> Workload:
+    """What the step-time model reads from a resolved run."""
+    r, ds = run.recipe, run.ds
+    return Workload(r.model, r.data.vocab_size, r.data.mlm_probability, model_size(r.model, r.data.vocab_size)[0],
+                    ds.stage, ds.precision, ds.checkpointing, ds.zero, r.optimizer.type.lower())
 
 
 @dataclass(frozen=True)
@@ -324,9 +319,11 @@ class Estimate:
         return self.time_to_train_s * self.cluster.world / 3600
 
     def mfu(self, p: PhaseTime) -> float:
+        """Model FLOPs utilization of phase `p`: its model FLOPs per second over every rank's peak."""
         return p.model_flops / (p.time_s * self.cluster.world * self.cluster.device.peak_flops[self.workload.precision])
 
     def phase_dict(self, p: PhaseTime) -> dict[str, Any]:
+        """Phase `p` as `bigbatch plan --json` writes it."""
         step = p.time_s / p.steps
         return {"phase": p.phase, "seq_len": p.seq_len, "global_batch": p.global_batch, "micro_batch": p.micro_batch,
                 "grad_accum": p.grad_accum, "steps": p.steps, "step_time_s": step, "samples_per_s": p.samples_per_s,
@@ -336,9 +333,11 @@ class Estimate:
                 "optimizer_share": p.optimizer_s / step, "time_s": p.time_s}
 
 
-def estimate(recipe: Recipe, cluster: Cluster) -> Estimate:
-    """Step time of every step in the recipe's step table (phases, ramp), summed per phase."""
-    w, run = workload(recipe, cluster.world)
+def estimate(recipe: Recipe, cluster: Cluster, batch: Optional[BatchPlan] = None) -> Estimate:
+    """Step time of every step in the recipe's step table (phases, ramp), summed per phase; `batch`: the first
+    phase's batch factors in place of the recipe's (see `resolve`). ConfigError when the batch does not solve."""
+    run = resolve(recipe, cluster.world, batch)
+    w = workload(run)
     cache: dict[tuple[int, int, int], StepTime] = {}
     sums: dict[int, dict[str, Any]] = {}
     for sp in run.steps:
@@ -363,223 +362,3 @@ def estimate(recipe: Recipe, cluster: Cluster) -> Estimate:
                              a["comm_total"] / a["steps"], a["opt"] / a["steps"], a["flops"])
                    for phase, a in sorted(sums.items()))
     return Estimate(cluster, w, phases)
-
-
-def report(est: Estimate) -> str:
-    c, w = est.cluster, est.workload
-    dev = c.device
-    head = ("phase", "seq", "global", "micro x accum", "steps", "step s", "samples/s", "tokens/s", "MFU",
-            "compute", "comm", "optimizer", "time")
-    rows = [head]
-    for p in est.phases:
-        step = p.step_time_s
-        rows.append((str(p.phase), str(p.seq_len), f"{p.global_batch:,}", f"{p.micro_batch} x {p.grad_accum}",
-                     f"{p.steps:,}", f"{step:.3g}", _rate(p.samples_per_s), _rate(p.tokens_per_s),
-                     f"{est.mfu(p):.1%}", f"{p.compute_s / step:.0%}", f"{p.comm_s / step:.0%}",
-                     f"{p.optimizer_s / step:.0%}", duration(p.time_s)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    table = ["  ".join(cell.rjust(wd) for cell, wd in zip(r, widths)) for r in rows]
-    net = "" if c.nodes == 1 else f", {c.net.name} between nodes"
-    return "\n".join([
-        f"Time on {c.nodes} x {c.gpus_per_node} {dev.name}{net}: {dev.peak_flops[w.precision] / 1e12:,.1f} TFLOP/s "
-        f"{w.precision} peak x efficiency {dev.efficiency:.2f} ({dev.efficiency_source}); ZeRO-{w.stage}, "
-        f"{w.optimizer}, checkpointing {'on' if w.checkpointing else 'off'}. compute/comm/optimizer: share of the "
-        "step; comm is what overlap leaves exposed.",
-        *table,
-        f"Time to train: {duration(est.time_to_train_s)} ({est.gpu_hours:,.0f} GPU-hours) for "
-        f"{sum(p.steps for p in est.phases):,} steps."])
-
-
-def _rate(x: float) -> str:
-    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
-
-
-def duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 3 * 86400:
-        return f"{seconds / 3600:.2f} h"
-    return f"{seconds / 86400:.1f} d"
-
-
-def device_dict(dev: Device) -> dict[str, Any]:
-    return dataclasses.asdict(dev)
-
-
-def parse_nodes(key: str, text: str) -> list[int]:
-    try:
-        nodes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        nodes = []
-    if not nodes or min(nodes) < 1:
-        raise ConfigError(f"{key}={text!r} is not a list of node counts; write it as {key}=1,2,4,8.")
-    return sorted(set(nodes))
-
-
-def scaling(recipe: Recipe, cluster: Cluster, nodes: list[int]) -> list[dict[str, Any]]:
-    """Samples/s over the whole schedule at each node count, and the scaling efficiency against the first that runs:
-    (samples/s per node) / (the first's samples/s per node)."""
-    rows: list[dict[str, Any]] = []
-    base = None
-    for n in nodes:
-        c = dataclasses.replace(cluster, nodes=n)
-        try:
-            est = estimate(recipe, c)
-        except ConfigError as err:
-            rows.append({"nodes": n, "world": c.world, "samples_per_s": None, "scaling_efficiency": None,
-                         "error": str(err)})
-            continue
-        sps = sum(p.samples for p in est.phases) / est.time_to_train_s
-        base = base or (n, sps)
-        rows.append({"nodes": n, "world": c.world, "samples_per_s": sps,
-                     "scaling_efficiency": (sps / n) / (base[1] / base[0]), "time_to_train_s": est.time_to_train_s,
-                     "gpu_hours": est.gpu_hours})
-    return rows
-
-
-def scaling_report(rows: list[dict[str, Any]]) -> str:
-    lines = ["Scaling (whole schedule): nodes, GPUs, samples/s, scaling efficiency, time to train"]
-    for r in rows:
-        if r["samples_per_s"] is None:
-            lines.append(f"  {r['nodes']:>5}  {r['world']:>6}  does not run: {r['error']}")
-        else:
-            lines.append(f"  {r['nodes']:>5}  {r['world']:>6}  {r['samples_per_s']:>12,.0f}  "
-                         f"{r['scaling_efficiency']:>6.1%}  {duration(r['time_to_train_s'])}")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------- the batch that finishes first
-def read_noise_scale(run_dir: str) -> dict[str, Any]:
-    """The last `noise_scale` a run logged in its metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise ConfigError(f"--noise-scale={run_dir!r} holds no metrics.jsonl; give the directory of a pilot run "
-                          "(bigbatch train writes runs/<recipe>-<time>/metrics.jsonl).")
-    last = None
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise ConfigError(f"--noise-scale={run_dir!r}: line {number} of metrics.jsonl is not JSON; give a run "
-                              "directory bigbatch train wrote.") from None
-        value = record.get("noise_scale") if isinstance(record, dict) else None
-        if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
-            last = {"run_dir": str(run_dir), "step": record.get("step"), "noise_scale": float(value)}
-    if last is None:
-        raise ConfigError(f"--noise-scale={run_dir!r}: its metrics.jsonl has no positive noise_scale; run the pilot "
-                          "with gradient accumulation or more than one rank and --run.noise_scale_ema above 0.")
-    return last
-
-
-def mccandlish_steps(s_min: float, b_noise: float, batch: float) -> float:
-    """McCandlish et al. 2018, eq. 2.11: steps to a given loss, S = S_min (1 + B_noise / B)."""
-    return s_min * (1 + b_noise / batch)
-
-
-def mccandlish_samples(e_min: float, b_noise: float, batch: float) -> float:
-    """The same paper: samples to that loss, E = E_min (1 + B / B_noise)."""
-    return e_min * (1 + batch / b_noise)
-
-
-def _fits(recipe: Recipe, world: int, micro: int, memory: int, w: Workload) -> bool:
-    from bigbatch.plan.memory import activation_bytes, buffer_bytes, logits_grad_bytes, model_state_bytes
-
-    num_params, largest, attention = _model_size(recipe.model, recipe.data.vocab_size)
-    d = recipe.data
-    states = model_state_bytes(num_params, w.stage, w.precision, w.optimizer, world, largest)
-    acts = (activation_bytes(recipe.model, d.vocab_size, d.seq_len, micro, w.precision, w.checkpointing, attention,
-                             d.mlm_probability)
-            + logits_grad_bytes(recipe.model, d.vocab_size, d.seq_len, micro, d.mlm_probability))
-    return sum(states.values()) + acts + buffer_bytes(w.zero, w.stage, w.precision, num_params) <= memory
-
-
-_SIZES: dict[tuple[ModelConfig, int], tuple[int, int, str]] = {}
-
-
-def _model_size(model: ModelConfig, vocab: int) -> tuple[int, int, str]:
-    from bigbatch.plan.memory import model_size
-
-    if (model, vocab) not in _SIZES:
-        _SIZES[(model, vocab)] = model_size(model, vocab)
-    return _SIZES[(model, vocab)]
-
-
-def noise_grid(recipe: Recipe, cluster: Cluster, pilot: dict[str, Any], memory: int,
-               nodes: Optional[list[int]] = None) -> dict[str, Any]:
-    """Time to train and GPU-hours over global batches x node counts for the first phase, its steps predicted from
-    the recipe's by McCandlish's S = S_min (1 + B_noise / B) (later phases as written); the fastest and cheapest
-    points whose micro-batch fits in `memory`."""
-    b_noise = pilot["noise_scale"]
-    b0, s0 = recipe.batch.global_batch, recipe.schedule.steps
-    s_min = s0 / (1 + b_noise / b0)  # the recipe's own steps at its batch fix S_min
-    e_min = s_min * b_noise  # B_crit = E_min / S_min, estimated by B_noise
-    lo, hi = math.floor(math.log2(max(b_noise / 8, 1))), math.ceil(math.log2(max(b_noise * 8, 2)))
-    batches = sorted({2**k for k in range(lo, hi + 1)} | {b0})
-    nodes = nodes or [2**k for k in range(0, int(math.log2(max(cluster.nodes, 1) * 4)) + 1)]
-    points = []
-    for batch in batches:
-        steps = math.ceil(mccandlish_steps(s_min, b_noise, batch))
-        for n in nodes:
-            c = dataclasses.replace(cluster, nodes=n)
-            point = {"global_batch": batch, "nodes": n, "world": c.world, "steps": steps,
-                     "samples": steps * batch, "fits": False}
-            points.append(point)
-            if batch % c.world:
-                point["why"] = f"global batch {batch} does not divide over {c.world} GPUs"
-                continue
-            per_gpu = batch // c.world
-            variant = dataclasses.replace(
-                recipe, batch=dataclasses.replace(recipe.batch, global_batch=batch, micro_batch=0, grad_accum=0,
-                                                  ramp_start=0, ramp_increment=0, ramp_samples=0),
-                schedule=dataclasses.replace(recipe.schedule, steps=steps, warmup=min(recipe.schedule.warmup, 0.5)
-                                             if recipe.schedule.warmup < 1 else 0.1))
-            try:
-                w, _ = workload(dataclasses.replace(variant, batch=dataclasses.replace(variant.batch,
-                                                                                      micro_batch=1)), c.world)
-            except ConfigError as err:
-                point["why"] = str(err)
-                continue
-            first = dataclasses.replace(variant, phases=())
-            own = recipe.batch.micro_batch
-            candidates = [own] if own and per_gpu % own == 0 else []
-            candidates += [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0]
-            micro = next((m for m in candidates if _fits(first, c.world, m, memory, w)), 0)
-            if not micro:
-                point["why"] = "not even micro-batch 1 fits in memory"
-                continue
-            try:
-                est = estimate(dataclasses.replace(variant, batch=dataclasses.replace(variant.batch,
-                                                                                      micro_batch=micro)), c)
-            except ConfigError as err:
-                point["why"] = str(err)
-                continue
-            point.update(fits=True, micro_batch=micro, grad_accum=per_gpu // micro,
-                         step_time_s=est.phases[0].step_time_s, time_to_train_s=est.time_to_train_s,
-                         gpu_hours=est.gpu_hours)
-    ok = [p for p in points if p["fits"]]
-    fastest = min(ok, key=lambda p: (p["time_to_train_s"], p["gpu_hours"])) if ok else None
-    cheapest = min(ok, key=lambda p: (p["gpu_hours"], p["time_to_train_s"])) if ok else None
-    for p in points:
-        p["fastest"], p["cheapest"] = p is fastest, p is cheapest
-    return {**pilot, "recipe_batch": b0, "recipe_steps": s0, "s_min": s_min, "e_min": e_min, "points": points}
-
-
-def noise_report(grid: dict[str, Any]) -> str:
-    lines = [f"Gradient noise scale {grid['noise_scale']:,.0f} (step {grid['step']} of {grid['run_dir']}): "
-             f"S_min {grid['s_min']:,.0f} steps, E_min {grid['e_min']:,.0f} samples (McCandlish et al. 2018: "
-             "S = S_min (1 + B_noise/B), E = E_min (1 + B/B_noise)); first phase's steps from these, later phases "
-             "as written. F = fastest, C = cheapest of those that fit.",
-             f"  {'global':>8}  {'steps':>8}  {'nodes':>5}  {'micro x accum':>13}  {'time':>9}  {'GPU-hours':>10}"]
-    for p in grid["points"]:
-        mark = ("F" if p["fastest"] else "") + ("C" if p["cheapest"] else "")
-        if p["fits"]:
-            lines.append(f"{mark:>2}{p['global_batch']:>8,}  {p['steps']:>8,}  {p['nodes']:>5}  "
-                         f"{str(p['micro_batch']) + ' x ' + str(p['grad_accum']):>13}  "
-                         f"{duration(p['time_to_train_s']):>9}  {p['gpu_hours']:>10,.1f}")
-        else:
-            lines.append(f"  {p['global_batch']:>8,}  {p['steps']:>8,}  {p['nodes']:>5}  -- {p['why']}")
-    return "\n".join(lines)

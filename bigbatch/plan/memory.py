@@ -100,7 +100,7 @@ def activation_bytes(model_cfg: ModelConfig, vocab_size: int, seq_len: int, micr
     if attention not in ("sdpa", "flash_attention_2", "eager"):
         raise ConfigError(f"attention {attention!r} is not one of sdpa, flash_attention_2, eager.")
     e = _element_bytes(precision)
-    s, b, h, a = seq_len, micro_batch, model_cfg.hidden_size, model_cfg.num_heads
+    s, b, h = seq_len, micro_batch, model_cfg.hidden_size
     t = s * b  # tokens in the micro-batch
     vocab = padded_vocab(vocab_size, model_cfg.pad_vocab_to_multiple)
     arch = model_cfg.arch
@@ -108,70 +108,73 @@ def activation_bytes(model_cfg: ModelConfig, vocab_size: int, seq_len: int, micr
         raise ConfigError(f"model.arch={arch!r} is not one of {', '.join(ACT_SAVES)}.")
     ffn = t * model_cfg.intermediate_size * e * (ACT_SAVES[arch] + 1)  # activation + 2nd Linear input
     backend = sdpa_backend(model_cfg, precision, attention)
-    L = model_cfg.num_layers
-
     if arch == "llama":
-        # No hidden dropout in Llama: `dropout` is only its attention_dropout, on the probabilities.
-        dropout = model_cfg.dropout > 0
-        h_kv = h // a * (model_cfg.num_kv_heads or a)  # k and v width: num_kv_heads heads of h / a
-        # LlamaRMSNorm: `x.to(float32)` is saved by pow and by the multiply with rsqrt, 4 bytes whatever the precision
-        # (in 16-bit a new fp32 copy; in fp32 the residual stream itself, which nothing else keeps); the fp32 rsqrt per
-        # token; the normalised x cast back to the model's dtype, kept by `weight * x`; then its output, kept by the
-        # Linear(s) it feeds (q/k/v, gate/up, or lm_head).
-        rms = 4 * t * h + 4 * t + 2 * t * h * e
-
-        def layer() -> int:
-            n = 2 * rms  # input_layernorm and post_attention_layernorm
-            # Rotary embeddings: q*cos + rotate_half(q)*sin saves only cos and sin (they need no gradient), so q and k
-            # before rotation are not kept; cos and sin are one (1, s, head_dim) pair shared by all layers (below).
-            if backend == "fused":  # q (rotated), k (rotated) and v with num_kv_heads heads (enable_gqa: no copies),
-                # the output (o_proj's input is the same storage), fp32 log-sum-exp per head and token
-                n += t * (2 * h + 2 * h_kv) * e + 4 * a * t
-            else:  # k and v repeated to all heads (eager: repeat_kv; math: repeat_interleave) and kept by q @ k^T and
-                # probs @ v, q (math: scaled by sqrt(scale), a copy), and o_proj's input (transpose().contiguous())
-                n += 4 * t * h * e
-                if backend == "eager":  # softmax(dtype=float32) keeps its fp32 result; in 16-bit its cast copy is
-                    # kept by probs @ v, unless dropout's output is kept instead (then a 1-byte mask, CUDA)
-                    probs = 4 + (e if e != 4 or dropout else 0) + (1 if dropout else 0)
-                else:  # math (fp32 only): _safe_softmax's result, kept by probs @ v too; dropout mask and output
-                    probs = e + (1 + e if dropout else 0)
-                n += a * s * s * b * probs
-            return n + ffn  # SwiGLU: gate output, silu(gate), up output, and the product (down_proj's input)
-
-        embeddings = 8 * t + 2 * s * (h // a) * e  # int64 token ids for the embedding backward; rotary cos and sin
-        head = rms + 4 * t * vocab + 8 * t  # final norm; fp32 log-probabilities (the loss upcasts); int64 labels
+        embeddings, layer, head = _llama_parts(model_cfg, s, b, e, vocab, backend)
     else:
-        gpt = arch == "gpt2"
-        ln = 8 * t  # per LayerNorm: fp32 mean and rstd per token
-        mask = t * h if model_cfg.dropout > 0 else 0  # per dropout: CUDA's native_dropout keeps a 1-byte mask
-
-        def layer() -> int:
-            n = 8 * t * h * e  # Korthikanti's 5 (attention input, q, k, v, output) + 1 (MLP input) + 2 (LN inputs):
-            # BERT (post-LN): input, q, k, v, attention output, LN1 input, LN1 output, LN2 input;
-            # GPT-2 (pre-LN): input, ln_1 output, q, k, v (views of one qkv tensor), attention output, ln_2 in and out.
-            n += ffn
-            n += 2 * ln + 2 * mask  # two LayerNorms; dropout after the attention projection and after the MLP
-            if backend == "eager":  # Korthikanti's 5*a*s^2*b: softmax output, then dropout mask and dropped probs
-                n += a * s * s * b * (e + (1 + e if mask else 0))
-            else:  # fused kernels recompute the probabilities (and their dropout mask, from the RNG seed) in backward
-                n += 4 * a * t  # fp32 log-sum-exp per head and token
-            return n
-
-        embeddings = 8 * (t + s) + mask  # int64 token and position ids for the embedding backward; embedding dropout
-        if gpt:  # ln_f input and output and its statistics, fp32 log-probabilities at every position, int64 labels
-            head = 2 * t * h * e + ln + 4 * t * vocab + 8 * t
-        else:
-            embeddings += t * h * e + ln  # BERT's embedding LayerNorm
-            # MaskedLM keeps a bool mask to gather the masked rows, then per row: 4 hidden-sized inputs (transform
-            # Linear, GELU, LayerNorm, decoder), LayerNorm statistics, fp32 log-probabilities (the loss upcasts), an
-            # int64 label.
-            m = round(mlm_probability * t)
-            head = t + m * (4 * h * e + 8 + 4 * vocab + 8)
-    if checkpointing:
-        layers = L * t * h * e + layer()
-    else:
-        layers = L * layer()
+        embeddings, layer, head = _bert_gpt2_parts(model_cfg, s, b, e, vocab, backend, mlm_probability)
+    layer += ffn
+    layers = model_cfg.num_layers * t * h * e + layer if checkpointing else model_cfg.num_layers * layer
     return embeddings + layers + head
+
+
+def _llama_parts(model_cfg: ModelConfig, s: int, b: int, e: int, vocab: int, backend: str) -> tuple[int, int, int]:
+    """Llama's (embeddings, one layer without its MLP, head) for `activation_bytes`."""
+    t, h, a = s * b, model_cfg.hidden_size, model_cfg.num_heads
+    # No hidden dropout in Llama: `dropout` is only its attention_dropout, on the probabilities.
+    dropout = model_cfg.dropout > 0
+    h_kv = h // a * (model_cfg.num_kv_heads or a)  # k and v width: num_kv_heads heads of h / a
+    # LlamaRMSNorm: `x.to(float32)` is saved by pow and by the multiply with rsqrt, 4 bytes whatever the precision
+    # (in 16-bit a new fp32 copy; in fp32 the residual stream itself, which nothing else keeps); the fp32 rsqrt per
+    # token; the normalised x cast back to the model's dtype, kept by `weight * x`; then its output, kept by the
+    # Linear(s) it feeds (q/k/v, gate/up, or lm_head).
+    rms = 4 * t * h + 4 * t + 2 * t * h * e
+    layer = 2 * rms  # input_layernorm and post_attention_layernorm
+    # Rotary embeddings: q*cos + rotate_half(q)*sin saves only cos and sin (they need no gradient), so q and k
+    # before rotation are not kept; cos and sin are one (1, s, head_dim) pair shared by all layers (below).
+    if backend == "fused":  # q (rotated), k (rotated) and v with num_kv_heads heads (enable_gqa: no copies),
+        # the output (o_proj's input is the same storage), fp32 log-sum-exp per head and token
+        layer += t * (2 * h + 2 * h_kv) * e + 4 * a * t
+    else:  # k and v repeated to all heads (eager: repeat_kv; math: repeat_interleave) and kept by q @ k^T and
+        # probs @ v, q (math: scaled by sqrt(scale), a copy), and o_proj's input (transpose().contiguous())
+        layer += 4 * t * h * e
+        if backend == "eager":  # softmax(dtype=float32) keeps its fp32 result; in 16-bit its cast copy is
+            # kept by probs @ v, unless dropout's output is kept instead (then a 1-byte mask, CUDA)
+            probs = 4 + (e if e != 4 or dropout else 0) + (1 if dropout else 0)
+        else:  # math (fp32 only): _safe_softmax's result, kept by probs @ v too; dropout mask and output
+            probs = e + (1 + e if dropout else 0)
+        layer += a * s * s * b * probs
+    # the MLP (added by the caller), SwiGLU: gate output, silu(gate), up output, and the product (down_proj's input)
+    embeddings = 8 * t + 2 * s * (h // a) * e  # int64 token ids for the embedding backward; rotary cos and sin
+    head = rms + 4 * t * vocab + 8 * t  # final norm; fp32 log-probabilities (the loss upcasts); int64 labels
+    return embeddings, layer, head
+
+
+def _bert_gpt2_parts(model_cfg: ModelConfig, s: int, b: int, e: int, vocab: int, backend: str,
+                     mlm_probability: float) -> tuple[int, int, int]:
+    """BERT's or GPT-2's (embeddings, one layer without its MLP, head) for `activation_bytes`."""
+    t, h, a = s * b, model_cfg.hidden_size, model_cfg.num_heads
+    ln = 8 * t  # per LayerNorm: fp32 mean and rstd per token
+    mask = t * h if model_cfg.dropout > 0 else 0  # per dropout: CUDA's native_dropout keeps a 1-byte mask
+    layer = 8 * t * h * e  # Korthikanti's 5 (attention input, q, k, v, output) + 1 (MLP input) + 2 (LN inputs):
+    # BERT (post-LN): input, q, k, v, attention output, LN1 input, LN1 output, LN2 input;
+    # GPT-2 (pre-LN): input, ln_1 output, q, k, v (views of one qkv tensor), attention output, ln_2 in and out.
+    layer += 2 * ln + 2 * mask  # two LayerNorms; dropout after the attention projection and after the MLP
+    if backend == "eager":  # Korthikanti's 5*a*s^2*b: softmax output, then dropout mask and dropped probs
+        layer += a * s * s * b * (e + (1 + e if mask else 0))
+    else:  # fused kernels recompute the probabilities (and their dropout mask, from the RNG seed) in backward
+        layer += 4 * a * t  # fp32 log-sum-exp per head and token
+    embeddings = 8 * (t + s) + mask  # int64 token and position ids for the embedding backward; embedding dropout
+    if model_cfg.arch == "gpt2":  # ln_f input and output and its statistics, fp32 log-probabilities at every
+        # position, int64 labels
+        head = 2 * t * h * e + ln + 4 * t * vocab + 8 * t
+    else:
+        embeddings += t * h * e + ln  # BERT's embedding LayerNorm
+        # MaskedLM keeps a bool mask to gather the masked rows, then per row: 4 hidden-sized inputs (transform
+        # Linear, GELU, LayerNorm, decoder), LayerNorm statistics, fp32 log-probabilities (the loss upcasts), an
+        # int64 label.
+        m = round(mlm_probability * t)
+        head = t + m * (4 * h * e + 8 + 4 * vocab + 8)
+    return embeddings, layer, head
 
 
 def logits_grad_bytes(model_cfg: ModelConfig, vocab_size: int, seq_len: int, micro_batch: int,

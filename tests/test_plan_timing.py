@@ -1,5 +1,49 @@
 """bigbatch/plan/timing.py, on bigbatch/plan/hardware.py's devices, against figures written out by hand: Megatron-LM's
-and PaLM's FLOP formulas, ring collective times, the ZeRO paper's volumes."""
+and PaLM's FLOP formulas, ring collective times, the ZeRO paper's volumes.
+
+The model, and the sources it rests on.
+
+Compute. Model FLOPs are counted matmul by matmul at the real shapes, as Megatron-LM does (Narayanan et al. 2021,
+"Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", appendix: per layer and token a
+forward pass costs 24h^2 + 4sh for a 4h MLP, the logits 2hV; backward twice forward, so training is 3x forward,
+F = 72 B s l h^2 (1 + s/6h + V/12lh)). Generalised here to any MLP width, SwiGLU's three matrices, grouped-query
+k/v widths, and BERT's MLM head, which bigbatch runs only at the masked positions (transform h x h, then decoder
+h x V; `bigbatch.models.build.MaskedLM`). Attention is counted at full s x s (no causal halving), as Megatron-LM and
+PaLM (Chowdhery et al. 2022, appendix B: 6N + 12 l h s per token) both do. Activation checkpointing recomputes every
+layer's forward once more (hardware FLOPs: 4x the layers); MFU counts model FLOPs only (PaLM's definition).
+Time = hardware FLOPs / (dense peak of the precision x efficiency). On a GPU elementwise work is not counted: the
+efficiency factor (bigbatch/plan/hardware.py, calibrated on published figures) absorbs it. The measured cpu device times
+attention and elementwise passes at their own measured rates instead (`elementwise_passes`).
+
+Communication (DeepSpeed 0.19, checked in its source). Ψ parameters, e bytes per element of the communication
+dtype (DeepSpeed's default `communication_data_type` is the model's: 2 in fp16/bf16, 4 in fp32), n ranks, a
+accumulation steps:
+- stage 0: one all-reduce of Ψe after the step's last backward (engine.allreduce_gradients; not overlapped);
+- stage 1: gradients reduced once a step, in the last micro-step's backward (stage_1_and_2.py
+  reduce_ready_partitions_and_remove_grads: only at the accumulation boundary), as a reduce-scatter
+  (`reduce_scatter`, default true; an all-reduce when false), then an all-gather of Ψe updated weights;
+- stage 2: a reduce-scatter of Ψe in every micro-step's backward (partitioned gradients are reduced as produced),
+  and the all-gather once a step;
+- stage 3: a reduce-scatter in every micro-step, and all-gathers of the weights in every micro-step: forward and
+  backward (2Ψe), or once (Ψe) when the whole model fits within stage3_max_live_parameters (default 1e9), whose
+  gathered weights then stay for the backward (measured: bench/results/zero3_checkpointing-vm.md, one all-gather
+  a step under the default limits); checkpointing adds a third when they do not stay.
+Ring times: all-reduce 2(n-1)/n x bytes / B, reduce-scatter and all-gather (n-1)/n x bytes / B, plus a latency
+per hop (2(n-1) and n-1 hops). B is the bus bandwidth: NVLink one way within a node; across nodes the ring's
+traffic leaves each node through its NICs, so B = min(NVLink one way, the node's NIC bandwidth: one NIC per GPU x
+G, or the node's one port), as NCCL's rings over rail-optimised NICs run.
+Overlap (`overlap_comm`, default only at stage 3): a reduction overlaps the backward pass of its micro-step; what
+exceeds that backward is exposed, and at least the last bucket (reduce_bucket_size / Ψ of it) always is. Stage-3
+all-gathers are prefetched behind compute the same way (stage3_prefetch_bucket_size). The stage 1-2 all-gather
+after the optimizer step is never overlapped.
+
+Optimizer step: bytes moved per parameter over HBM bandwidth, on the rank's partition (Ψ/n at stages 1-3, Ψ at 0).
+bigbatch's fused LAMB moves 40 B (bigbatch/optim/kernels.py: 24 + 16), LARS 28 (8 + 20), torch's fused AdamW 28
+(reads g, w, m, v; writes w, m, v). Around it DeepSpeed reads the gradients for the clipping norm (4 B); in 16-bit
+it also copies 16-bit gradients into the fp32 partition (2 + 4 B) and casts the updated masters back (4 + 2 B).
+
+Gradient accumulation: a micro-steps of compute; stage 0-1 communicate once a step, stage 2-3 every micro-step.
+"""
 
 from __future__ import annotations
 

@@ -1,46 +1,11 @@
-"""The step-time model behind `bigbatch plan --gpu NAME`: compute, communication and optimizer time per step, and
-the time to train a recipe's whole schedule.
+"""Step time on a device (`bigbatch plan --gpu NAME`): compute + exposed communication + the optimizer step.
 
-Compute. Model FLOPs are counted matmul by matmul at the real shapes, as Megatron-LM does (Narayanan et al. 2021,
-"Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", appendix: per layer and token a
-forward pass costs 24h^2 + 4sh for a 4h MLP, the logits 2hV; backward twice forward, so training is 3x forward,
-F = 72 B s l h^2 (1 + s/6h + V/12lh)). Generalised here to any MLP width, SwiGLU's three matrices, grouped-query
-k/v widths, and BERT's MLM head, which bigbatch runs only at the masked positions (transform h x h, then decoder
-h x V; `bigbatch.models.build.MaskedLM`). Attention is counted at full s x s (no causal halving), as Megatron-LM and
-PaLM (Chowdhery et al. 2022, appendix B: 6N + 12 l h s per token) both do. Activation checkpointing recomputes every
-layer's forward once more (hardware FLOPs: 4x the layers); MFU counts model FLOPs only (PaLM's definition).
-Time = hardware FLOPs / (dense peak of the precision x efficiency). On a GPU elementwise work is not counted: the
-efficiency factor (bigbatch.plan.hardware, calibrated on published figures) absorbs it. The measured cpu device times
-attention and elementwise passes at their own measured rates instead (`elementwise_passes`).
-
-Communication (DeepSpeed 0.19, checked in its source). Ψ parameters, e bytes per element of the communication
-dtype (DeepSpeed's default `communication_data_type` is the model's: 2 in fp16/bf16, 4 in fp32), n ranks, a
-accumulation steps:
-- stage 0: one all-reduce of Ψe after the step's last backward (engine.allreduce_gradients; not overlapped);
-- stage 1: gradients reduced once a step, in the last micro-step's backward (stage_1_and_2.py
-  reduce_ready_partitions_and_remove_grads: only at the accumulation boundary), as a reduce-scatter
-  (`reduce_scatter`, default true; an all-reduce when false), then an all-gather of Ψe updated weights;
-- stage 2: a reduce-scatter of Ψe in every micro-step's backward (partitioned gradients are reduced as produced),
-  and the all-gather once a step;
-- stage 3: a reduce-scatter in every micro-step, and all-gathers of the weights in every micro-step: forward and
-  backward (2Ψe), or once (Ψe) when the whole model fits within stage3_max_live_parameters (default 1e9), whose
-  gathered weights then stay for the backward (measured: bench/results/zero3_checkpointing-vm.md, one all-gather
-  a step under the default limits); checkpointing adds a third when they do not stay.
-Ring times: all-reduce 2(n-1)/n x bytes / B, reduce-scatter and all-gather (n-1)/n x bytes / B, plus a latency
-per hop (2(n-1) and n-1 hops). B is the bus bandwidth: NVLink one way within a node; across nodes the ring's
-traffic leaves each node through its NICs, so B = min(NVLink one way, the node's NIC bandwidth: one NIC per GPU x
-G, or the node's one port), as NCCL's rings over rail-optimised NICs run.
-Overlap (`overlap_comm`, default only at stage 3): a reduction overlaps the backward pass of its micro-step; what
-exceeds that backward is exposed, and at least the last bucket (reduce_bucket_size / Ψ of it) always is. Stage-3
-all-gathers are prefetched behind compute the same way (stage3_prefetch_bucket_size). The stage 1-2 all-gather
-after the optimizer step is never overlapped.
-
-Optimizer step: bytes moved per parameter over HBM bandwidth, on the rank's partition (Ψ/n at stages 1-3, Ψ at 0).
-bigbatch's fused LAMB moves 40 B (bigbatch/optim/kernels.py: 24 + 16), LARS 28 (8 + 20), torch's fused AdamW 28
-(reads g, w, m, v; writes w, m, v). Around it DeepSpeed reads the gradients for the clipping norm (4 B); in 16-bit
-it also copies 16-bit gradients into the fp32 partition (2 + 4 B) and casts the updated masters back (4 + 2 B).
-
-Gradient accumulation: a micro-steps of compute; stage 0-1 communicate once a step, stage 2-3 every micro-step.
+Compute: model FLOPs counted matmul by matmul (Narayanan et al. 2021, Megatron-LM, appendix; training = 3 x forward;
+attention at full s x s, as PaLM, Chowdhery et al. 2022, appendix B, counts it) over the dense peak x a calibrated
+efficiency; checkpointing adds a forward of every layer. MFU counts model FLOPs only (PaLM's definition).
+Communication: what DeepSpeed 0.19 sends per ZeRO stage, as ring collective times, partly hidden behind the backward
+pass. Optimizer: bytes moved per parameter over HBM bandwidth. The derivation, with the DeepSpeed source it rests on,
+heads tests/test_plan_timing.py.
 """
 
 from __future__ import annotations
@@ -55,7 +20,8 @@ from bigbatch.plan.hardware import Device, Interconnect
 from bigbatch.plan.memory import model_size
 from bigbatch.resolve import ResolvedRun, resolve
 
-# bytes per parameter of the optimizer's own passes (see the module docstring)
+# bytes per parameter of the optimizer's own passes: bigbatch's fused LAMB 24 + 16 and LARS 8 + 20
+# (bigbatch/optim/kernels.py); torch's fused AdamW reads g, w, m, v and writes w, m, v
 OPTIMIZER_BYTES = {"lamb": 40, "lars": 28, "adamw": 28}
 MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters
 INTRA_LATENCY = 2e-6  # seconds per ring hop over NVLink (NCCL's LL protocol: a few microseconds)
@@ -156,18 +122,20 @@ class Comm:
 
 def zero_collectives(stage: int, num_params: int, comm_bytes: int, zero: dict[str, Any],
                      checkpointing: bool) -> Comm:
-    """What DeepSpeed sends per step at `stage` (see the module docstring)."""
+    """What DeepSpeed 0.19 sends per step at `stage`, `comm_bytes` per element (its communication_data_type
+    defaults to the model's dtype). The source each row is read from: tests/test_plan_timing.py."""
     psi = num_params * comm_bytes
     overlap = zero.get("overlap_comm")
     overlap = (stage == 3) if overlap is None else bool(overlap)
     reduce = "reduce_scatter" if zero.get("reduce_scatter", True) else "all_reduce"
-    if stage == 0:
+    if stage == 0:  # one all-reduce after the last backward, not overlapped
         return Comm((), (("all_reduce", psi, False),))
-    if stage == 1:
+    if stage == 1:  # gradients reduced at the accumulation boundary only; the updated weights gathered after the step
         return Comm((), ((reduce, psi, overlap), ("all_gather", psi, False)))
-    if stage == 2:
+    if stage == 2:  # partitioned gradients reduced in every micro-step's backward
         return Comm(((reduce, psi, overlap),), (("all_gather", psi, False),))
-    if stage == 3:
+    if stage == 3:  # weights gathered in every micro-step: once when they all stay live, else forward and backward
+        # (and again for checkpointing's recompute)
         live = int(zero.get("stage3_max_live_parameters", MAX_LIVE_PARAMETERS))
         gathers = 1 if num_params <= live else (3 if checkpointing else 2)
         return Comm((("reduce_scatter", psi, overlap),) + (("all_gather", psi, True),) * gathers, ())
@@ -175,6 +143,9 @@ def zero_collectives(stage: int, num_params: int, comm_bytes: int, zero: dict[st
 
 
 def optimizer_bytes_per_param(optimizer: str, precision: str) -> int:
+    """HBM bytes per parameter of the optimizer step: the optimizer's own passes, DeepSpeed's read of the gradients
+    for the clipping norm (4), and in 16-bit the copy of the gradients into fp32 (2 + 4) and of the masters back (4 +
+    2)."""
     if optimizer not in OPTIMIZER_BYTES:
         raise ConfigError(f"optimizer.type={optimizer!r} has no step-time model; use one of "
                           f"{', '.join(OPTIMIZER_BYTES)}.")
@@ -224,6 +195,8 @@ class Workload:
 
 
 def step_time(w: Workload, cluster: Cluster, seq_len: int, micro_batch: int, grad_accum: int) -> StepTime:
+    """One optimizer step of `grad_accum` micro-batches. A reduction overlaps (`overlap_comm`) the backward pass of
+    its micro-step except its last bucket; what exceeds that backward shows."""
     dev, n = cluster.device, cluster.world
     flops = forward_flops(w.model, w.vocab_size, seq_len, micro_batch, w.mlm_probability)
     rate = dev.peak_flops[w.precision] * dev.efficiency

@@ -63,6 +63,16 @@ def test_read_noise_scale_takes_the_last_logged_value(tmp_path):
         read_noise_scale(str(tmp_path / "missing"))
 
 
+def test_read_noise_scale_names_a_line_that_is_not_json_and_skips_a_torn_last_one(tmp_path):
+    good = json.dumps({"step": 1, "noise_scale": 100.0})
+    (tmp_path / "metrics.jsonl").write_text(f"{good}\n\n{{\"step\": 2, \"lo\n{good}\n")
+    with pytest.raises(ConfigError, match="line 3 of metrics.jsonl is not JSON"):
+        read_noise_scale(str(tmp_path))
+    # a kill mid-write cuts the last line short: the values before it stand (bigbatch.run.metrics.read_metrics)
+    (tmp_path / "metrics.jsonl").write_text(f"{good}\n{{\"step\": 2, \"lo")
+    assert read_noise_scale(str(tmp_path))["noise_scale"] == 100.0
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--gpu", "V100"], "--gpu='V100' is not in the catalogue"),
     (["--interconnect", "myrinet"], "--interconnect='myrinet' is not in the catalogue"),

@@ -20,6 +20,7 @@ from bigbatch.plan.advice import PlanResult, check_world, node_scaling, noise_gr
 from bigbatch.plan.memory import CUDA_ALLOWANCE, GiB
 from bigbatch.plan.timing import Cluster, Estimate, estimate
 from bigbatch.resolve import phase_recipe
+from bigbatch.run.metrics import read_metrics
 
 # the device `bigbatch plan` times on without --gpu: the one the calibration rows ran on
 DEFAULT_GPU = "A100-80GB"
@@ -161,20 +162,19 @@ def parse_nodes(key: str, text: str) -> list[int]:
 
 
 def read_noise_scale(run_dir: str) -> dict[str, Any]:
-    """The last `noise_scale` a run logged in its metrics.jsonl."""
+    """The last `noise_scale` a run logged in its metrics.jsonl (a last line cut short by a kill is left out)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"--noise-scale={run_dir!r} holds no metrics.jsonl; give the directory of a pilot run "
                           "(bigbatch train writes runs/<recipe>-<time>/metrics.jsonl).")
+    try:
+        records = read_metrics(path)
+    except json.JSONDecodeError as err:  # err.doc: the line that does not parse
+        number = path.read_text().splitlines().index(err.doc) + 1
+        raise ConfigError(f"--noise-scale={run_dir!r}: line {number} of metrics.jsonl is not JSON; give a run "
+                          "directory bigbatch train wrote.") from None
     last = None
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise ConfigError(f"--noise-scale={run_dir!r}: line {number} of metrics.jsonl is not JSON; give a run "
-                              "directory bigbatch train wrote.") from None
+    for record in records:
         value = record.get("noise_scale") if isinstance(record, dict) else None
         if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
             last = {"run_dir": str(run_dir), "step": record.get("step"), "noise_scale": float(value)}

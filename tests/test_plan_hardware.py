@@ -1,4 +1,5 @@
-"""bigbatch/plan/hardware.py: the catalogue's sources and fitted factors, its overrides and the cpu probe."""
+"""bigbatch/plan/hardware.py: the catalogue's sources and fitted factors, its overrides, the cpu probe, and the peak
+of a GPU named as CUDA names it."""
 
 from __future__ import annotations
 
@@ -38,3 +39,17 @@ def test_catalogue_efficiencies_are_the_benchmarks_fitted_values():
     assert hardware.DEVICES["A100-80GB"].efficiency == pytest.approx(fitted["A100"], abs=5e-4)
     assert hardware.DEVICES["H100-SXM"].efficiency == pytest.approx(fitted["H100"], abs=5e-4)
     assert hardware.DEVICES["B200"].efficiency == hardware.DEVICES["H100-SXM"].efficiency
+
+
+@pytest.mark.parametrize("name,precision,peak", [
+    # datasheets' dense peaks: A100 312 TFLOPS bf16/fp16 and 19.5 fp32 (its PCIe cards the same), H100 SXM and H200
+    # 989, B200 2,250 a GPU
+    ("NVIDIA H100 80GB HBM3", "bf16", 989e12), ("NVIDIA H100 80GB HBM3", "fp32", 67e12),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312e12), ("NVIDIA A100-SXM4-40GB", "fp32", 19.5e12),
+    ("NVIDIA A100 80GB PCIe", "fp16", 312e12), ("NVIDIA H200", "bf16", 989e12), ("NVIDIA B200", "bf16", 2250e12),
+    # lower peaks than the catalogue's SXM entries, or not in it at all
+    ("NVIDIA H100 PCIe", "bf16", None), ("NVIDIA H100 NVL", "bf16", None), ("NVIDIA H200 NVL", "bf16", None),
+    ("Tesla V100-SXM2-32GB", "fp16", None), ("cpu", "fp32", None), ("", "bf16", None),
+])
+def test_cuda_device_names_find_their_catalogue_peak(name, precision, peak):
+    assert hardware.cuda_peak_flops(name, precision) == peak

@@ -98,6 +98,17 @@ def test_bert_base_flops_per_sequence_written_out():
     assert f.hardware(True) == 4 * 12 * 128 * layer_token + 3 * 19 * head_row
 
 
+def test_model_flops_per_sample_written_out():
+    """What the trainer logs MFU with: GPT-2 small at seq 1024, 3 x (12 layers x (24h^2 + 4sh) + 2hV) per token (the
+    test above); BERT-base at seq 128, 3 x (12 layers x 128 tokens x 14,548,992 + the MLM head's 48,070,656 at each
+    masked row): 19 rows for one sequence, 614 for a micro-batch of 32 (round(0.15 x 4,096)), shared by its 32."""
+    assert timing.model_flops_per_sample(shape("gpt2-124m"), 50257, 1024) == 1024 * 854_470_656 == 874_977_951_744
+    bert = shape("bert-base")
+    assert timing.model_flops_per_sample(bert, 30522, 128) == 3 * (12 * 128 * 14_548_992 + 19 * 48_070_656) \
+        == 69_781_782_528
+    assert timing.model_flops_per_sample(bert, 30522, 128, micro_batch=32) == 69_808_822_272
+
+
 def test_llama_flops_count_grouped_kv_and_swiglu():
     # TinyLlama 1.1B: 32 heads of 64, 4 k/v heads -> k and v 256 wide; SwiGLU three 2048 x 5632 matrices; causal LM
     # head at every position, vocabulary 32,000.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -90,6 +91,21 @@ DEVICES: dict[str, Device] = {
     "B200": _gpu("B200", 2250 * TB, 75 * TB, 8000 * GB, 180, 1800 * GB, "ndr400", B200_DATASHEET),
 }
 DEVICE_NAMES = (*DEVICES, "cpu")
+
+# torch.cuda.get_device_name() of the catalogue's GPUs. The A100's PCIe cards share its SXM peaks (the datasheet's
+# one column of FLOPS); H100 PCIe and NVL and H200 NVL have lower peaks than the SXM entries here, so match none.
+CUDA_NAMES = ((r"A100\b.*\b40GB", "A100-40GB"), (r"A100\b.*\b80GB", "A100-80GB"), (r"H100 80GB HBM3$", "H100-SXM"),
+              (r"H200$", "H200"), (r"B200$", "B200"))
+
+
+def cuda_peak_flops(cuda_name: str, precision: str) -> float | None:
+    """The catalogue's dense peak FLOP/s in `precision` (fp32, fp16, bf16) of the GPU that
+    `torch.cuda.get_device_name()` calls `cuda_name` ("NVIDIA H100 80GB HBM3"); None for any other name, cpu too."""
+    for pattern, name in CUDA_NAMES:
+        if re.search(pattern, cuda_name):
+            return DEVICES[name].peak_flops[precision]
+    return None
+
 
 INTERCONNECTS: dict[str, Interconnect] = {
     "hdr200": Interconnect("hdr200", 200e9 / 8, "gpu", 5e-6,

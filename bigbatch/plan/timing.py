@@ -66,6 +66,13 @@ def forward_flops(model: ModelConfig, vocab_size: int, seq_len: int, micro_batch
     return Flops(float(layers), float(model.num_layers * attention), float(head))
 
 
+def model_flops_per_sample(model: ModelConfig, vocab_size: int, seq_len: int, micro_batch: int = 1,
+                           mlm_probability: float = 0.15) -> float:
+    """Model FLOPs of training on one sequence of `seq_len` (forward and backward, no recompute): the numerator of
+    MFU, as `Estimate.mfu` counts it. A micro-batch of `micro_batch` sequences rounds its masked rows (BERT) once."""
+    return forward_flops(model, vocab_size, seq_len, micro_batch, mlm_probability).model / micro_batch
+
+
 def elementwise_passes(model: ModelConfig, vocab_size: int, seq_len: int, micro_batch: int = 1,
                        mlm_probability: float = 0.15) -> tuple[float, float]:
     """(every layer, the rest): elements written by the forward pass's elementwise ops for one micro-batch, one

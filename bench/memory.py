@@ -7,8 +7,8 @@ layers, sequence 128, micro-batch 4 (about 10M parameters: model states and acti
 through bigbatch.engine.initialize with the shipped ds_configs/ fragments. Measured per rank: the bytes of the
 tensors DeepSpeed holds by category (each storage once), the bytes autograd saves for one micro-batch, the process's
 peak resident memory growth during one step, and step times with and without checkpointing. Beside them, the
-planner's figures (bigbatch/plan.py) for the same model, world, stage and precision, and their ratio; a ratio off by
-more than 15% is flagged and its cause written under the table.
+planner's figures (bigbatch/plan/memory.py) for the same model, world, stage and precision, and their ratio; a ratio
+off by more than 15% is flagged and its cause written under the table.
 
 On the CPU, DeepSpeed's accelerator reports no fp16 support; fp16 runs through the test-only patch of
 tests/workers/ds_configs_matrix.py and its matrix products are emulated, so its timings mean nothing. On CUDA the
@@ -65,7 +65,7 @@ def launch(args: argparse.Namespace, out: Path) -> None:
 
 
 def planner(args: argparse.Namespace, world: int, r: dict[str, Any]) -> dict[str, int]:
-    """bigbatch/plan.py's bytes per rank for the combination `r`; buffers without the fixed CUDA allowance."""
+    """bigbatch/plan/memory.py's bytes per rank for the combination `r`; buffers without the fixed CUDA allowance."""
     recipe = load_recipe("tiny", model_overrides(args))
     num_params, largest, attention = model_size(recipe.model, args.vocab)
     stage, precision, ckpt = r["stage"], r["precision"], r["checkpointing"]
@@ -275,7 +275,7 @@ def report(args: argparse.Namespace, data: dict[str, Any], load: tuple[float, fl
         "",
         "Activations: bytes autograd saves for one micro-batch (saved-tensor hooks, each storage once, parameters "
         "left out; with checkpointing, the kept layer inputs + the largest one-layer recomputation of the backward "
-        "pass, as tests/test_plan.py counts them; the measured step switches transformers' checkpointing to "
+        "pass, as tests/test_plan_memory.py counts them; the measured step switches transformers' checkpointing to "
         "reentrant so that the hooks see both, the same memory). Step time: on the checkpointing engine, steps with "
         "checkpointing on and off in turn (others' work on a shared machine drifts over minutes; neighbouring steps "
         "share it), medians over the pairs of the slower rank's step, of each pair's ratio and of its extra "

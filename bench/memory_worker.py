@@ -12,7 +12,7 @@ it on and off. The measured step records
   optimizer's state tensors, and everything else the wrapper holds (its buckets); gradients and buckets are also
   sampled at every gradient accumulation of the backward, where the transient ones live;
 - the bytes autograd saves for one micro-batch (saved-tensor hooks; with checkpointing, plus the largest one-layer
-  recomputation of the backward pass, as tests/test_plan.py counts them);
+  recomputation of the backward pass, as tests/test_plan_memory.py counts them);
 - the process's peak resident memory growth during the step (VmHWM reset through /proc/self/clear_refs).
 The profiled step records the most a plain step allocates on top of what is held: torch.profiler's memory events on
 the CPU, torch.cuda.max_memory_allocated on CUDA.
@@ -61,7 +61,8 @@ def model_overrides(args: argparse.Namespace) -> dict[str, str]:
 
 
 def batch(args: argparse.Namespace, step: int, rank: int) -> tuple[torch.Tensor, ...]:
-    """Exactly round(15%) masked positions, as the planner assumes (tests/test_plan.py builds its batches alike)."""
+    """Exactly round(15%) masked positions, as the planner assumes (tests/test_plan_memory.py builds its batches
+    alike)."""
     g = torch.Generator().manual_seed(1000 * step + rank)
     ids = torch.randint(5, args.vocab, (args.micro, args.seq), generator=g)
     labels = torch.full_like(ids, -100).view(-1)

@@ -3,7 +3,7 @@
 Each row runs a shipped recipe, with overrides for the published model and batch, through bigbatch.plan.timing on the
 published cluster, and divides the prediction by the published figure. The efficiency factor of each GPU is fitted
 here on the rows marked `calibrate` (the geometric mean of their ratios set to 1) and every other row is held out;
-bigbatch/hardware.py carries the fitted values, and this script says whether they still agree. No GPU is needed.
+bigbatch/plan/hardware.py carries the fitted values, and this script says whether they still agree. No GPU is needed.
 
     .venv/bin/python bench/plan_vs_published.py
 """
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bigbatch.config.files import load_recipe  # noqa: E402
 from bigbatch.plan import hardware, timing  # noqa: E402
+from bigbatch.plan.advice import mccandlish_samples  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NVIDIA = ("NVIDIA DeepLearningExamples, PyTorch/LanguageModeling/BERT README (21.11 container): BERT-large "
@@ -142,7 +143,7 @@ def main() -> None:
         "",
         "Efficiency factors fitted here on the `calibrate` rows (geometric mean of their ratios = 1): "
         + ", ".join(f"{fam} {eff:.3f}" for fam, eff in fitted.items())
-        + f"; in bigbatch/hardware.py: A100 {hardware.DEVICES['A100-80GB'].efficiency:.3f}, H100 "
+        + f"; in bigbatch/plan/hardware.py: A100 {hardware.DEVICES['A100-80GB'].efficiency:.3f}, H100 "
           f"{hardware.DEVICES['H100-SXM'].efficiency:.3f}. H200 and B200 carry H100's factor (nothing published "
           "calibrates them). Every other row is held out.",
         "",
@@ -183,7 +184,7 @@ def main() -> None:
               "|---|---:|---:|---:|---:|"]
     for k in knee:
         lines.append(f"| {k['method']} | {k['noise_scale']:.0f} | {k['knee']:.0f} | {k['ratio']:.2f} | "
-                     f"{timing.mccandlish_samples(1, k['noise_scale'], k['knee']):.2f} |")
+                     f"{mccandlish_samples(1, k['noise_scale'], k['knee']):.2f} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "plan_vs_published.md").write_text("\n".join(lines) + "\n")
     figures = {"fitted": fitted, "rows": out, "knee": knee}

@@ -29,7 +29,7 @@ def _lazy(module: str, name: str) -> Callable[[list[str]], int]:
 COMMANDS = {
     "train": _lazy("bigbatch.run.command", "cmd_train"),
     "check": _lazy("bigbatch.check.command", "cmd_check"),
-    "plan": _lazy("bigbatch.plan.memory", "cmd_plan"),
+    "plan": _lazy("bigbatch.plan.command", "cmd_plan"),
     "sweep": _lazy("bigbatch.run.sweep", "cmd_sweep"),
     "tokenizer": _lazy("bigbatch.data.tokenizer", "cmd_tokenizer"),
     "export": _lazy("bigbatch.run.export", "cmd_export"),

@@ -9,7 +9,8 @@ import pytest
 
 from bigbatch.cli import main
 from bigbatch.config.files import load_recipe
-from bigbatch.plan.memory import parse_memory, plan
+from bigbatch.plan.advice import plan
+from bigbatch.plan.command import parse_memory
 from bigbatch.resolve import phase_recipe, resolve
 
 

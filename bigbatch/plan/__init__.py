@@ -1,2 +1,4 @@
-"""`bigbatch plan`: memory per GPU for each ZeRO stage and precision (memory), step time and time to train (timing),
-the device and interconnect catalogue (hardware)."""
+"""`bigbatch plan`, in layers that import only downwards: hardware (the device and interconnect catalogue, the cpu
+probe) < memory (bytes per GPU for each ZeRO stage and precision) < timing (FLOPs, communication, step time, time to
+train) < advice (the largest micro-batch that fits, node scaling, the noise-scale grid) < command (the command line
+and its reports)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -91,6 +92,21 @@ DEVICES: dict[str, Device] = {
 }
 DEVICE_NAMES = (*DEVICES, "cpu")
 
+# torch.cuda.get_device_name() of the catalogue's GPUs. The A100's PCIe cards share its SXM peaks (the datasheet's
+# one column of FLOPS); H100 PCIe and NVL and H200 NVL have lower peaks than the SXM entries here, so match none.
+CUDA_NAMES = ((r"A100\b.*\b40GB", "A100-40GB"), (r"A100\b.*\b80GB", "A100-80GB"), (r"H100 80GB HBM3$", "H100-SXM"),
+              (r"H200$", "H200"), (r"B200$", "B200"))
+
+
+def cuda_peak_flops(cuda_name: str, precision: str) -> float | None:
+    """The catalogue's dense peak FLOP/s in `precision` (fp32, fp16, bf16) of the GPU that
+    `torch.cuda.get_device_name()` calls `cuda_name` ("NVIDIA H100 80GB HBM3"); None for any other name, cpu too."""
+    for pattern, name in CUDA_NAMES:
+        if re.search(pattern, cuda_name):
+            return DEVICES[name].peak_flops[precision]
+    return None
+
+
 INTERCONNECTS: dict[str, Interconnect] = {
     "hdr200": Interconnect("hdr200", 200e9 / 8, "gpu", 5e-6,
                            "NVIDIA DGX A100 datasheet: 8x single-port ConnectX-6 VPI, 200 Gb/s HDR InfiniBand, one "
@@ -108,6 +124,7 @@ INTERCONNECTS: dict[str, Interconnect] = {
 
 
 def lookup(kind: str, name: str, table: dict) -> object:
+    """`table[name]`; ConfigError naming the flag `kind`, the closest name and every choice otherwise."""
     if name not in table:
         hint = difflib.get_close_matches(name, table, n=1, cutoff=0.4)
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
@@ -212,7 +229,8 @@ def cpu_device(probe: CpuProbe, memory_bytes: int) -> Device:
                   attention_flops=probe.attention_flops, elementwise_s=probe.elementwise_s)
 
 
-def measure_cpu(ranks_per_node: int, shapes: CpuShapes = CpuShapes(), probe_fn=probe_cpu) -> Device:
+def measure_cpu(ranks_per_node: int, shapes: CpuShapes = CpuShapes(),
+                probe_fn: Callable[..., CpuProbe] = probe_cpu) -> Device:
     """The `cpu` device measured on the spot for `ranks_per_node` ranks sharing this machine's cores."""
     cores = os.cpu_count() or 1
     threads = max(1, cores // ranks_per_node)
@@ -245,6 +263,7 @@ def device(name: str, ranks_per_node: int = 1, *, peak_tflops: float | None = No
 
 
 def interconnect(name: str, inter_node_gbps: float | None = None) -> Interconnect:
+    """A catalogue network, its bandwidth replaced by --inter-node-bandwidth when given."""
     net = lookup("--interconnect", name, INTERCONNECTS)
     if inter_node_gbps is not None:
         if not inter_node_gbps > 0:

@@ -1,24 +1,17 @@
-"""The memory planner: `bigbatch plan <recipe> --nodes N --gpus-per-node G --gpu-memory 80GB`.
-
-Bytes per GPU = model states (parameters, gradients, optimizer states, split by the ZeRO stage) + the activations
+"""Memory per GPU: model states (parameters, gradients, optimizer states, split by the ZeRO stage) + the activations
 of one micro-batch + DeepSpeed's communication buckets + a fixed CUDA allowance. Every count is per GPU.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import dataclasses
-import json
-import re
-import sys
+import functools
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from bigbatch.config import ConfigError, ModelConfig, Recipe
-from bigbatch.config.files import load_recipe
-from bigbatch.config.overrides import parse_override_args
-from bigbatch.models.build import padded_vocab
+from bigbatch.models.build import build_model, padded_vocab
 
 STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -33,15 +26,6 @@ MOMENTS = {"adamw": 2, "lamb": 2, "lars": 1}
 # Llama's SwiGLU `silu(gate(x)) * up(x)`: `silu` (one ATen op) saves its input, the gate output, and the product saves
 # both factors, silu(gate) and up(x). The second Linear's input (the product) is counted apart.
 ACT_SAVES = {"bert": 1, "gpt2": 4, "llama": 3}
-
-
-def parse_memory(text: str) -> int:
-    """`80GB` (10^9 bytes), `80GiB` (2^30 bytes) or `80` (GiB) -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(gb|gib)?\s*", text, re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
-        raise ConfigError(f"--gpu-memory={text!r} is not a positive memory size; write it as 80GB, 80GiB or 80 (GiB).")
-    unit = 10**9 if (match.group(2) or "").lower() == "gb" else GiB
-    return int(float(match.group(1)) * unit)
 
 
 def _element_bytes(precision: str) -> int:
@@ -108,15 +92,15 @@ def activation_bytes(model_cfg: ModelConfig, vocab_size: int, seq_len: int, micr
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1) count
     s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit. The terms below are theirs, checked against what bigbatch's
-    BERT, GPT-2 and Llama (transformers 5) really save (tests/test_plan.py counts it with saved_tensors_hooks); sizes
-    of ops that keep fp32 whatever the precision (LayerNorm statistics, RMSNorm's upcast input, log-sum-exp, the loss)
-    stay fp32. With checkpointing (transformers' per-layer recomputation) a layer keeps only its input, and one layer
-    at a time is recomputed in full during the backward pass.
+    BERT, GPT-2 and Llama (transformers 5) really save (tests/test_plan_memory.py counts it with
+    saved_tensors_hooks); sizes of ops that keep fp32 whatever the precision (LayerNorm statistics, RMSNorm's upcast
+    input, log-sum-exp, the loss) stay fp32. With checkpointing (transformers' per-layer recomputation) a layer keeps
+    only its input, and one layer at a time is recomputed in full during the backward pass.
     """
     if attention not in ("sdpa", "flash_attention_2", "eager"):
         raise ConfigError(f"attention {attention!r} is not one of sdpa, flash_attention_2, eager.")
     e = _element_bytes(precision)
-    s, b, h, a = seq_len, micro_batch, model_cfg.hidden_size, model_cfg.num_heads
+    s, b, h = seq_len, micro_batch, model_cfg.hidden_size
     t = s * b  # tokens in the micro-batch
     vocab = padded_vocab(vocab_size, model_cfg.pad_vocab_to_multiple)
     arch = model_cfg.arch
@@ -124,70 +108,73 @@ def activation_bytes(model_cfg: ModelConfig, vocab_size: int, seq_len: int, micr
         raise ConfigError(f"model.arch={arch!r} is not one of {', '.join(ACT_SAVES)}.")
     ffn = t * model_cfg.intermediate_size * e * (ACT_SAVES[arch] + 1)  # activation + 2nd Linear input
     backend = sdpa_backend(model_cfg, precision, attention)
-    L = model_cfg.num_layers
-
     if arch == "llama":
-        # No hidden dropout in Llama: `dropout` is only its attention_dropout, on the probabilities.
-        dropout = model_cfg.dropout > 0
-        h_kv = h // a * (model_cfg.num_kv_heads or a)  # k and v width: num_kv_heads heads of h / a
-        # LlamaRMSNorm: `x.to(float32)` is saved by pow and by the multiply with rsqrt, 4 bytes whatever the precision
-        # (in 16-bit a new fp32 copy; in fp32 the residual stream itself, which nothing else keeps); the fp32 rsqrt per
-        # token; the normalised x cast back to the model's dtype, kept by `weight * x`; then its output, kept by the
-        # Linear(s) it feeds (q/k/v, gate/up, or lm_head).
-        rms = 4 * t * h + 4 * t + 2 * t * h * e
-
-        def layer() -> int:
-            n = 2 * rms  # input_layernorm and post_attention_layernorm
-            # Rotary embeddings: q*cos + rotate_half(q)*sin saves only cos and sin (they need no gradient), so q and k
-            # before rotation are not kept; cos and sin are one (1, s, head_dim) pair shared by all layers (below).
-            if backend == "fused":  # q (rotated), k (rotated) and v with num_kv_heads heads (enable_gqa: no copies),
-                # the output (o_proj's input is the same storage), fp32 log-sum-exp per head and token
-                n += t * (2 * h + 2 * h_kv) * e + 4 * a * t
-            else:  # k and v repeated to all heads (eager: repeat_kv; math: repeat_interleave) and kept by q @ k^T and
-                # probs @ v, q (math: scaled by sqrt(scale), a copy), and o_proj's input (transpose().contiguous())
-                n += 4 * t * h * e
-                if backend == "eager":  # softmax(dtype=float32) keeps its fp32 result; in 16-bit its cast copy is
-                    # kept by probs @ v, unless dropout's output is kept instead (then a 1-byte mask, CUDA)
-                    probs = 4 + (e if e != 4 or dropout else 0) + (1 if dropout else 0)
-                else:  # math (fp32 only): _safe_softmax's result, kept by probs @ v too; dropout mask and output
-                    probs = e + (1 + e if dropout else 0)
-                n += a * s * s * b * probs
-            return n + ffn  # SwiGLU: gate output, silu(gate), up output, and the product (down_proj's input)
-
-        embeddings = 8 * t + 2 * s * (h // a) * e  # int64 token ids for the embedding backward; rotary cos and sin
-        head = rms + 4 * t * vocab + 8 * t  # final norm; fp32 log-probabilities (the loss upcasts); int64 labels
+        embeddings, layer, head = _llama_parts(model_cfg, s, b, e, vocab, backend)
     else:
-        gpt = arch == "gpt2"
-        ln = 8 * t  # per LayerNorm: fp32 mean and rstd per token
-        mask = t * h if model_cfg.dropout > 0 else 0  # per dropout: CUDA's native_dropout keeps a 1-byte mask
-
-        def layer() -> int:
-            n = 8 * t * h * e  # Korthikanti's 5 (attention input, q, k, v, output) + 1 (MLP input) + 2 (LN inputs):
-            # BERT (post-LN): input, q, k, v, attention output, LN1 input, LN1 output, LN2 input;
-            # GPT-2 (pre-LN): input, ln_1 output, q, k, v (views of one qkv tensor), attention output, ln_2 in and out.
-            n += ffn
-            n += 2 * ln + 2 * mask  # two LayerNorms; dropout after the attention projection and after the MLP
-            if backend == "eager":  # Korthikanti's 5*a*s^2*b: softmax output, then dropout mask and dropped probs
-                n += a * s * s * b * (e + (1 + e if mask else 0))
-            else:  # fused kernels recompute the probabilities (and their dropout mask, from the RNG seed) in backward
-                n += 4 * a * t  # fp32 log-sum-exp per head and token
-            return n
-
-        embeddings = 8 * (t + s) + mask  # int64 token and position ids for the embedding backward; embedding dropout
-        if gpt:  # ln_f input and output and its statistics, fp32 log-probabilities at every position, int64 labels
-            head = 2 * t * h * e + ln + 4 * t * vocab + 8 * t
-        else:
-            embeddings += t * h * e + ln  # BERT's embedding LayerNorm
-            # MaskedLM keeps a bool mask to gather the masked rows, then per row: 4 hidden-sized inputs (transform
-            # Linear, GELU, LayerNorm, decoder), LayerNorm statistics, fp32 log-probabilities (the loss upcasts), an
-            # int64 label.
-            m = round(mlm_probability * t)
-            head = t + m * (4 * h * e + 8 + 4 * vocab + 8)
-    if checkpointing:
-        layers = L * t * h * e + layer()
-    else:
-        layers = L * layer()
+        embeddings, layer, head = _bert_gpt2_parts(model_cfg, s, b, e, vocab, backend, mlm_probability)
+    layer += ffn
+    layers = model_cfg.num_layers * t * h * e + layer if checkpointing else model_cfg.num_layers * layer
     return embeddings + layers + head
+
+
+def _llama_parts(model_cfg: ModelConfig, s: int, b: int, e: int, vocab: int, backend: str) -> tuple[int, int, int]:
+    """Llama's (embeddings, one layer without its MLP, head) for `activation_bytes`."""
+    t, h, a = s * b, model_cfg.hidden_size, model_cfg.num_heads
+    # No hidden dropout in Llama: `dropout` is only its attention_dropout, on the probabilities.
+    dropout = model_cfg.dropout > 0
+    h_kv = h // a * (model_cfg.num_kv_heads or a)  # k and v width: num_kv_heads heads of h / a
+    # LlamaRMSNorm: `x.to(float32)` is saved by pow and by the multiply with rsqrt, 4 bytes whatever the precision
+    # (in 16-bit a new fp32 copy; in fp32 the residual stream itself, which nothing else keeps); the fp32 rsqrt per
+    # token; the normalised x cast back to the model's dtype, kept by `weight * x`; then its output, kept by the
+    # Linear(s) it feeds (q/k/v, gate/up, or lm_head).
+    rms = 4 * t * h + 4 * t + 2 * t * h * e
+    layer = 2 * rms  # input_layernorm and post_attention_layernorm
+    # Rotary embeddings: q*cos + rotate_half(q)*sin saves only cos and sin (they need no gradient), so q and k
+    # before rotation are not kept; cos and sin are one (1, s, head_dim) pair shared by all layers (below).
+    if backend == "fused":  # q (rotated), k (rotated) and v with num_kv_heads heads (enable_gqa: no copies),
+        # the output (o_proj's input is the same storage), fp32 log-sum-exp per head and token
+        layer += t * (2 * h + 2 * h_kv) * e + 4 * a * t
+    else:  # k and v repeated to all heads (eager: repeat_kv; math: repeat_interleave) and kept by q @ k^T and
+        # probs @ v, q (math: scaled by sqrt(scale), a copy), and o_proj's input (transpose().contiguous())
+        layer += 4 * t * h * e
+        if backend == "eager":  # softmax(dtype=float32) keeps its fp32 result; in 16-bit its cast copy is
+            # kept by probs @ v, unless dropout's output is kept instead (then a 1-byte mask, CUDA)
+            probs = 4 + (e if e != 4 or dropout else 0) + (1 if dropout else 0)
+        else:  # math (fp32 only): _safe_softmax's result, kept by probs @ v too; dropout mask and output
+            probs = e + (1 + e if dropout else 0)
+        layer += a * s * s * b * probs
+    # the MLP (added by the caller), SwiGLU: gate output, silu(gate), up output, and the product (down_proj's input)
+    embeddings = 8 * t + 2 * s * (h // a) * e  # int64 token ids for the embedding backward; rotary cos and sin
+    head = rms + 4 * t * vocab + 8 * t  # final norm; fp32 log-probabilities (the loss upcasts); int64 labels
+    return embeddings, layer, head
+
+
+def _bert_gpt2_parts(model_cfg: ModelConfig, s: int, b: int, e: int, vocab: int, backend: str,
+                     mlm_probability: float) -> tuple[int, int, int]:
+    """BERT's or GPT-2's (embeddings, one layer without its MLP, head) for `activation_bytes`."""
+    t, h, a = s * b, model_cfg.hidden_size, model_cfg.num_heads
+    ln = 8 * t  # per LayerNorm: fp32 mean and rstd per token
+    mask = t * h if model_cfg.dropout > 0 else 0  # per dropout: CUDA's native_dropout keeps a 1-byte mask
+    layer = 8 * t * h * e  # Korthikanti's 5 (attention input, q, k, v, output) + 1 (MLP input) + 2 (LN inputs):
+    # BERT (post-LN): input, q, k, v, attention output, LN1 input, LN1 output, LN2 input;
+    # GPT-2 (pre-LN): input, ln_1 output, q, k, v (views of one qkv tensor), attention output, ln_2 in and out.
+    layer += 2 * ln + 2 * mask  # two LayerNorms; dropout after the attention projection and after the MLP
+    if backend == "eager":  # Korthikanti's 5*a*s^2*b: softmax output, then dropout mask and dropped probs
+        layer += a * s * s * b * (e + (1 + e if mask else 0))
+    else:  # fused kernels recompute the probabilities (and their dropout mask, from the RNG seed) in backward
+        layer += 4 * a * t  # fp32 log-sum-exp per head and token
+    embeddings = 8 * (t + s) + mask  # int64 token and position ids for the embedding backward; embedding dropout
+    if model_cfg.arch == "gpt2":  # ln_f input and output and its statistics, fp32 log-probabilities at every
+        # position, int64 labels
+        head = 2 * t * h * e + ln + 4 * t * vocab + 8 * t
+    else:
+        embeddings += t * h * e + ln  # BERT's embedding LayerNorm
+        # MaskedLM keeps a bool mask to gather the masked rows, then per row: 4 hidden-sized inputs (transform
+        # Linear, GELU, LayerNorm, decoder), LayerNorm statistics, fp32 log-probabilities (the loss upcasts), an
+        # int64 label.
+        m = round(mlm_probability * t)
+        head = t + m * (4 * h * e + 8 + 4 * vocab + 8)
+    return embeddings, layer, head
 
 
 def logits_grad_bytes(model_cfg: ModelConfig, vocab_size: int, seq_len: int, micro_batch: int,
@@ -219,13 +206,10 @@ def buffer_bytes(zero_section: dict[str, Any], stage: int, precision: str, num_p
     return buckets * e + CUDA_ALLOWANCE
 
 
+@functools.cache  # the planner asks again for every phase, node count and batch; a build takes a second
 def model_size(model_cfg: ModelConfig, vocab_size: int) -> tuple[int, int, str]:
     """(parameters, largest layer's parameters, attention implementation) of the recipe's model, built on the meta
     device so no memory is allocated. Tied embeddings count once."""
-    import torch
-
-    from bigbatch.models.build import build_model
-
     with torch.device("meta"):
         model = build_model(model_cfg, vocab_size, pad_id=0)
     total = sum(p.numel() for p in model.parameters())
@@ -235,6 +219,8 @@ def model_size(model_cfg: ModelConfig, vocab_size: int) -> tuple[int, int, str]:
 
 @dataclass(frozen=True)
 class Row:
+    """Bytes per GPU at one ZeRO stage and precision, and whether they fit."""
+
     stage: int
     precision: str
     params: int
@@ -247,249 +233,24 @@ class Row:
 
 
 @dataclass(frozen=True)
-class PlanResult:
-    recipe: str
+class Footprint:
+    """What a recipe's first phase needs per GPU on `world` GPUs of `gpu_memory` bytes, at any stage, precision,
+    micro-batch and checkpointing; `zero`: the resolved DeepSpeed JSON's zero_optimization section."""
+
+    recipe: Recipe
     world: int
+    zero: dict[str, Any]
     gpu_memory: int
-    num_params: int
-    stage: int  # the recipe's own, from its deepspeed.configs
-    precision: str
-    checkpointing: bool
-    global_batch: int
-    micro_batch: int  # the recipe's; the table is at this micro-batch
-    batch_error: str  # why the recipe's batch does not solve on `world`; empty when it does
-    rows: tuple[Row, ...]
-    largest_fitting: int  # 0: not even micro-batch 1 fits
-    largest_valid: int  # the largest fitting micro-batch that also divides the global batch; 0: none
-    largest_other_checkpointing: int  # the largest fitting micro-batch with checkpointing switched the other way
 
-    @property
-    def own(self) -> Row:
-        return next(r for r in self.rows if (r.stage, r.precision) == (self.stage, self.precision))
-
-    @property
-    def fits(self) -> bool:
-        return self.own.fits and not self.batch_error
-
-
-def plan(recipe: Recipe, nodes: int, gpus_per_node: int, gpu_memory_bytes: int) -> PlanResult:
-    """The memory table of `recipe` on nodes x gpus_per_node GPUs of `gpu_memory_bytes` each."""
-    from bigbatch.config import dsconfig
-    from bigbatch.config.schedule import BatchPlan, scaled_lr, solve_batch
-    from bigbatch.resolve import DeepSpeedView
-
-    for key, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be at least 1; give the number of machines and GPUs per machine.")
-    world = nodes * gpus_per_node
-    batch = recipe.batch
-    try:
-        batch_plan, batch_error = solve_batch(batch.global_batch, world, batch.micro_batch, batch.grad_accum), ""
-    except ConfigError as err:
-        micro = batch.micro_batch or max(batch.global_batch // (world * max(batch.grad_accum, 1)), 1)
-        # still tabulated at the recipe's micro-batch; only the fragments of the JSON built from this plan are read
-        batch_plan, batch_error = BatchPlan(micro * world, micro, 1, world), str(err)
-    # not resolve(): the table is drawn even when the batch does not solve, at the recipe's micro-batch
-    ds = DeepSpeedView.of(dsconfig.build(recipe, batch_plan, scaled_lr(recipe.optimizer, batch.global_batch)[0]))
-    zero_section, own_stage, own_precision, checkpointing = ds.zero, ds.stage, ds.precision, ds.checkpointing
-    num_params, largest_layer, attention = model_size(recipe.model, recipe.data.vocab_size)
-    optimizer = recipe.optimizer.type.lower()
-
-    def row(stage: int, precision: str, micro: int, ckpt: bool) -> Row:
-        states = model_state_bytes(num_params, stage, precision, optimizer, world, largest_layer)
-        acts = (activation_bytes(recipe.model, recipe.data.vocab_size, recipe.data.seq_len, micro, precision, ckpt,
-                                 attention, recipe.data.mlm_probability)
-                + logits_grad_bytes(recipe.model, recipe.data.vocab_size, recipe.data.seq_len, micro,
-                                    recipe.data.mlm_probability))
-        buffers = buffer_bytes(zero_section, stage, precision, num_params)
+    def row(self, stage: int, precision: str, micro_batch: int, checkpointing: bool) -> Row:
+        """Bytes per GPU at `stage` and `precision`, `micro_batch` sequences a micro-step."""
+        r, d = self.recipe, self.recipe.data
+        num_params, largest_layer, attention = model_size(r.model, d.vocab_size)
+        states = model_state_bytes(num_params, stage, precision, r.optimizer.type.lower(), self.world, largest_layer)
+        acts = (activation_bytes(r.model, d.vocab_size, d.seq_len, micro_batch, precision, checkpointing, attention,
+                                 d.mlm_probability)
+                + logits_grad_bytes(r.model, d.vocab_size, d.seq_len, micro_batch, d.mlm_probability))
+        buffers = buffer_bytes(self.zero, stage, precision, num_params)
         total = sum(states.values()) + acts + buffers
         return Row(stage, precision, states["params"], states["grads"], states["optimizer"], acts, buffers, total,
-                   total <= gpu_memory_bytes)
-
-    def largest(ckpt: bool) -> int:  # activations grow with the micro-batch: bisect on [1, global / world]
-        lo, hi = 0, max(batch.global_batch // world, 1)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if row(own_stage, own_precision, mid, ckpt).fits else (lo, mid - 1)
-        return lo
-
-    def divides(micro: int) -> bool:
-        try:
-            solve_batch(batch.global_batch, world, micro_batch=micro)
-            return True
-        except ConfigError:
-            return False
-
-    rows = tuple(row(st, pr, batch_plan.micro_batch, checkpointing) for st in STAGES for pr in PRECISIONS)
-    fitting = largest(checkpointing)
-    valid = next((m for m in range(fitting, 0, -1) if divides(m)), 0)
-    return PlanResult(recipe.name, world, gpu_memory_bytes, num_params, own_stage, own_precision, checkpointing,
-                      batch.global_batch, batch_plan.micro_batch, batch_error, rows, fitting, valid,
-                      largest(not checkpointing))
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
-def report(result: PlanResult) -> str:
-    """The table, then what it means for the recipe as written."""
-    r = result
-    head = ("", "stage", "precision", "params", "grads", "optimizer", "activations", "buffers", "total", "fits")
-    lines = [head]
-    for row in r.rows:
-        mark = "*" if (row.stage, row.precision) == (r.stage, r.precision) else ""
-        lines.append((mark, str(row.stage), row.precision, _size(row.params), _size(row.grads), _size(row.optimizer),
-                      _size(row.activations), _size(row.buffers), _size(row.total), "yes" if row.fits else "no"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    table = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
-    ckpt = "with" if r.checkpointing else "without"
-    setting = f"ZeRO-{r.stage} {r.precision} {ckpt} activation checkpointing"
-    out = [f"{r.recipe}: {r.num_params / 1e6:.2f}M parameters on {r.world} GPUs of {_size(r.gpu_memory)}; "
-           f"micro-batch {r.micro_batch}, {_size(CUDA_ALLOWANCE)} of buffers are a fixed CUDA allowance "
-           f"(* = the recipe's own stage and precision).", *table, ""]
-    own = r.own
-    if r.batch_error:
-        out.append(f"{r.recipe} does not run as written on {r.world} GPUs: {r.batch_error}")
-    elif own.fits:
-        out.append(f"{r.recipe} fits as written: {setting} at micro-batch {r.micro_batch} needs {_size(own.total)} "
-                   f"of {_size(r.gpu_memory)} per GPU.")
-    else:
-        out.append(f"{r.recipe} does not fit as written: {setting} at micro-batch {r.micro_batch} needs "
-                   f"{_size(own.total)} per GPU, more than the {_size(r.gpu_memory)} given.")
-
-    def capped(micro: int) -> str:
-        whole = micro == max(r.global_batch // r.world, 1)
-        return f"{micro} (global batch / GPUs: no accumulation)" if whole else str(micro)
-
-    largest = f"The largest micro-batch that fits with {setting} is {capped(r.largest_fitting)}"
-    if not r.largest_fitting:
-        out.append(f"Not even micro-batch 1 fits with {setting}; pick a higher ZeRO stage, 16-bit precision, "
-                   "activation checkpointing or more GPUs.")
-    elif r.largest_valid == r.largest_fitting:
-        out.append(f"{largest}, and it divides the global batch {r.global_batch} on {r.world} GPUs.")
-    else:
-        valid = (f"the largest that does is {r.largest_valid} (--batch.micro_batch={r.largest_valid})"
-                 if r.largest_valid else "no micro-batch that fits does")
-        out.append(f"{largest}, but it does not divide the global batch {r.global_batch} on {r.world} GPUs; {valid}.")
-    other = "without" if r.checkpointing else "with"
-    out.append(f"{other.capitalize()} activation checkpointing the largest micro-batch that fits would be "
-               f"{capped(r.largest_other_checkpointing)}.")
-    return "\n".join(out)
-
-
-def cmd_plan(args: list[str]) -> int:
-    """`bigbatch plan`: memory per phase, then time per phase on the named device (bigbatch.plan.timing); 0 when every
-    phase fits as written, 1 when one does not."""
-    from bigbatch.plan import hardware
-
-    overrides, rest = parse_override_args(args)
-    parser = argparse.ArgumentParser(
-        prog="bigbatch plan",
-        description="Memory per GPU of a recipe for each ZeRO stage and precision, and the largest micro-batch "
-                    "that fits; then step time, throughput, MFU and time to train on a device from the catalogue. "
-                    "Override any recipe key as --section.key=value.")
-    parser.add_argument("recipe", help="a shipped recipe name (tiny, ...), a recipes/*.py path, or a run's recipe.json")
-    parser.add_argument("--nodes", type=int, default=None, help="default: the recipe's cluster.nodes")
-    parser.add_argument("--gpus-per-node", type=int, default=None, help="default: the recipe's cluster.gpus_per_node")
-    parser.add_argument("--gpu-memory", default=None,
-                        help="per GPU: 80GB (10^9 bytes), 80GiB or 80 (GiB); default: the --gpu's memory when --gpu "
-                             "is given, else the recipe's cluster.gpu_memory")
-    parser.add_argument("--gpu", default=None, help=f"one of {', '.join(hardware.DEVICE_NAMES)} (cpu is measured "
-                        f"now); default {DEFAULT_GPU}")
-    parser.add_argument("--interconnect", default=None,
-                        help=f"between nodes: one of {', '.join(hardware.INTERCONNECTS)}; default: the GPU's")
-    parser.add_argument("--efficiency", type=float, default=None,
-                        help="share of the dense peak the matmuls reach; default: the catalogue's calibrated factor")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="override the device's dense peak")
-    parser.add_argument("--memory-bandwidth", type=float, default=None, help="override HBM bandwidth, GB/s")
-    parser.add_argument("--intra-node-bandwidth", type=float, default=None,
-                        help="override NVLink bandwidth one way per GPU, GB/s")
-    parser.add_argument("--inter-node-bandwidth", type=float, default=None,
-                        help="override the network's bandwidth one way (per GPU or per node, as the entry), GB/s")
-    parser.add_argument("--scan-nodes", default=None, help="comma-separated node counts: adds a scaling table")
-    parser.add_argument("--noise-scale", default=None, metavar="RUN_DIR",
-                        help="a pilot run whose metrics.jsonl logged noise_scale: time and GPU-hours over a grid of "
-                             "global batches x node counts (McCandlish et al. 2018)")
-    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    known, unknown = parser.parse_known_args(rest)
-    if unknown:
-        raise ConfigError(f"unknown argument {unknown[0]!r}; recipe keys look like --batch.global_batch=8192, "
-                          "see `bigbatch plan --help`.")
-    if known.json:  # stdout carries the JSON alone: DeepSpeed's import-time warning goes to stderr
-        with contextlib.redirect_stdout(sys.stderr):
-            out, fits = _plan_and_time(known, overrides)
-        print(json.dumps(out, indent=1))
-        return 0 if fits else 1
-    out, fits = _plan_and_time(known, overrides)
-    print(out["text"])
-    return 0 if fits else 1
-
-
-def _plan_and_time(known: argparse.Namespace, overrides: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    from bigbatch.plan import hardware, timing
-    from bigbatch.resolve import phase_recipe
-
-    recipe = load_recipe(known.recipe, overrides)
-    c = recipe.cluster  # the cluster the recipe was planned for, unless the flags name another
-    nodes, per_node = known.nodes or c.nodes, known.gpus_per_node or c.gpus_per_node
-    for key, value in (("--nodes", nodes), ("--gpus-per-node", per_node)):
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be at least 1; give the number of machines and GPUs per machine.")
-    scan = timing.parse_nodes("--scan-nodes", known.scan_nodes) if known.scan_nodes else None
-    m = recipe.model
-    shapes = hardware.CpuShapes(recipe.batch.micro_batch * recipe.data.seq_len or 4096, m.hidden_size,
-                                m.intermediate_size, m.num_heads, recipe.data.seq_len)
-    device = hardware.device(known.gpu or DEFAULT_GPU, per_node, peak_tflops=known.peak_tflops,
-                             memory_bandwidth_gbps=known.memory_bandwidth,
-                             intra_node_gbps=known.intra_node_bandwidth, efficiency=known.efficiency, shapes=shapes)
-    net = hardware.interconnect(known.interconnect or device.interconnect, known.inter_node_bandwidth)
-    if known.gpu_memory:
-        memory = parse_memory(known.gpu_memory)
-    else:
-        memory = device.memory_bytes if known.gpu else parse_memory(c.gpu_memory)
-    pilot = timing.read_noise_scale(known.noise_scale) if known.noise_scale else None
-    fits, memory_out, text = True, [], []
-    # every phase: a later one's longer sequences need more activation memory (a batch ramp keeps the micro-batch,
-    # so the first phase's table already holds the ramp's largest batch)
-    for phase in range(len(recipe.phases) + 1):
-        of_phase = phase_recipe(recipe, phase)
-        result = plan(of_phase, nodes, per_node, memory)
-        if recipe.phases:
-            text.append(f"{'' if phase == 0 else chr(10)}phase {phase + 1} of {len(recipe.phases) + 1}: sequence "
-                        f"length {of_phase.data.seq_len}, global batch {of_phase.batch.global_batch}")
-        text.append(report(result))
-        memory_out.append({**dataclasses.asdict(result), "fits": result.fits})
-        fits = fits and result.fits
-    cluster = timing.Cluster(nodes, per_node, device, net)
-    out: dict[str, Any] = {"recipe": recipe.name, "nodes": nodes, "gpus_per_node": per_node, "world": cluster.world,
-                           "device": timing.device_dict(device), "interconnect": dataclasses.asdict(net)}
-    text.append("")
-    try:
-        est = timing.estimate(recipe, cluster)
-        out.update(phases=[est.phase_dict(p) for p in est.phases], time_to_train_s=est.time_to_train_s,
-                   gpu_hours=est.gpu_hours)
-        text.append(("" if known.gpu else f"(--gpu not given: {DEFAULT_GPU}.) ") + timing.report(est))
-    except ConfigError as err:
-        out.update(phases=[], time_to_train_s=None, time_error=str(err))
-        text.append(f"No time estimate on {cluster.world} GPUs: {err}")
-    if scan:
-        rows = timing.scaling(recipe, cluster, scan)
-        out["scaling"] = rows
-        text.extend(["", timing.scaling_report(rows)])
-    if pilot is not None:
-        grid = timing.noise_grid(recipe, cluster, pilot, memory, scan)
-        out["noise_scale"] = grid
-        text.extend(["", timing.noise_report(grid)])
-    out["memory"] = {"fits": fits, "gpu_memory": memory, "phases": memory_out}
-    if not known.json:
-        out["text"] = "\n".join(text)
-    return out, fits
-
-
-# the device `bigbatch plan` times on without --gpu: the one the calibration rows ran on
-DEFAULT_GPU = "A100-80GB"
-
+                   total <= self.gpu_memory)

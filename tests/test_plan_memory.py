@@ -1,4 +1,5 @@
-"""The memory planner against independent numbers: what autograd saves, DeepSpeed's estimators, the ZeRO paper."""
+"""bigbatch/plan/memory.py against independent numbers: what autograd saves, DeepSpeed's estimators, the ZeRO paper,
+bytes counted by hand."""
 
 from __future__ import annotations
 
@@ -13,16 +14,14 @@ from torch.autograd.graph import saved_tensors_hooks
 from bigbatch.config import ConfigError, ModelConfig
 from bigbatch.config.files import load_recipe
 from bigbatch.models.build import CausalLM, MaskedLM, hf_config
+from bigbatch.plan.advice import plan
 from bigbatch.plan.memory import (
     CUDA_ALLOWANCE,
     Row,
     activation_bytes,
     buffer_bytes,
-    cmd_plan,
     model_size,
     model_state_bytes,
-    parse_memory,
-    plan,
     sdpa_backend,
 )
 
@@ -284,35 +283,7 @@ def test_buffers_read_bucket_sizes_from_the_json():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Input and the command
-
-
-@pytest.mark.parametrize("text,expected", [("80GB", 80 * 10**9), ("80GiB", 80 * 2**30), ("80", 80 * 2**30),
-                                           ("40 gb", 40 * 10**9), ("1.5GiB", 3 * 2**29)])
-def test_parse_memory(text, expected):
-    assert parse_memory(text) == expected
-
-
-@pytest.mark.parametrize("text", ["", "eighty", "80TB", "80MB", "-1", "0", "GB"])
-def test_parse_memory_bad_input(text):
-    with pytest.raises(ConfigError) as err:
-        parse_memory(text)
-    message = str(err.value)
-    assert repr(text) in message and message.endswith(".") and ". " not in message
-
-
-def test_cmd_plan_tiny_fits_in_a_huge_gpu(capsys):
-    assert cmd_plan(["tiny", "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory", "1000GB"]) == 0
-    out = capsys.readouterr().out
-    assert "stage  precision" in out and out.count("\n") > 12
-    assert "tiny fits as written: ZeRO-1 fp32" in out
-
-
-def test_cmd_plan_tiny_does_not_fit_in_a_tiny_gpu(capsys):
-    assert cmd_plan(["tiny", "--nodes=1", "--gpus-per-node=2", "--gpu-memory=1GB", "--data.seq_len=32"]) == 1
-    out = capsys.readouterr().out
-    assert "stage  precision" in out
-    assert "tiny does not fit as written" in out and "Not even micro-batch 1 fits" in out
+# Worked by hand
 
 
 # tiny, worked by hand: BERT, h = 64, L = 2, a = 2, I = 128, s = 64, vocabulary 2,000 (a multiple of 8 already),
@@ -345,6 +316,8 @@ def tiny_activations(micro: int) -> int:
 def test_tiny_model_size_counted_by_hand():
     recipe = load_recipe("tiny")
     assert model_size(recipe.model, recipe.data.vocab_size)[:2] == (TINY_PARAMS, TINY_LARGEST)
+
+
 
 
 def test_plan_names_the_largest_micro_batch_that_divides():
@@ -394,8 +367,3 @@ def test_bert_large_row_worked_by_hand():
     assert result.own == Row(1, "bf16", params, grads, optimizer, activations, buffers, total, True)
 
 
-def test_cmd_plan_world_the_global_batch_does_not_divide(capsys):
-    assert cmd_plan(["tiny", "--gpus-per-node=3", "--gpu-memory=1000GB"]) == 1
-    out = capsys.readouterr().out
-    assert "tiny does not run as written on 3 GPUs: batch.global_batch=4096 is not divisible" in out
-    assert "no micro-batch that fits does" in out

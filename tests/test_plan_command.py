@@ -1,0 +1,108 @@
+"""bigbatch/plan/command.py: `bigbatch plan` end to end: its flags, exit codes, one-sentence errors, the text and
+JSON reports, and reading a pilot run's noise scale."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bigbatch.cli import main
+from bigbatch.config import ConfigError
+from bigbatch.plan.command import cmd_plan, parse_memory, read_noise_scale
+
+
+@pytest.mark.parametrize("text,expected", [("80GB", 80 * 10**9), ("80GiB", 80 * 2**30), ("80", 80 * 2**30),
+                                           ("40 gb", 40 * 10**9), ("1.5GiB", 3 * 2**29)])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "eighty", "80TB", "80MB", "-1", "0", "GB"])
+def test_parse_memory_bad_input(text):
+    with pytest.raises(ConfigError) as err:
+        parse_memory(text)
+    message = str(err.value)
+    assert repr(text) in message and message.endswith(".") and ". " not in message
+
+
+def test_cmd_plan_tiny_fits_in_a_huge_gpu(capsys):
+    assert cmd_plan(["tiny", "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory", "1000GB"]) == 0
+    out = capsys.readouterr().out
+    assert "stage  precision" in out and out.count("\n") > 12
+    assert "tiny fits as written: ZeRO-1 fp32" in out
+
+
+def test_cmd_plan_tiny_does_not_fit_in_a_tiny_gpu(capsys):
+    assert cmd_plan(["tiny", "--nodes=1", "--gpus-per-node=2", "--gpu-memory=1GB", "--data.seq_len=32"]) == 1
+    out = capsys.readouterr().out
+    assert "stage  precision" in out
+    assert "tiny does not fit as written" in out and "Not even micro-batch 1 fits" in out
+
+
+def test_cmd_plan_world_the_global_batch_does_not_divide(capsys):
+    assert cmd_plan(["tiny", "--gpus-per-node=3", "--gpu-memory=1000GB"]) == 1
+    out = capsys.readouterr().out
+    assert "tiny does not run as written on 3 GPUs: batch.global_batch=4096 is not divisible" in out
+    assert "no micro-batch that fits does" in out
+
+
+def _pilot(tmp_path, values):
+    lines = [json.dumps({"step": i, "loss": 5.0, **({"noise_scale": v} if v is not None else {})})
+             for i, v in enumerate(values, 1)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return str(tmp_path)
+
+
+def test_read_noise_scale_takes_the_last_logged_value(tmp_path):
+    got = read_noise_scale(_pilot(tmp_path, [100.0, None, 300.0, None]))
+    assert (got["noise_scale"], got["step"]) == (300.0, 3)
+    with pytest.raises(ConfigError, match="--noise-scale=.*no positive noise_scale"):
+        read_noise_scale(_pilot(tmp_path, [None, None]))
+    with pytest.raises(ConfigError, match="--noise-scale=.*no metrics.jsonl"):
+        read_noise_scale(str(tmp_path / "missing"))
+
+
+def test_read_noise_scale_names_a_line_that_is_not_json_and_skips_a_torn_last_one(tmp_path):
+    good = json.dumps({"step": 1, "noise_scale": 100.0})
+    (tmp_path / "metrics.jsonl").write_text(f"{good}\n\n{{\"step\": 2, \"lo\n{good}\n")
+    with pytest.raises(ConfigError, match="line 3 of metrics.jsonl is not JSON"):
+        read_noise_scale(str(tmp_path))
+    # a kill mid-write cuts the last line short: the values before it stand (bigbatch.run.metrics.read_metrics)
+    (tmp_path / "metrics.jsonl").write_text(f"{good}\n{{\"step\": 2, \"lo")
+    assert read_noise_scale(str(tmp_path))["noise_scale"] == 100.0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--gpu", "V100"], "--gpu='V100' is not in the catalogue"),
+    (["--interconnect", "myrinet"], "--interconnect='myrinet' is not in the catalogue"),
+    (["--efficiency", "1.5"], "--efficiency=1.5 is above 1"),
+    (["--efficiency", "-1"], "--efficiency=-1.0 must be a positive number"),
+    (["--scan-nodes", "1,x"], "--scan-nodes='1,x' is not a list of node counts"),
+    (["--noise-scale", "/nonexistent"], "--noise-scale='/nonexistent' holds no metrics.jsonl"),
+])
+def test_bad_flags_end_with_one_sentence_and_exit_2(argv, needle, capsys):
+    assert main(["plan", "tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+def test_cli_json_has_phases_memory_scaling_and_noise_grid(tmp_path, capsys):
+    run = _pilot(tmp_path, [2000.0])
+    assert main(["plan", "bert_base", "--gpu", "H100-SXM", "--nodes", "2", "--json", "--scan-nodes", "1,2",
+                 "--noise-scale", run]) == 0
+    out = json.loads(capsys.readouterr().out)
+    keys = {"seq_len", "global_batch", "micro_batch", "grad_accum", "steps", "step_time_s", "samples_per_s",
+            "tokens_per_s", "mfu", "compute_s", "comm_s", "optimizer_s", "time_s"}
+    assert len(out["phases"]) == 2 and all(keys <= set(p) for p in out["phases"])
+    assert out["time_to_train_s"] == pytest.approx(sum(p["time_s"] for p in out["phases"]))
+    assert out["device"]["name"] == "H100-SXM" and out["world"] == 16
+    assert [r["nodes"] for r in out["scaling"]] == [1, 2] and out["scaling"][0]["scaling_efficiency"] == 1
+    assert out["memory"]["fits"] and len(out["memory"]["phases"]) == 2
+    assert out["noise_scale"]["noise_scale"] == 2000.0
+
+
+def test_cli_text_prints_the_time_table(capsys):
+    assert main(["plan", "bert_large", "--gpu", "A100-80GB", "--nodes", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "Time on 32 x 8 A100-80GB, hdr200 between nodes" in out and "Time to train:" in out

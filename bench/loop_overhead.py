@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from bigbatch.cli import main as bigbatch  # noqa: E402
 from bigbatch.config.files import load_recipe  # noqa: E402
-from bigbatch.config.schedule import plan_steps  # noqa: E402
+from bigbatch.config.schedule import step_table  # noqa: E402
 from bigbatch.data import prepare  # noqa: E402
 from bigbatch.engine import initialize  # noqa: E402
 from bigbatch.models.build import build_model  # noqa: E402
@@ -124,7 +124,7 @@ def bare_loop(run: Path, steps: int, skip: int = 2) -> tuple[float, tuple[float,
     recipe = load_recipe(str(run / "recipe.json"))
     ds_config = json.loads((run / "ds_config.json").read_text())
     data = prepare(recipe, run / "data", False, lambda x: x)
-    table = plan_steps(recipe, world=1)
+    table = step_table(recipe, world=1)
     torch.manual_seed(recipe.run.seed)
     model = build_model(recipe.model, data.vocab_size, pad_id=0)
     lr = table[0].lr

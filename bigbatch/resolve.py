@@ -15,11 +15,11 @@ from typing import Any, Optional
 
 from bigbatch.config import Recipe, dsconfig
 from bigbatch.config.schedule import (
-    BatchPlan,
-    StepPlan,
-    plan_steps,
+    BatchSplit,
+    ScheduledStep,
     scaled_lr,
     solve_batch,
+    step_table,
     warmup_steps,
 )
 
@@ -46,10 +46,10 @@ class DeepSpeedView:
 class ResolvedRun:
     recipe: Recipe
     world: int
-    batch: BatchPlan  # the first phase's batch factors
+    batch: BatchSplit  # the first phase's batch factors
     lr: float  # the first phase's peak LR: the optimizer's LR, which the step table's LRs are factors of
     lr_rule: str  # how `lr` was carried from optimizer.base_batch, in words
-    steps: list[StepPlan]
+    steps: list[ScheduledStep]
     ds_config: dict[str, Any]
     ds: DeepSpeedView
 
@@ -72,11 +72,11 @@ def phase_recipe(recipe: Recipe, phase: int) -> Recipe:
                                phases=())
 
 
-def resolve(recipe: Recipe, world: int, batch: Optional[BatchPlan] = None) -> ResolvedRun:
+def resolve(recipe: Recipe, world: int, batch: Optional[BatchSplit] = None) -> ResolvedRun:
     """The run `recipe` makes on `world` ranks. `batch` overrides the first phase's batch factors (the planner
     tabulates a micro-batch that does not divide); ConfigError when the batch arithmetic does not work out."""
     batch = batch or solve_batch(recipe.batch.global_batch, world, recipe.batch.micro_batch, recipe.batch.grad_accum)
     lr, rule = scaled_lr(recipe.optimizer, batch.global_batch)
-    steps = plan_steps(recipe, world, first=batch)
+    steps = step_table(recipe, world, first=batch)
     config = dsconfig.build(recipe, batch, lr)
     return ResolvedRun(recipe, world, batch, lr, rule, steps, config, DeepSpeedView.of(config))

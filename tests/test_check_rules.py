@@ -89,7 +89,7 @@ def test_settings_deepspeed_ignores_at_the_stage():
 
 def test_every_scalar_field_of_deepspeeds_models_has_a_rule():
     """The sections bigbatch knows are type-checked key by key: every scalar field DeepSpeed's own pydantic models
-    define for them, and every key of the sections it reads with dict.get, has a rule in check_values (a new
+    define for them, and every key of the sections it reads with dict.get, has a rule in check.rules (a new
     DeepSpeed may add some)."""
     from deepspeed.comm.config import CommsLoggerConfig
     from deepspeed.monitor.config import CSVConfig, TensorBoardConfig, WandbConfig

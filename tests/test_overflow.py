@@ -21,7 +21,7 @@ import torch
 
 from bigbatch.cli import main
 from bigbatch.config.files import load_recipe
-from bigbatch.config.schedule import plan_steps
+from bigbatch.config.schedule import step_table
 from bigbatch.run.metrics import read_metrics
 
 SMALL = ["--batch.global_batch=32", "--batch.micro_batch=16", "--run.eval_every=100", "--checkpoint.every_steps=1",
@@ -103,7 +103,7 @@ def test_fp16_overflow_skips_the_step_halves_the_scale_and_holds_the_lr(tmp_path
     assert all(same(a, b) for a, b in zip(states(run, 3), states(run, 4)))
     assert not same(states(run, 4)[1], states(run, 5)[1])  # the next step applies
     # the LR schedule does not advance on a skipped step: step 5 runs at step 4's LR, then it follows `updates`
-    table = [sp.lr for sp in plan_steps(load_recipe(str(run / "recipe.json")), world=1)]
+    table = [sp.lr for sp in step_table(load_recipe(str(run / "recipe.json")), world=1)]
     assert [r["lr"] for r in records] == pytest.approx([table[r["updates"] - (0 if r["skipped_this_step"] else 1)]
                                                         for r in records])
     assert records[4]["lr"] == records[3]["lr"]

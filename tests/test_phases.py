@@ -13,7 +13,7 @@ from bigbatch.cli import main
 from bigbatch.config import BatchConfig, ConfigError, PhaseConfig, ScheduleConfig
 from bigbatch.config.files import load_recipe
 from bigbatch.config.overrides import apply_overrides
-from bigbatch.config.schedule import plan_steps, ramp_batch
+from bigbatch.config.schedule import ramp_batch, step_table
 from bigbatch.run.metrics import read_metrics
 
 
@@ -32,7 +32,7 @@ def recipe(**changes):
 def test_ramp_steps_and_lr_follow_the_rule():
     r = recipe(batch=BatchConfig(global_batch=128, micro_batch=16, ramp_start=32, ramp_increment=32, ramp_samples=1000),
                schedule=ScheduleConfig(steps=30, warmup=0.0, decay="constant"))
-    steps = plan_steps(r, world=2)
+    steps = step_table(r, world=2)
     consumed = 0
     for sp in steps:
         batch = min(128, 32 + 32 * math.floor(consumed / (1000 / 3)))
@@ -49,7 +49,7 @@ def test_warmup_in_samples_under_a_ramp_counts_samples():
     # 4 x 128) take 24 steps to consume; counted in steps of the target batch (12) the LR would peak after 416
     r = recipe(batch=BatchConfig(global_batch=128, micro_batch=16, ramp_start=32, ramp_increment=32, ramp_samples=1000),
                schedule=ScheduleConfig(steps=40, warmup=1500, decay="poly", power=1.0))
-    steps = plan_steps(r, world=2)
+    steps = step_table(r, world=2)
     consumed, warm = 0, None
     for sp in steps:
         if consumed + sp.global_batch >= 1500 and warm is None:
@@ -71,7 +71,7 @@ def test_warmup_in_samples_under_a_ramp_counts_samples():
 def test_ramp_that_does_not_divide_is_one_sentence():
     r = recipe(batch=BatchConfig(global_batch=128, micro_batch=16, ramp_start=8, ramp_increment=8, ramp_samples=100))
     with pytest.raises(ConfigError, match="reaches global batch 8, not divisible by micro_batch 16 x world 2"):
-        plan_steps(r, world=2)
+        step_table(r, world=2)
     with pytest.raises(ConfigError, match="is not a multiple of batch.ramp_increment"):
         apply_overrides(load_recipe("tiny"), {"batch.ramp_start": "100", "batch.ramp_increment": "7",
                                               "batch.ramp_samples": "10"}).validate()
@@ -84,7 +84,7 @@ def test_second_phase_rewarms_with_its_own_schedule():
                phases=(PhaseConfig(global_batch=2048, seq_len=128, samples=2048 * 8 - 100, lr=4e-3, warmup=0.25,
                                    decay="poly", power=0.5),))
     r = apply_overrides(r, {"model.max_position": "128"}).validate()
-    steps = plan_steps(r, world=2)
+    steps = step_table(r, world=2)
     first, second = steps[:10], steps[10:]
     assert len(second) == 8  # ceil((16384 - 100) / 2048)
     peak1 = 5e-3 * math.sqrt(4096 / 256)

@@ -111,9 +111,9 @@ def test_smoke_train_with_size_overrides(name, tmp_path, corpus_file, monkeypatc
 
 def test_pure_32k_plan_is_the_lamb_papers():
     """The second BERT-large plan: 15,625 steps at 32,768 (LAMB paper, Table 1), 90% of them at sequence 128."""
-    from bigbatch.config.schedule import plan_steps
+    from bigbatch.config.schedule import step_table
 
-    steps = plan_steps(load_recipe("bert_large_32k"), world=64)
+    steps = step_table(load_recipe("bert_large_32k"), world=64)
     assert len(steps) == 15_625 and {sp.global_batch for sp in steps} == {32_768}
     assert [sum(sp.seq_len == n for sp in steps) for n in (128, 512)] == [14_063, 1_562]
     assert max(sp.lr for sp in steps) == pytest.approx(5e-3)

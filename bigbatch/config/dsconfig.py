@@ -15,7 +15,7 @@ from typing import Any
 
 from bigbatch.config import ConfigError, Recipe
 from bigbatch.config.files import shipped_dir
-from bigbatch.config.schedule import BatchPlan
+from bigbatch.config.schedule import BatchSplit
 
 DS_CONFIGS = shipped_dir("ds_configs")
 # DeepSpeed's deepest keys sit 6 levels down (data_efficiency.data_routing.random_ltd...); far deeper input would
@@ -110,17 +110,17 @@ def optimizer_section(recipe: Recipe, lr: float) -> dict[str, Any]:
                                          "weight_decay": o.weight_decay, "torch_adam": True}}
 
 
-def build(recipe: Recipe, plan: BatchPlan, lr: float) -> dict[str, Any]:
-    """The resolved DeepSpeed config for this recipe on `plan.world` ranks."""
+def build(recipe: Recipe, split: BatchSplit, lr: float) -> dict[str, Any]:
+    """The resolved DeepSpeed config for this recipe on `split.world` ranks."""
     config: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for name in recipe.deepspeed.configs:
         path = find_fragment(name)
         merge(config, load_fragment(path), str(path), origin)
     owned = {
-        "train_batch_size": plan.global_batch,
-        "train_micro_batch_size_per_gpu": plan.micro_batch,
-        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": split.global_batch,
+        "train_micro_batch_size_per_gpu": split.micro_batch,
+        "gradient_accumulation_steps": split.grad_accum,
         "gradient_clipping": recipe.optimizer.grad_clip,
         "optimizer": optimizer_section(recipe, lr),
     }

@@ -10,7 +10,9 @@ from bigbatch.config import ConfigError, OptimizerConfig, Recipe, ScheduleConfig
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchSplit:
+    """A global batch as micro-batch x accumulation x world."""
+
     global_batch: int
     micro_batch: int
     grad_accum: int
@@ -25,7 +27,7 @@ def _nearest_multiples(value: int, unit: int) -> str:
     return f"{below} or {above}" if below > 0 else f"{above}"
 
 
-def solve_batch(global_batch: int, world: int, micro_batch: int = 0, grad_accum: int = 0) -> BatchPlan:
+def solve_batch(global_batch: int, world: int, micro_batch: int = 0, grad_accum: int = 0) -> BatchSplit:
     """Solves global = micro x accum x world for the factor left at 0; one sentence says what is wrong otherwise."""
     if world < 1:
         raise ConfigError(f"world size {world} must be at least 1.")
@@ -39,7 +41,7 @@ def solve_batch(global_batch: int, world: int, micro_batch: int = 0, grad_accum:
                 f"batch.global_batch={global_batch} != micro_batch {micro_batch} x grad_accum {grad_accum} x world "
                 f"{world} = {micro_batch * grad_accum * world}; leave one of micro_batch or grad_accum at 0."
             )
-        return BatchPlan(global_batch, micro_batch, grad_accum, world)
+        return BatchSplit(global_batch, micro_batch, grad_accum, world)
     if micro_batch:
         unit = micro_batch * world
         if global_batch % unit:
@@ -47,7 +49,7 @@ def solve_batch(global_batch: int, world: int, micro_batch: int = 0, grad_accum:
                 f"batch.global_batch={global_batch} is not divisible by micro_batch {micro_batch} x world {world} = "
                 f"{unit}; nearest valid: {_nearest_multiples(global_batch, unit)}."
             )
-        return BatchPlan(global_batch, micro_batch, global_batch // unit, world)
+        return BatchSplit(global_batch, micro_batch, global_batch // unit, world)
     grad_accum = grad_accum or 1
     unit = grad_accum * world
     if global_batch % unit:
@@ -55,7 +57,7 @@ def solve_batch(global_batch: int, world: int, micro_batch: int = 0, grad_accum:
             f"batch.global_batch={global_batch} is not divisible by grad_accum {grad_accum} x world {world} = {unit}; "
             f"nearest valid: {_nearest_multiples(global_batch, unit)}."
         )
-    return BatchPlan(global_batch, global_batch // unit, grad_accum, world)
+    return BatchSplit(global_batch, global_batch // unit, grad_accum, world)
 
 
 def scaled_lr(opt: OptimizerConfig, global_batch: int) -> tuple[float, str]:
@@ -105,7 +107,7 @@ def lr_factor(step: int, total: int, warmup: int, decay: str, power: float = 1.0
 
 
 @dataclass(frozen=True)
-class StepPlan:
+class ScheduledStep:
     """Everything that varies from step to step. `offset`: samples of this phase consumed before this step, i.e. the
     sampler position where the step's global batch starts."""
 
@@ -128,17 +130,17 @@ def ramp_batch(consumed: int, start: int, increment: int, ramp_samples: int, tar
     return min(target, start + int(consumed // per_increment) * increment)
 
 
-def samples_before(steps: list[StepPlan], step: int) -> int:
+def samples_before(steps: list[ScheduledStep], step: int) -> int:
     """Samples the run has read before `step` (0-based) of its step table: where a resume at `step` reads on."""
     return sum(sp.global_batch for sp in steps[:step])
 
 
-def plan_steps(recipe: Recipe, world: int, first: Optional[BatchPlan] = None) -> list[StepPlan]:
-    """One StepPlan per optimizer step of the whole run (first phase, then `recipe.phases`); `first`: the first
+def step_table(recipe: Recipe, world: int, first: Optional[BatchSplit] = None) -> list[ScheduledStep]:
+    """One ScheduledStep per optimizer step of the whole run (first phase, then `recipe.phases`); `first`: the first
     phase's batch factors when the caller has solved them already (`bigbatch.resolve`)."""
     b, opt = recipe.batch, recipe.optimizer
     first = first or solve_batch(b.global_batch, world, b.micro_batch, b.grad_accum)
-    steps: list[StepPlan] = []
+    steps: list[ScheduledStep] = []
     # The first phase, with the optional ramp (its LR follows the rule at each batch of the ramp).
     s = recipe.schedule
     batches, offsets, consumed = [], [], 0  # each step's batch, and the samples before it
@@ -167,7 +169,7 @@ def plan_steps(recipe: Recipe, world: int, first: Optional[BatchPlan] = None) ->
             factor = min((offset + batch) / s.warmup, 1.0)
         else:
             factor = lr_factor(k, s.steps, warm, s.decay, s.power, s.min_lr_ratio)
-        steps.append(StepPlan(k, 0, k, batch, first.micro_batch, batch // (first.micro_batch * world),
+        steps.append(ScheduledStep(k, 0, k, batch, first.micro_batch, batch // (first.micro_batch * world),
                               recipe.data.seq_len, offset, peak * factor))
     for p, ph in enumerate(recipe.phases, start=1):
         plan = solve_batch(ph.global_batch, world, ph.micro_batch or first.micro_batch, 0)
@@ -176,6 +178,6 @@ def plan_steps(recipe: Recipe, world: int, first: Optional[BatchPlan] = None) ->
         peak = ph.lr or scaled_lr(opt, plan.global_batch)[0]
         for k in range(n):
             lr = peak * lr_factor(k, n, warm, ph.decay, ph.power, ph.min_lr_ratio)
-            steps.append(StepPlan(len(steps), p, k, plan.global_batch, plan.micro_batch, plan.grad_accum,
+            steps.append(ScheduledStep(len(steps), p, k, plan.global_batch, plan.micro_batch, plan.grad_accum,
                                   ph.seq_len, k * plan.global_batch, lr))
     return steps

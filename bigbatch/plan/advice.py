@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from bigbatch.config import BatchConfig, ConfigError, Recipe
-from bigbatch.config.schedule import BatchPlan, solve_batch
+from bigbatch.config.schedule import BatchSplit, solve_batch
 from bigbatch.plan.memory import PRECISIONS, STAGES, Footprint, Row, model_size
 from bigbatch.plan.timing import Cluster, estimate
 from bigbatch.resolve import resolve
@@ -82,7 +82,7 @@ def plan(recipe: Recipe, nodes: int, gpus_per_node: int, gpu_memory_bytes: int) 
     except ConfigError as err:
         micro = batch.micro_batch or max(batch.global_batch // (world * max(batch.grad_accum, 1)), 1)
         # still tabulated at the recipe's micro-batch: only the DeepSpeed JSON built at this split is read
-        split, batch_error = BatchPlan(micro * world, micro, 1, world), str(err)
+        split, batch_error = BatchSplit(micro * world, micro, 1, world), str(err)
     # Later phases and the ramp change no byte of that JSON: left out, they cannot fail to solve where this one does.
     ds = resolve(dataclasses.replace(recipe, phases=(), batch=_without_ramp(batch)), world, batch=split).ds
     footprint = Footprint(recipe, world, ds.zero, gpu_memory_bytes)

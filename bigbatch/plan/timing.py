@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from bigbatch.config import ConfigError, ModelConfig, Recipe
-from bigbatch.config.schedule import BatchPlan
+from bigbatch.config.schedule import BatchSplit
 from bigbatch.models.build import padded_vocab
 from bigbatch.plan.hardware import Device, Interconnect
 from bigbatch.plan.memory import model_size
@@ -313,7 +313,7 @@ class Estimate:
                 "optimizer_share": p.optimizer_s / step, "time_s": p.time_s}
 
 
-def estimate(recipe: Recipe, cluster: Cluster, batch: Optional[BatchPlan] = None) -> Estimate:
+def estimate(recipe: Recipe, cluster: Cluster, batch: Optional[BatchSplit] = None) -> Estimate:
     """Step time of every step in the recipe's step table (phases, ramp), summed per phase; `batch`: the first
     phase's batch factors in place of the recipe's (see `resolve`). ConfigError when the batch does not solve."""
     run = resolve(recipe, cluster.world, batch)

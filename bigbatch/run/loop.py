@@ -16,12 +16,14 @@ import torch
 
 from bigbatch.config import Recipe
 from bigbatch.config.errors import Preempted, TrainingStopped
-from bigbatch.config.schedule import StepPlan, samples_before
+from bigbatch.config.schedule import ScheduledStep, samples_before
 from bigbatch.data import BatchSource
 from bigbatch.engine import client_optimizer
 from bigbatch.optim.layerwise import LayerwiseOptimizer
+from bigbatch.plan.hardware import cuda_peak_flops
+from bigbatch.plan.timing import model_flops_per_sample
 from bigbatch.run import checkpoint, distributed, faults
-from bigbatch.run.metrics import MetricsLog, device_peak_flops, log, plot_loss, say
+from bigbatch.run.metrics import MetricsLog, log, plot_loss, say
 from bigbatch.run.noise import GradientNoiseScale
 from bigbatch.run.overflow import OverflowGuard, state_is_finite
 from bigbatch.run.preemption import StopRequest, mark_preempted
@@ -35,14 +37,14 @@ class Trainer:
     run_dir: RunDir
     engine: Any
     data: BatchSource  # the data of the phase of `start_step`
-    steps: list[StepPlan]
+    steps: list[ScheduledStep]
     rank: int
     world: int
     metrics: MetricsLog
     load_phase: Callable[[int], BatchSource]  # collective: every rank calls it at a phase change
     preemption: StopRequest  # a request to stop cleanly (exit 0, requeued); _halt is the run stopping itself (exit 3)
     start_step: int = 0
-    n_params: int = 0
+    precision: str = "fp32"  # the run's, for MFU against the device's peak at that precision
     overflow_in_a_row: int = 0  # the overflow guard's count at the checkpoint this start resumed from
 
     def __post_init__(self) -> None:
@@ -133,7 +135,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
 
-    def _enter_phase(self, sp: StepPlan) -> None:
+    def _enter_phase(self, sp: ScheduledStep) -> None:
         """At a phase boundary: this phase's data and batch shape; model, optimizer and LR scheduler state stay."""
         faults.at("phase", self.run_dir.path)
         self.data = self.load_phase(sp.phase)
@@ -183,7 +185,7 @@ class Trainer:
             self.save(self.total_steps)
         return last
 
-    def _record(self, sp: StepPlan, result: StepRecord) -> dict[str, Any]:
+    def _record(self, sp: ScheduledStep, result: StepRecord) -> dict[str, Any]:
         """The step's metrics.jsonl record, with the trust ratios every few steps (evaluation is `fit`'s decision)."""
         r, done = self.recipe, sp.step + 1
         self.samples += sp.global_batch
@@ -202,9 +204,11 @@ class Trainer:
         }
         if torch.cuda.is_available():
             record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            peak = device_peak_flops(torch.cuda.get_device_name(0))
-            if peak:  # model FLOPs: 6 N per token, forward + backward (Kaplan et al. 2020)
-                record["mfu"] = 6.0 * self.n_params * record["tokens_per_s"] / (peak * self.world)
+            peak = cuda_peak_flops(torch.cuda.get_device_name(0), self.precision)
+            if peak:  # model FLOPs per matmul, the planner's own count (bigbatch.plan.timing), so the two agree
+                flops = model_flops_per_sample(r.model, self.data.vocab_size, sp.seq_len, sp.micro_batch,
+                                               r.data.mlm_probability)
+                record["mfu"] = flops * record["samples_per_s"] / (peak * self.world)
         optimizer, every = client_optimizer(self.engine), r.run.trust_ratio_every
         if isinstance(optimizer, LayerwiseOptimizer) and every and (done % every == 0 or done == 1):
             record["trust_ratios"] = optimizer.trust_ratios()

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from bigbatch.run.rundir import RunDir
 
@@ -17,17 +17,6 @@ def say(message: str) -> None:
     """The writer rank's word to the user: on stdout and in its log file."""
     log.info(message)
     print(message, flush=True)
-
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) for model FLOPs utilization, by a substring of the device name.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10": 125e12, "L40": 181e12, "V100": 125e12}
-
-
-def device_peak_flops(name: Optional[str]) -> Optional[float]:
-    for key, value in PEAK_FLOPS.items():
-        if name and key in name:
-            return value
-    return None
-
 
 class MetricsLog:
     """Appends records to metrics.jsonl (writer rank) and forwards scalars to DeepSpeed's monitors when enabled."""

@@ -105,7 +105,7 @@ class RunDir:
                               "--run-dir or pass --overwrite to replace its contents.")
         return "new"
 
-    def prepare(self, mode: str) -> None:
+    def claim(self, mode: str) -> None:
         """Writer rank only: create (or, with --overwrite, empty) the directory and mark it as a run. A STOP file
         survives --overwrite: it may be the request of this very start."""
         request = self.stop_file.read_bytes() if self.stop_file.is_file() else None

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from bigbatch.config.schedule import StepPlan
+from bigbatch.config.schedule import ScheduledStep
 from bigbatch.run import distributed, faults
 from bigbatch.run.noise import GradientNoiseScale, held_gradient_norm, loss_multiplier
 from bigbatch.run.overflow import DS_MIN_SCALE_ERROR, OverflowGuard, divergence_message
@@ -64,7 +64,7 @@ class StepContext:
         self.stage0 = self.engine.zero_optimization_stage() == 0
 
 
-def shape_engine(engine: Any, sp: StepPlan) -> None:
+def shape_engine(engine: Any, sp: ScheduledStep) -> None:
     """DeepSpeed keeps the batch shape in its config; a phase or a ramp changes it between steps."""
     if engine.train_micro_batch_size_per_gpu() != sp.micro_batch:
         engine.set_train_micro_batch_size(sp.micro_batch)
@@ -72,7 +72,7 @@ def shape_engine(engine: Any, sp: StepPlan) -> None:
         engine.set_train_batch_size(sp.global_batch)
 
 
-def train_step(ctx: StepContext, data: Any, sp: StepPlan) -> StepRecord:
+def train_step(ctx: StepContext, data: Any, sp: ScheduledStep) -> StepRecord:
     """Step `sp.step` over its `sp.grad_accum` micro-batches on every rank; raises Halt (see above)."""
     engine, noise = ctx.engine, ctx.noise
     shape_engine(engine, sp)

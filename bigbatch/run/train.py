@@ -17,7 +17,7 @@ import torch
 from bigbatch.check.preflight import ready_to_train
 from bigbatch.config import Recipe
 from bigbatch.config.errors import Preempted
-from bigbatch.config.schedule import StepPlan
+from bigbatch.config.schedule import ScheduledStep
 from bigbatch.data import BatchSource, prepare
 from bigbatch.engine import initialize
 from bigbatch.models.build import build_model, count_parameters, padded_vocab
@@ -37,7 +37,7 @@ from bigbatch.run.preemption import (
 from bigbatch.run.rundir import RunDir, default_run_dir, environment
 
 
-def _phase_summary(steps: list[StepPlan]) -> list[dict[str, Any]]:
+def _phase_summary(steps: list[ScheduledStep]) -> list[dict[str, Any]]:
     """Per phase: first step, steps, batch range, sequence length and peak LR (written to recipe.json)."""
     out: list[dict[str, Any]] = []
     for sp in steps:
@@ -103,7 +103,7 @@ def _train(recipe: Recipe, path: Optional[Path], resume_run: bool, overwrite: bo
         mode = run_dir.decide_mode(resume_run, overwrite)
     distributed.barrier()  # every rank has read the directory before the writer changes it
     if rank == 0:
-        run_dir.prepare(mode)
+        run_dir.claim(mode)
         if mode == "resume":
             run_dir.keep_records()
         clear_markers(run_dir)
@@ -185,7 +185,7 @@ def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict
         raise
     trainer = Trainer(recipe, run_dir, engine, data, steps, rank, world,
                       MetricsLog(run_dir.metrics_file, engine.monitor, enabled=rank == 0),
-                      load_phase, stop, start_step=resumed.step, n_params=n_params,
+                      load_phase, stop, start_step=resumed.step, precision=run.ds.precision,
                       overflow_in_a_row=resumed.overflow_in_a_row)
     return engine, trainer
 

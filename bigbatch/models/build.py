@@ -17,52 +17,30 @@ def padded_vocab(vocab_size: int, multiple: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+# transformers' names for the recipe's width, depth, heads, MLP width and positions
+_SHAPE_NAMES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings")
+_GPT2_SHAPE_NAMES = ("n_embd", "n_layer", "n_head", "n_inner", "n_positions")
+
+
 def hf_config(cfg: ModelConfig, vocab_size: int, pad_id: int) -> Any:
     """The transformers config of the recipe's model, with the padded vocabulary."""
     from transformers import AutoConfig
 
-    vocab = padded_vocab(vocab_size, cfg.pad_vocab_to_multiple)
+    shape = (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size, cfg.max_position)
+    names = _GPT2_SHAPE_NAMES if cfg.arch == "gpt2" else _SHAPE_NAMES
+    return AutoConfig.for_model(cfg.arch, vocab_size=padded_vocab(vocab_size, cfg.pad_vocab_to_multiple),
+                                pad_token_id=pad_id, **dict(zip(names, shape)), **_arch_settings(cfg))
+
+
+def _arch_settings(cfg: ModelConfig) -> dict[str, Any]:
+    """Each architecture's own keys: its dropouts, BERT's segment types, Llama's key/value heads."""
     if cfg.arch == "bert":
-        return AutoConfig.for_model(
-            "bert",
-            vocab_size=vocab,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.intermediate_size,
-            max_position_embeddings=cfg.max_position,
-            hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.dropout,
-            type_vocab_size=2,
-            pad_token_id=pad_id,
-        )
+        return {"hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout, "type_vocab_size": 2}
     if cfg.arch == "llama":  # RMSNorm, rotary embeddings, SwiGLU MLP, untied output embedding
-        return AutoConfig.for_model(
-            "llama",
-            vocab_size=vocab,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
-            intermediate_size=cfg.intermediate_size,
-            max_position_embeddings=cfg.max_position,
-            attention_dropout=cfg.dropout,
-            tie_word_embeddings=False,
-            pad_token_id=pad_id,
-        )
-    return AutoConfig.for_model(
-        "gpt2",
-        vocab_size=vocab,
-        n_embd=cfg.hidden_size,
-        n_layer=cfg.num_layers,
-        n_head=cfg.num_heads,
-        n_inner=cfg.intermediate_size,
-        n_positions=cfg.max_position,
-        resid_pdrop=cfg.dropout,
-        embd_pdrop=cfg.dropout,
-        attn_pdrop=cfg.dropout,
-        pad_token_id=pad_id,
-    )
+        return {"num_key_value_heads": cfg.num_kv_heads or cfg.num_heads, "attention_dropout": cfg.dropout,
+                "tie_word_embeddings": False}
+    return {"resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
 
 
 class MaskedLM(nn.Module):

@@ -103,7 +103,7 @@ class Trainer:
             mark_preempted(self.run_dir, step, reason)
             saved = f"checkpoint {checkpoint.tag_for(step)} saved" if step else "no step had run, nothing to save"
             say(f"stopped at step {step} ({reason}): {saved}; the next start with --resume (or the requeued SLURM "
-                 "job) continues from it")
+                "job) continues from it")
         return {"preempted": True, "stopped_at": step}
 
     def _halt(self, step: int, message: Callable[[Optional[str], Optional[str]], str]) -> None:
@@ -142,8 +142,8 @@ class Trainer:
         if self.is_writer:
             n = sum(1 for x in self.steps if x.phase == sp.phase)
             say(f"phase {sp.phase + 1}/{self.steps[-1].phase + 1} from step {sp.step}: seq {sp.seq_len}, batch "
-                 f"{sp.micro_batch} x {sp.grad_accum} x {self.world} = {sp.global_batch}, {n} steps, "
-                 f"peak lr {max(x.lr for x in self.steps if x.phase == sp.phase):.3g} after its own warmup")
+                f"{sp.micro_batch} x {sp.grad_accum} x {self.world} = {sp.global_batch}, {n} steps, "
+                f"peak lr {max(x.lr for x in self.steps if x.phase == sp.phase):.3g} after its own warmup")
 
     def fit(self) -> dict[str, Any]:
         """The loop: each step's record, then what it means for the run (stop, checkpoint, preempt, report)."""

@@ -180,7 +180,7 @@ def load(engine: Any, run: ResolvedRun, run_dir: RunDir, tag: Optional[str], ran
                 "started with (its recipe.json), or start a new run directory.")
         if rank == 0:
             say(f"resumed {run_dir} at step {resumed.step} ({state['samples']} samples)"
-                 + (" through a universal checkpoint (another number of ranks)" if tag.endswith("-universal") else ""))
+                + (" through a universal checkpoint (another number of ranks)" if tag.endswith("-universal") else ""))
     elif rank == 0:
         say(f"no checkpoint in {run_dir.checkpoints}; starting from step 0")
     if rank == 0:

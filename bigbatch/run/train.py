@@ -120,7 +120,7 @@ def _train(recipe: Recipe, path: Optional[Path], resume_run: bool, overwrite: bo
         if rank == 0:
             mark_preempted(run_dir, None, request.reason, during="start-up")
             say(f"stopped during start-up ({request.reason}); the next start with --resume (or the requeued SLURM "
-                 "job) continues the run, reusing the data already prepared")
+                "job) continues the run, reusing the data already prepared")
         return {"preempted": True}
     finally:
         if engine is not None:

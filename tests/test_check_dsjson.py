@@ -124,7 +124,8 @@ def test_a_misspelt_stage3_key_is_suggested_with_its_stage3_spelling():
 
 
 def test_a_whole_float_batch_size_is_refused_without_contradiction(tmp_path):
-    found = check_messages({"gradient_clipping": 1.0, "train_batch_size": 1000.0, "train_micro_batch_size_per_gpu": 1e1})
+    found = check_messages({"gradient_clipping": 1.0, "train_batch_size": 1000.0,
+                            "train_micro_batch_size_per_gpu": 1e1})
     assert found == ["train_batch_size=1000.0 must be written as an integer: 1000.",
                      "train_micro_batch_size_per_gpu=10.0 must be written as an integer: 10."]
     # a file is read as DeepSpeed reads it (hjson), which turns 1e3 into the integer 1000: accepted

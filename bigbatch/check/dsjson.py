@@ -147,8 +147,8 @@ def _auto_sentence(path: str) -> str:
     pydantic model the value is dropped and the default applies; elsewhere the string stays as it is."""
     placeholder = f'{path}="auto" is a placeholder only the Hugging Face Trainer fills in'
     if path in BATCH_KEYS:
-        return (f"{placeholder} (DeepSpeed fails on it with a TypeError); give a value, or leave batch keys out and let "
-                "bigbatch fill them from the recipe.")
+        return (f"{placeholder} (DeepSpeed fails on it with a TypeError); give a value, or leave batch keys out and "
+                "let bigbatch fill them from the recipe.")
     section, _, key = path.rpartition(".")
     if not any(path.startswith(f"{s}.") for s in MODEL_SECTIONS):
         return f"{placeholder}; DeepSpeed takes the string as it is: give a value."

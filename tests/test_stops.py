@@ -20,8 +20,8 @@ from bigbatch.cli import main
 from bigbatch.run import faults
 from bigbatch.run.launch import start_id
 from bigbatch.run.metrics import read_metrics
-from bigbatch.run.preemption import stale_stop_file, stop_file_request
-from bigbatch.run.rundir import OWNER, PREEMPTED, STOP, RunDir
+from bigbatch.run.preemption import clear_markers, mark_preempted, stale_stop_file, stop_file_request
+from bigbatch.run.rundir import DIVERGED, OWNER, PREEMPTED, STOP, RunDir
 
 from conftest import ROOT, launch_env
 
@@ -200,3 +200,22 @@ def test_only_a_training_process_turns_signals_into_requests():
     assert trains(["train", "tiny"]) and trains(["--local_rank=1", "train", "tiny"])
     assert trains(["--local_rank", "1", "train"]) and trains(["--local-rank=0", "train"])
     assert not trains(["check", "x.json"]) and not trains(["plan", "tiny", "--train"]) and not trains([])
+
+
+@pytest.mark.parametrize("content", ["77.1\n", "77.2\n", "", "77.3"], ids=["earlier", "this", "empty", "later"])
+def test_a_request_is_never_erased_by_a_start_that_did_not_act_on_it(tmp_path, monkeypatch, content):
+    """clear_markers at start removes the previous start's PREEMPTED and DIVERGED and keeps every STOP file, whoever
+    it names, byte for byte; a stop for another reason (a signal) consumes only a STOP meant for this start."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    run = RunDir(tmp_path)
+    for name in (PREEMPTED, DIVERGED):
+        (tmp_path / name).write_text("from the start before\n")
+    (tmp_path / STOP).write_text(content)
+    clear_markers(run)
+    assert not (tmp_path / PREEMPTED).exists() and not (tmp_path / DIVERGED).exists()
+    assert (tmp_path / STOP).read_text() == content
+    mark_preempted(run, 4, "SIGTERM")
+    for_this_start = content.strip() in ("", "77.2")
+    assert (tmp_path / STOP).exists() == (not for_this_start)
+    assert json.loads((tmp_path / PREEMPTED).read_text()) == {"step": 4, "reason": "SIGTERM", "during": "training"}

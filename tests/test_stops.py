@@ -10,6 +10,7 @@ the handling is the same code on every rank, and the 2-rank agreement is covered
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -219,3 +220,58 @@ def test_a_request_is_never_erased_by_a_start_that_did_not_act_on_it(tmp_path, m
     for_this_start = content.strip() in ("", "77.2")
     assert (tmp_path / STOP).exists() == (not for_this_start)
     assert json.loads((tmp_path / PREEMPTED).read_text()) == {"step": 4, "reason": "SIGTERM", "during": "training"}
+
+
+def test_clear_markers_says_which_start_a_stale_stop_was_for_and_needs_no_markers(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    run = RunDir(tmp_path)
+    clear_markers(run)  # nothing to clear: no error
+    (tmp_path / STOP).write_text("77.1\n")
+    with caplog.at_level("WARNING"):
+        clear_markers(run)
+    assert f"{tmp_path / STOP} was written for start 77.1, not this one (77.2): ignored" in caplog.messages
+    caplog.clear()
+    (tmp_path / STOP).write_text("77.2\n")
+    with caplog.at_level("WARNING"):
+        clear_markers(run)
+    assert caplog.messages == []
+    (tmp_path / STOP).unlink()
+    mark_preempted(run, 3, "STOP file")  # the request acted on is already gone (another rank's view): no error
+    assert json.loads((tmp_path / PREEMPTED).read_text())["step"] == 3
+
+
+def test_an_unreadable_stop_file_is_a_request(tmp_path):
+    """On a network file system a STOP file may be unreadable mid-write: its presence is the request."""
+    (tmp_path / STOP).mkdir()  # reading it raises an OSError, as an unreadable file does
+    assert stop_file_request(tmp_path) == "STOP file" and stale_stop_file(tmp_path) is None
+
+
+def test_decide_mode_never_replaces_a_run_unless_told(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    run = RunDir(tmp_path / "run")
+    assert str(run) == str(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"^--resume and --overwrite contradict each other; pass one of them\.$"):
+        run.decide_mode(resume=True, overwrite=True)
+    assert run.decide_mode(resume=False, overwrite=False) == "new"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / OWNER).write_text("{}")  # marked as a run before its recipe.json exists
+    assert run.holds_run()
+    with pytest.raises(ValueError, match=rf"^run directory {re.escape(str(run))} already holds a run; pass --resume "
+                                         r"to continue it, --overwrite to replace it, or choose another --run-dir\.$"):
+        run.decide_mode(resume=False, overwrite=False)
+    assert run.decide_mode(resume=True, overwrite=False) == "resume"
+    assert run.decide_mode(resume=False, overwrite=True) == "overwrite"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeued job continues its run without --resume
+    assert run.decide_mode(resume=False, overwrite=False) == "resume"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    with pytest.raises(ValueError, match="already holds a run"):
+        run.decide_mode(resume=False, overwrite=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert RunDir(other).decide_mode(resume=False, overwrite=True) == "overwrite"
+    refused = (rf"^run directory {re.escape(str(other))} is not empty and holds no bigbatch run; choose another "
+               r"--run-dir or pass --overwrite to replace its contents\.$")
+    with pytest.raises(ValueError, match=refused):
+        RunDir(other).decide_mode(resume=False, overwrite=False)

@@ -65,18 +65,21 @@ class Ranks:
     """`world` ranks of one process group played by threads: `get_rank`, `get_world_size` and a summing `all_reduce`
     (through a barrier), enough for bigbatch.optim.zero and the optimizers' norm reduction to run in one process."""
 
-    def __init__(self, world: int) -> None:
-        self.world, self.local = world, threading.local()
+    def __init__(self, world: int, group: str = "group") -> None:
+        self.world, self.local, self.group = world, threading.local(), group
         self.barrier = threading.Barrier(world, timeout=30)
         self.slots: list = [None] * world
 
     def get_rank(self, group=None) -> int:
+        assert group == self.group, "asked the default group, not the sub-group's"
         return self.local.rank
 
     def get_world_size(self, group=None) -> int:
+        assert group == self.group, "asked the default group, not the sub-group's"
         return self.world
 
     def all_reduce(self, t, group=None) -> None:
+        assert group == self.group, "reduced over the default group, not the sub-group"
         self.slots[self.local.rank] = t.clone()
         self.barrier.wait()
         total = sum(self.slots[1:], self.slots[0].clone())
@@ -99,8 +102,8 @@ class Ranks:
             t.start()
         for t in threads:
             t.join()
-        if errors:
-            raise errors[0]
+        if errors:  # the error a rank raised, not the broken barrier the others then met
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
         return results
 
 
@@ -159,3 +162,28 @@ def test_zero3_padding_filled_with_nan_stays_out_of_the_norms_and_the_step(case)
         got = torch.cat([flat[offset:offset + s][:max(0, min(s, n - r * s))] for r, (flat, _) in enumerate(results)])
         assert torch.isfinite(got).all()
         assert torch.allclose(got, torch.tensor(expected[j], dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_stage3_segments_refuse_a_layout_that_disagrees_with_deepspeeds_bookkeeping():
+    """_stage3_segments checks DeepSpeed's own records so a change of layout fails loudly: the last rank's padding
+    against groups_padding, the shards against the flat master's size, the real elements against the sizes."""
+    params = [SimpleNamespace(ds_numel=3, partition_numel=lambda: 2),
+              SimpleNamespace(ds_numel=4, partition_numel=lambda: 2)]
+
+    def segments(flat_numel, padding, params=params):
+        ranks = Ranks(2)  # a fresh barrier: a rank that raised breaks it
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(zero, "dist", ranks)
+            return ranks.run(lambda rank: zero._stage3_segments(torch.zeros(flat_numel), params, "group", padding, 5))
+
+    assert segments(4, [1, 0]) == [((0, 2, 0), (2, 2, 1)), ((0, 1, 0), (2, 2, 1))]
+    with pytest.raises(zero.UnsupportedLayout, match=r"^ZeRO-3 sub-group 5: padding of parameter 0 disagrees with "
+                                                     r"groups_padding$"):
+        segments(4, [0, 0])
+    with pytest.raises(zero.UnsupportedLayout, match=r"^ZeRO-3 sub-group 5: shards add up to 4 elements but the "
+                                                     r"flat master holds 6$"):
+        segments(6, [1, 0])
+    short = [SimpleNamespace(ds_numel=5, partition_numel=lambda: 2)]  # 2 ranks x 2 cannot hold 5 elements
+    with pytest.raises(zero.UnsupportedLayout, match=r"^ZeRO-3 sub-group 5: shards' real elements do not add up "
+                                                     r"to the parameters' sizes$"):
+        segments(2, [0], short)

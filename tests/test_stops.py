@@ -18,10 +18,18 @@ import sys
 import pytest
 
 from bigbatch.cli import main
-from bigbatch.run import faults
+from bigbatch.config.errors import Preempted
+from bigbatch.run import faults, preemption
 from bigbatch.run.launch import start_id
 from bigbatch.run.metrics import read_metrics
-from bigbatch.run.preemption import clear_markers, mark_preempted, stale_stop_file, stop_file_request
+from bigbatch.run.preemption import (
+    StopRequest,
+    clear_markers,
+    local_request,
+    mark_preempted,
+    stale_stop_file,
+    stop_file_request,
+)
 from bigbatch.run.rundir import DIVERGED, OWNER, PREEMPTED, STOP, RunDir
 
 from conftest import ROOT, launch_env
@@ -275,3 +283,44 @@ def test_decide_mode_never_replaces_a_run_unless_told(tmp_path, monkeypatch):
                r"--run-dir or pass --overwrite to replace its contents\.$")
     with pytest.raises(ValueError, match=refused):
         RunDir(other).decide_mode(resume=False, overwrite=False)
+
+
+def test_every_rank_agrees_on_a_request_and_names_whose_it_was(tmp_path, monkeypatch):
+    """StopRequest without a launch: `sum_across_ranks` stands in for the all-reduce (this rank's flag plus the
+    others'); a signal or a STOP file for this start is this rank's reason, anyone else's is "another rank"."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(preemption, "_requested", None)
+    sent = []
+
+    def others(flags):  # the other ranks: one of them asks once `others.asking` is set
+        sent.append(flags[0])
+        return [flags[0] + others.asking]
+
+    others.asking = 0.0
+    request = StopRequest(tmp_path, others)
+    assert not request.agreed() and request.reason is None and local_request(tmp_path) is None
+    request.raise_if_requested()  # nothing asked: returns
+    others.asking = 1.0
+    assert request.agreed() and request.reason == "another rank" and sent[-1] == 0.0
+    with pytest.raises(Preempted, match="another rank"):
+        StopRequest(tmp_path, others).raise_if_requested()
+    others.asking = 0.0
+    (tmp_path / STOP).write_text("")
+    request = StopRequest(tmp_path, others)
+    assert request.agreed() and request.reason == "STOP file" and sent[-1] == 1.0
+    (tmp_path / STOP).unlink()
+    monkeypatch.setattr(preemption, "_requested", "SIGUSR1")
+    assert local_request(tmp_path) == local_request(None) == "SIGUSR1"
+    with pytest.raises(Preempted, match="SIGUSR1"):
+        StopRequest(tmp_path, others).raise_if_requested()
+    monkeypatch.setattr(preemption, "_requested", None)
+    assert local_request(None) is None
+
+
+def test_preempted_reads_the_marker_or_none(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.preempted() is None
+    (tmp_path / PREEMPTED).write_text("{torn")
+    assert run.preempted() is None
+    run.mark_preempted(7, "SIGTERM", "training", consume_stop=False)
+    assert run.preempted() == {"step": 7, "reason": "SIGTERM", "during": "training"}

@@ -335,3 +335,32 @@ def test_mfu_is_model_flops_written_out_over_peak():
         s, mb = p.seq_len, p.micro_batch
         per_seq = 3 * (layers * s * (24 * h * h + 4 * s * h) + round(0.15 * s * mb) / mb * (2 * h * h + 2 * h * vocab))
         assert d["mfu"] == pytest.approx(d["samples_per_s"] * per_seq / (64 * 312e12), rel=1e-9)
+
+
+def test_zero_collectives_rows_as_deepspeed_sends_them():
+    """Each stage's rows (kind, bytes, overlappable) as the module docstring reads them from DeepSpeed 0.19: the
+    stage 1-2 all-gather after the step and stage 0's all-reduce never overlap; `reduce_scatter: false` makes the
+    reduction an all-reduce; a model of exactly stage3_max_live_parameters is gathered once."""
+    psi = 1000
+    rows = lambda stage, zero, ckpt=False: timing.zero_collectives(stage, 500, 2, zero, ckpt)  # noqa: E731
+    on = {"overlap_comm": True}
+    assert rows(0, on) == timing.Comm((), (("all_reduce", psi, False),))
+    assert rows(1, on) == timing.Comm((), (("reduce_scatter", psi, True), ("all_gather", psi, False)))
+    assert rows(1, {"reduce_scatter": False}) == timing.Comm((), (("all_reduce", psi, False),
+                                                                  ("all_gather", psi, False)))
+    assert rows(2, on) == timing.Comm((("reduce_scatter", psi, True),), (("all_gather", psi, False),))
+    assert rows(3, {"stage3_max_live_parameters": 500}) == timing.Comm(
+        (("reduce_scatter", psi, True), ("all_gather", psi, True)), ())
+    assert len(rows(3, {"stage3_max_live_parameters": 499}, ckpt=True).per_micro) == 1 + 3
+    with pytest.raises(ValueError, match=r"^zero_optimization.stage=5 is not one of 0, 1, 2, 3\.$"):
+        rows(5, {})
+
+
+def test_two_ranks_communicate_and_unknown_names_are_refused():
+    assert timing.collective_time("all_reduce", 1e9, 2, 1e11, 0) == pytest.approx(1e9 / 1e11)
+    assert timing.collective_time("all_gather", 1e9, 2, 1e11, 1e-6) == pytest.approx(0.5e9 / 1e11 + 1e-6)
+    with pytest.raises(ValueError, match=r"^unknown collective 'broadcast'$"):
+        timing.collective_time("broadcast", 1e9, 2, 1e11, 0)
+    with pytest.raises(ValueError, match=r"^optimizer.type='sgd' has no step-time model; use one of lamb, lars, "
+                                         r"adamw\.$"):
+        timing.optimizer_bytes_per_param("sgd", "fp32")

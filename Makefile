@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.bigbatch-installed
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint mutate clean
 
 setup: $(STAMP)
 
@@ -31,5 +31,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# Mutation testing ([tool.mutmut] in pyproject.toml: the parts, and the fast tests each mutant runs against). Not in
+# CI. One part: `make mutate PART='bigbatch.plan.timing*'`; scores and survivors: bench/results/mutation.md.
+PART ?=
+mutate: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[mutate]"
+	OMP_NUM_THREADS=1 $(PY) -m mutmut run $(PART)
+	$(PY) -m mutmut results
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache mutants

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from bigbatch.config import ConfigError
+from bigbatch.config.dsconfig import load_fragment
 from bigbatch.optim import LAMB, LARS
 from bigbatch.optim.layerwise import LayerwiseOptimizer
 from bigbatch.optim.zero import UnsupportedLayout, attach_layouts
@@ -31,13 +31,7 @@ def _load(config: Union[str, Path, dict[str, Any], None]) -> dict[str, Any]:
     if config is None:
         return {}
     if isinstance(config, (str, Path)):
-        path = Path(config)
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"DeepSpeed config {path} does not exist; give the path of a JSON file.") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}.") from None
+        return load_fragment(Path(config))
     return copy.deepcopy(dict(config))
 
 

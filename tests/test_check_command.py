@@ -138,3 +138,14 @@ def test_an_unreadable_file_is_one_sentence(tmp_path, monkeypatch):
     assert code == 2 and out == ""
     sentence = f"bigbatch: error: DeepSpeed config {path} cannot be read (Permission denied); check its permissions."
     assert sentence in err.splitlines() and "Traceback" not in err
+
+
+def test_a_fragment_deepspeed_accepts_passes_check(tmp_path):
+    """Comments, trailing commas and a byte-order mark: DeepSpeed 0.19 reads such a file (hjson), so check does."""
+    path = tmp_path / "lenient.json"
+    path.write_text('\ufeff{\n  // ZeRO-1\n  "zero_optimization": {"stage": 1,},  # trailing comma\n'
+                    '  "train_batch_size": 1e3, "train_micro_batch_size_per_gpu": 125, "gradient_clipping": 1.0,\n}\n',
+                    encoding="utf-8")
+    code, out, err = check_output([str(path), "--world", "8"])
+    assert code == 0, out + err
+    assert "error:" not in out and ": 0 error(s)" in err

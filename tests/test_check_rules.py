@@ -3,10 +3,11 @@ ZeRO stage ignores, optimizer and scheduler types and parameters, bigbatch's LAM
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from conftest import check_messages
@@ -51,25 +52,49 @@ def test_lamb_and_lars_values_that_cannot_work_are_errors(kind, params, key):
     assert any(m.startswith(f"optimizer.params.{key}={value} ") for m in found), found
 
 
-finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
+# Floats, with the bounds themselves (0, 1, their neighbours, negative zero) drawn often: a bound made open or closed
+# by mistake shows only there.
+BOUNDS = (0.0, -0.0, 1.0, math.nextafter(1.0, 0.0), math.nextafter(1.0, 2.0), 5e-324, -5e-324, 0.5, -1.0)
+finite = st.one_of(st.sampled_from(BOUNDS), st.floats(allow_nan=False, allow_infinity=False, width=32))
+AT_BOUNDS = [dict(lr=0.0), dict(lr=5e-324), dict(b1=0.0), dict(b1=1.0), dict(b2=1.0), dict(b2=math.nextafter(1.0, 0)),
+             dict(eps=0.0), dict(eps=5e-324), dict(wd=0.0), dict(wd=-5e-324), dict(momentum=0.0),
+             dict(momentum=1.0), dict(momentum=-5e-324), dict(trust=0.0), dict(trust=5e-324), dict(low=-0.1),
+             dict(low=0.0), dict(low=1.0, high=1.0), dict(low=1.0, high=math.nextafter(1.0, 0)), dict(high=0.0)]
+DEFAULTS = dict(lr=0.1, b1=0.9, b2=0.999, eps=1e-6, wd=0.01, momentum=0.9, trust=1e-3, low=0.01, high=10.0)
+
+
+def _at(**case):
+    return {**DEFAULTS, **case}
+
+
+def _with_examples(test):
+    for case in AT_BOUNDS:
+        test = example(**_at(**case))(test)
+    return test
 
 
 @settings(max_examples=150, deadline=None)
 @given(lr=finite, b1=finite, b2=finite, eps=finite, wd=finite, momentum=finite, trust=finite, low=finite,
        high=finite)
+@_with_examples
 def test_optimizer_ranges_match_the_issue(lr, b1, b2, eps, wd, momentum, trust, low, high):
     """lr > 0; 0 <= beta < 1; eps > 0 (LARS: >= 0); weight_decay >= 0; 0 <= momentum < 1; trust_coefficient > 0;
-    min_coeff <= max_coeff: an error exactly when a bound is broken."""
+    0 <= min_coeff <= max_coeff, max_coeff > 0: an error exactly when a bound is broken, LAMB's and LARS's, every
+    bound drawn exactly (`@example` at each)."""
     lamb = {"type": "LAMB", "params": {"lr": lr, "betas": [b1, b2], "eps": eps, "weight_decay": wd,
-                                       "min_coeff": abs(low), "max_coeff": abs(high)}}
-    lars = {"type": "LARS", "params": {"lr": 0.1, "eps": eps, "momentum": momentum, "trust_coefficient": trust}}
+                                       "min_coeff": low, "max_coeff": high}}
+    lars = {"type": "LARS", "params": {"lr": lr, "eps": eps, "weight_decay": wd, "momentum": momentum,
+                                       "trust_coefficient": trust}}
     found, found_lars = (" ".join(check_messages({"optimizer": o, "zero_optimization": {"stage": 1}}))
                          for o in (lamb, lars))
-    assert ("optimizer.params.lr=" in found) == (not lr > 0)
+    for text in (found, found_lars):
+        assert ("optimizer.params.lr=" in text) == (not lr > 0)
+        assert ("optimizer.params.weight_decay=" in text) == (not wd >= 0)
     assert ("optimizer.params.betas=" in found) == (not (0 <= b1 < 1 and 0 <= b2 < 1))
     assert ("optimizer.params.eps=" in found) == (not eps > 0)
-    assert ("optimizer.params.weight_decay=" in found) == (not wd >= 0)
-    assert ("exceeds optimizer.params.max_coeff" in found) == (abs(low) > abs(high) > 0)
+    assert (f"optimizer.params.min_coeff={low!r} must" in found) == (not low >= 0)
+    assert (f"optimizer.params.max_coeff={high!r} must" in found) == (not high > 0)
+    assert ("exceeds optimizer.params.max_coeff" in found) == (low > high > 0)
     assert ("optimizer.params.eps=" in found_lars) == (not eps >= 0)
     assert ("optimizer.params.momentum=" in found_lars) == (not 0 <= momentum < 1)
     assert ("optimizer.params.trust_coefficient=" in found_lars) == (not trust > 0)

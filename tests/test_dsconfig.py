@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import hjson
 import pytest
+from deepspeed.runtime.config_utils import dict_raise_error_on_duplicate_keys
 
+from bigbatch import engine
 from bigbatch.config import ConfigError, dsconfig
 from bigbatch.config.files import load_recipe
 from bigbatch.config.schedule import solve_batch
@@ -54,3 +57,52 @@ def test_missing_fragment_lists_shipped():
     recipe = load_recipe("tiny", {"deepspeed.configs": "zero9.json"})
     with pytest.raises(ConfigError, match="'zero9.json' not found.*zero1.json"):
         dsconfig.build(recipe, solve_batch(64, 1, micro_batch=64), lr=1e-3)
+
+
+# What DeepSpeed 0.19 accepts in a config file (it reads it with hjson): comments of both kinds, trailing commas in
+# objects and lists, a UTF-8 byte-order mark; and whole-valued numbers written with an exponent or a ".0".
+LENIENT = ('\ufeff{\n  // a comment DeepSpeed skips\n  # and another\n  "zero_optimization": {"stage": 1,},\n'
+           '  "steps_per_print": 1e3,\n  "wall_clock_breakdown": false,\n'
+           '  "fp16": {"enabled": false, "loss_scale": 0.0},\n'
+           '  "tensorboard": {"enabled": false, "output_path": "tb",}, "dummy": [1, 2,],\n}\n')
+
+
+def deepspeeds_reading(path):
+    """The file as DeepSpeed 0.19 itself reads it (`DeepSpeedConfig.__init__`, runtime/config.py)."""
+    with open(path) as f:
+        return hjson.load(f, object_pairs_hook=dict_raise_error_on_duplicate_keys)
+
+
+@pytest.mark.parametrize("text", [LENIENT, '{"a": 1.5e3, "b": [1.0, 2.5], "c": "x"}', '{}', "  {\n}\n"])
+def test_fragments_are_read_as_deepspeed_reads_them(tmp_path, text):
+    path = tmp_path / "ds.json"
+    path.write_text(text, encoding="utf-8")
+    assert dsconfig.load_fragment(path) == deepspeeds_reading(path)
+    if text == LENIENT:
+        assert dsconfig.load_fragment(path)["steps_per_print"] == 1000
+
+
+@pytest.mark.parametrize("text", ['{"a": 1, "a": 2}', '// twice, nested\n{"z": {"stage": 1, "stage": 2,},}'])
+def test_duplicate_keys_stay_refused_like_deepspeed_refuses_them(tmp_path, text):
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="Duplicate key"):
+        deepspeeds_reading(path)
+    with pytest.raises(ConfigError, match="states '(a|stage)' more than once in one object; keep one"):
+        dsconfig.load_fragment(path)
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t\n", "\ufeff  \n"])
+def test_a_file_of_whitespace_only_is_empty(tmp_path, text):
+    path = tmp_path / "ds.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"ds.json is empty; write a JSON object into it"):
+        dsconfig.load_fragment(path)
+
+
+def test_the_engine_reads_a_config_path_the_same_way(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(LENIENT, encoding="utf-8")
+    assert engine._load(path) == engine._load(str(path)) == dsconfig.load_fragment(path)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        engine._load(tmp_path / "absent.json")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bigbatch.optim import LARS
+from bigbatch.optim.layerwise import FlatLayout
 
 from conftest import compiled_calls
 
@@ -101,3 +102,28 @@ def test_state_dict_names_momentum_buffer():
     weights, grads = case(2, steps=1)
     _, opt, _ = run_lars(weights, grads, lr=0.1)
     assert set(opt.state_dict()["state"][0]) == {"momentum_buffer"}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_a_flat_partition_steps_each_parameter_by_its_own_local_lr(fused):
+    """As tests/test_optim_lamb.py's flat test: three parameters of different norms in one flat tensor with NaN gaps
+    move as Algorithm 1 moves each alone."""
+    weights, grads = case(4)
+    weights = [[x * s for x in w] for w, s in zip(weights, (1.0, 30.0, 0.01))]
+    expected, ratios = lars_reference(weights, grads, lr=1.0)
+    starts = [sum(len(w) + 2 for w in weights[:i]) for i in range(len(weights))]
+    flat = torch.full((starts[-1] + len(weights[-1]) + 2,), math.nan, dtype=torch.float64)
+    for s, w in zip(starts, weights):
+        flat[s:s + len(w)] = torch.tensor(w, dtype=torch.float64)
+    opt = LARS([flat], lr=1.0, fused=fused)
+    opt.set_layout(flat, FlatLayout(("a", "b", "c"), tuple((s, len(w), i) for i, (s, w) in
+                                                         enumerate(zip(starts, weights))), None))
+    for step_grads in grads:
+        g = torch.full_like(flat, math.nan)
+        for s, gi in zip(starts, step_grads):
+            g[s:s + len(gi)] = torch.tensor(gi, dtype=torch.float64)
+        flat.grad = g
+        opt.step()
+    assert close([flat[s:s + len(w)].tolist() for s, w in zip(starts, weights)], expected)
+    assert opt.trust_ratios() == pytest.approx(dict(zip("abc", ratios)), rel=1e-12)
+    assert len(set(ratios)) == 3

@@ -241,3 +241,84 @@ def test_stage0_fp32_skips_a_step_whose_gradient_is_not_finite(kind, clip):
         assert engine.get_lr()[0] == pytest.approx(OPTIMIZERS[kind]["lr"] / (updates + 1), rel=1e-12)
     assert engine.skipped_steps == 2
     engine.destroy()
+
+
+def _three_groups():
+    """LAMB over three param groups of two tensors each, with gradients and one applied step of state."""
+    from bigbatch.optim import LAMB
+
+    torch.manual_seed(0)
+    groups = [{"params": [torch.randn(5, 4, requires_grad=True), torch.randn(4, requires_grad=True)],
+               "weight_decay": wd} for wd in (0.01, 0.0, 0.1)]
+    opt = LAMB(groups, lr=0.01)
+    for g in groups:
+        for p in g["params"]:
+            p.grad = torch.randn_like(p)
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("where", [(0, 0), (1, 1), (-1, -1)], ids=["first", "middle", "last-of-last-group"])
+def test_the_stage0_guard_sees_every_tensor_of_every_group(where, bad):
+    """SkipNonFinite without clipping: a non-finite element anywhere, the last element of the last tensor of the last
+    of several groups included, skips the step with weights and optimizer state untouched."""
+    from bigbatch.engine import SkipNonFinite
+
+    opt = _three_groups()
+    group, tensor = where
+    target = opt.param_groups[group]["params"][tensor]
+    target.grad.view(-1)[-1] = bad
+    weights = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    state = copy.deepcopy(opt.state_dict())
+    guard = SkipNonFinite(opt)
+    guard.step()
+    assert guard.overflow and not math.isfinite(guard._global_grad_norm)
+    assert same(weights, [p for g in opt.param_groups for p in g["params"]]) and same(state, opt.state_dict())
+    target.grad.view(-1)[-1] = 0.0
+    guard.step()  # the same gradients made finite: applied
+    assert not guard.overflow
+    assert not any(torch.equal(a, b) for a, b in zip(weights, [p for g in opt.param_groups for p in g["params"]]))
+
+
+def _zero1_engine():
+    """A world-1 ZeRO-1 fp32 engine with LAMB after two steps: weights, flat fp32 masters and moments all distinct."""
+    from bigbatch.engine import initialize
+    from bigbatch.optim import param_groups
+    from bigbatch.run import distributed
+
+    distributed.ensure_env()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    config = {"train_batch_size": 4, "gradient_clipping": 1.0, "zero_optimization": {"stage": 1},
+              "optimizer": {"type": "LAMB", "params": {"lr": 1e-2, "weight_decay": 0.01}}}
+    engine, *_ = initialize(model=model, config=config, model_parameters=param_groups(model, 0.01))
+    for _ in range(2):
+        engine.backward(engine(torch.randn(4, 6)).square().mean())
+        engine.step()
+    return engine
+
+
+@pytest.mark.parametrize("kind", ["weight", "master", "exp_avg", "exp_avg_sq"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_the_finite_state_check_sees_weights_masters_and_moments(kind, bad):
+    """What `state_is_finite` must refuse to save as the last good state: a non-finite element in a weight, in an
+    fp32 master or in either Adam moment, here the last element of the last group's tensor."""
+    from bigbatch.engine import client_optimizer
+    from bigbatch.run.overflow import state_is_finite
+
+    engine = _zero1_engine()
+    opt = client_optimizer(engine)
+    master = opt.param_groups[-1]["params"][-1]
+    assert master.data_ptr() not in {p.data_ptr() for p in engine.module.parameters()}  # a copy, not the weights
+    target = {"weight": list(engine.module.parameters())[-1], "master": master,
+              "exp_avg": opt.state[master]["exp_avg"], "exp_avg_sq": opt.state[master]["exp_avg_sq"]}[kind]
+    assert state_is_finite(engine)
+    with torch.no_grad():
+        kept = target.view(-1)[-1].item()
+        target.view(-1)[-1] = bad
+    assert not state_is_finite(engine)
+    with torch.no_grad():
+        target.view(-1)[-1] = kept
+    assert state_is_finite(engine)
+    engine.destroy()

@@ -3,7 +3,9 @@ of a GPU named as CUDA names it."""
 
 from __future__ import annotations
 
-import json
+import importlib.util
+import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,12 +34,24 @@ def test_every_catalogue_entry_cites_its_source():
         assert net.source
 
 
-def test_catalogue_efficiencies_are_the_benchmarks_fitted_values():
-    # bench/plan_vs_published.py fits them on its `calibrate` rows; the committed result must agree with the code
-    fitted = json.loads((Path(__file__).resolve().parent.parent / "bench/results/plan_vs_published.json")
-                        .read_text())["fitted"]
-    assert hardware.DEVICES["A100-80GB"].efficiency == pytest.approx(fitted["A100"], abs=5e-4)
-    assert hardware.DEVICES["H100-SXM"].efficiency == pytest.approx(fitted["H100"], abs=5e-4)
+@pytest.mark.slow
+def test_catalogue_efficiencies_are_refitted_on_the_published_rows(monkeypatch):
+    """The efficiency of each family, fitted again here on bench/plan_vs_published.py's `calibrate` rows (the geometric
+    mean of predicted / published set to 1, by bisection to 1e-4) through today's time model: a change of the
+    model that moves the fit (say ZeRO-3 all-gathers no longer overlapped: H100 0.443 -> 0.456) fails here until the
+    catalogue and the benchmark are updated together."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "plan_vs_published.py"
+    spec = importlib.util.spec_from_file_location("plan_vs_published", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "plan_vs_published", bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    for family, device in (("A100", "A100-80GB"), ("H100", "H100-SXM")):
+        rows = [r for r in bench.ROWS if r.role == "calibrate" and bench.FAMILY[r.gpu] == family]
+        lo, hi = 0.3, 0.8
+        while hi - lo > 1e-4:
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if sum(math.log(bench.ratio(r, mid)) for r in rows) > 0 else (mid, hi)
+        assert hardware.DEVICES[device].efficiency == pytest.approx((lo + hi) / 2, abs=5e-4), family
     assert hardware.DEVICES["B200"].efficiency == hardware.DEVICES["H100-SXM"].efficiency
 
 

@@ -285,3 +285,82 @@ def test_cpu_device_from_an_injected_probe():
 
 
 
+
+
+# Every precision x ZeRO stage x one or several nodes x optimizer, against the model of the module docstring written
+# out once more here: ring times over NVLink one way (A100: 300 GB/s, 2 us a hop) in a node, and over the node's
+# 8 HDR NICs (8 x 25 GB/s, HDR's 5 us a hop) across nodes; e bytes per element; the optimizer's bytes per parameter.
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+OPTIMIZER_BYTES = {"lamb": 24 + 16, "lars": 8 + 20, "adamw": 28}
+
+
+@pytest.mark.parametrize("optimizer", ["lamb", "lars", "adamw"])
+@pytest.mark.parametrize("nodes", [1, 4])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_step_time_over_the_whole_domain_written_out(precision, stage, nodes, optimizer):
+    psi, accum, n = 100_000_000, 3, nodes * 8
+    w = dataclasses.replace(_workload(stage, {"overlap_comm": False}, precision=precision, num_params=psi),
+                            optimizer=optimizer)
+    st = timing.step_time(w, timing.Cluster(nodes, 8, A100, HDR), 128, 8, accum)
+    bandwidth, latency = (300e9, 2e-6) if nodes == 1 else (8 * 25e9, 5e-6)
+    one_way = (n - 1) / n * psi * ELEMENT_BYTES[precision] / bandwidth + (n - 1) * latency  # a reduce-scatter
+    rounds = {0: 2, 1: 1 + 1, 2: accum + 1, 3: accum * 2}[stage]  # all-reduce = two; stage 3: RS + AG each micro
+    assert st.comm_total_s == pytest.approx(rounds * one_way, rel=1e-9)
+    assert st.comm_s == pytest.approx(st.comm_total_s, rel=1e-9)
+    per_param = OPTIMIZER_BYTES[optimizer] + 4 + (0 if precision == "fp32" else 2 + 4 + 4 + 2)
+    local = psi / n if stage else psi
+    assert st.optimizer_s == pytest.approx(per_param * local / 2039e9, rel=1e-12)
+
+
+def test_stage3_all_gathers_are_prefetched_behind_compute():
+    """overlap_comm defaults on at stage 3: with a backward far longer than the collectives, only the last bucket of
+    the reduce-scatter and the first prefetch bucket of the all-gather show."""
+    psi = 100_000_000
+    w = _workload(3, {"reduce_bucket_size": psi // 4, "stage3_prefetch_bucket_size": psi // 5}, num_params=psi)
+    st = timing.step_time(w, timing.Cluster(1, 8, A100, HDR), 128, 32, 1)
+    rs = 7 / 8 * psi * 2 / 300e9 + 7 * 2e-6
+    assert st.comm_total_s == pytest.approx(2 * rs, rel=1e-9)
+    assert st.comm_s == pytest.approx(rs / 4 + rs / 5, rel=1e-9)
+
+
+def test_mfu_is_model_flops_written_out_over_peak():
+    """BERT-large (l 24, h 1024, MLP 4h, vocabulary padded to 30528), Megatron-LM's count per token and layer
+    24h^2 + 4sh, the MLM head (2h^2 + 2hV) at the masked positions only, training 3x forward: MFU = samples/s x that
+    / (64 A100s x 312 TFLOP/s), not read back from timing.forward_flops."""
+    est = timing.estimate(load_recipe("bert_large"), timing.Cluster(8, 8, A100, HDR))
+    h, layers, vocab = 1024, 24, 30528
+    for p in est.phases:
+        d = est.phase_dict(p)
+        s, mb = p.seq_len, p.micro_batch
+        per_seq = 3 * (layers * s * (24 * h * h + 4 * s * h) + round(0.15 * s * mb) / mb * (2 * h * h + 2 * h * vocab))
+        assert d["mfu"] == pytest.approx(d["samples_per_s"] * per_seq / (64 * 312e12), rel=1e-9)
+
+
+def test_zero_collectives_rows_as_deepspeed_sends_them():
+    """Each stage's rows (kind, bytes, overlappable) as the module docstring reads them from DeepSpeed 0.19: the
+    stage 1-2 all-gather after the step and stage 0's all-reduce never overlap; `reduce_scatter: false` makes the
+    reduction an all-reduce; a model of exactly stage3_max_live_parameters is gathered once."""
+    psi = 1000
+    rows = lambda stage, zero, ckpt=False: timing.zero_collectives(stage, 500, 2, zero, ckpt)  # noqa: E731
+    on = {"overlap_comm": True}
+    assert rows(0, on) == timing.Comm((), (("all_reduce", psi, False),))
+    assert rows(1, on) == timing.Comm((), (("reduce_scatter", psi, True), ("all_gather", psi, False)))
+    assert rows(1, {"reduce_scatter": False}) == timing.Comm((), (("all_reduce", psi, False),
+                                                                  ("all_gather", psi, False)))
+    assert rows(2, on) == timing.Comm((("reduce_scatter", psi, True),), (("all_gather", psi, False),))
+    assert rows(3, {"stage3_max_live_parameters": 500}) == timing.Comm(
+        (("reduce_scatter", psi, True), ("all_gather", psi, True)), ())
+    assert len(rows(3, {"stage3_max_live_parameters": 499}, ckpt=True).per_micro) == 1 + 3
+    with pytest.raises(ValueError, match=r"^zero_optimization.stage=5 is not one of 0, 1, 2, 3\.$"):
+        rows(5, {})
+
+
+def test_two_ranks_communicate_and_unknown_names_are_refused():
+    assert timing.collective_time("all_reduce", 1e9, 2, 1e11, 0) == pytest.approx(1e9 / 1e11)
+    assert timing.collective_time("all_gather", 1e9, 2, 1e11, 1e-6) == pytest.approx(0.5e9 / 1e11 + 1e-6)
+    with pytest.raises(ValueError, match=r"^unknown collective 'broadcast'$"):
+        timing.collective_time("broadcast", 1e9, 2, 1e11, 0)
+    with pytest.raises(ValueError, match=r"^optimizer.type='sgd' has no step-time model; use one of lamb, lars, "
+                                         r"adamw\.$"):
+        timing.optimizer_bytes_per_param("sgd", "fp32")

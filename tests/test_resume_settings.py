@@ -4,18 +4,24 @@ within a run are refused."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import re
 import shutil
 
 import pytest
 import torch
 
 from bigbatch.cli import main
+from bigbatch.config import ConfigError
+from bigbatch.config.files import load_recipe
+from bigbatch.config.schema import PhaseConfig
 from bigbatch.engine import client_optimizer, initialize
 from bigbatch.optim import param_groups
 from bigbatch.run import distributed
 from bigbatch.run.metrics import read_metrics
-from bigbatch.run.resume import changed_keys, hyperparameters, refuse_changes, restore
+from bigbatch.run.resume import changed_keys, hyperparameters, refuse_changes, restore, restore_clipping
 
 from conftest import TINY_RUN
 
@@ -97,10 +103,10 @@ def test_data_blend_and_phase_changes_are_refused_and_others_are_recorded():
     assert changed_keys(base, changed) == {"optimizer.betas": [[0.9, 0.99], [0.8, 0.99]], "phases.1.lr": [0.1, 0.2]}
 
 
-def _engine(lr, **params):
+def _engine(lr, clip=1.0, **params):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    config = {"train_batch_size": 4, "gradient_clipping": 1.0, "zero_optimization": {"stage": 1},
+    config = {"train_batch_size": 4, "gradient_clipping": clip, "zero_optimization": {"stage": 1},
               "optimizer": {"type": "LAMB", "params": {"lr": lr, **params}}}
     engine, *_ = initialize(model=model, config=config, model_parameters=param_groups(model, params["weight_decay"]),
                             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (k + 1)))
@@ -158,3 +164,107 @@ def test_the_overflow_count_survives_a_resume(tmp_path, corpus_file, inject, mon
     assert main([*args, "--resume"]) == 3
     assert "stopped at step 5: 3 steps in a row were skipped" in capsys.readouterr().err
     faults.reset()
+
+
+# Every leaf of the recipe tree, classified here on its own (not read from bigbatch.run.resume.FIXED): a run fixes what
+# the checkpoint's data position or tensor shapes depend on; everything else may change at a resume. A new recipe key
+# fails test_every_recipe_leaf_is_fixed_or_changeable until it is put in one of the two lists.
+FIXED_BY_SPEC = {
+    "model.arch", "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
+    "model.intermediate_size", "model.max_position", "model.pad_vocab_to_multiple",
+    "data.sources", "data.weights", "data.tokenizer", "data.vocab_size", "data.seq_len", "data.eval_fraction",
+    "data.eval_samples", "data.streaming", "data.shuffle_buffer", "optimizer.type",
+    "batch.global_batch", "batch.ramp_start", "batch.ramp_increment", "batch.ramp_samples", "run.seed",
+    "phases", "phases.1.global_batch", "phases.1.seq_len",
+}
+CHANGEABLE_BY_SPEC = {
+    "name", "model.dropout", "data.mlm_probability", "data.whole_word_masking", "data.num_proc", "data.cache_dir",
+    "optimizer.lr", "optimizer.lr_rule", "optimizer.base_batch", "optimizer.betas", "optimizer.eps",
+    "optimizer.weight_decay", "optimizer.grad_clip", "optimizer.max_coeff", "optimizer.min_coeff",
+    "optimizer.momentum", "optimizer.trust_coefficient", "schedule.steps", "schedule.warmup", "schedule.decay",
+    "schedule.power", "schedule.min_lr_ratio", "batch.micro_batch", "batch.grad_accum", "deepspeed.configs",
+    "checkpoint.every_steps", "checkpoint.keep_last", "run.eval_every", "run.log_every", "run.trust_ratio_every",
+    "run.runs_root", "run.overflow_patience", "run.noise_scale_ema", "cluster.nodes", "cluster.gpus_per_node",
+    "cluster.gpu_memory", *(f"phases.1.{k}" for k in ("steps", "samples", "micro_batch", "lr", "warmup", "decay",
+                                                       "power", "min_lr_ratio")),
+}
+
+
+def _recipe_tree():
+    """tiny with one later phase, as recipe.json holds it (a JSON round trip)."""
+    recipe = dataclasses.replace(load_recipe("tiny"), phases=(PhaseConfig(global_batch=2048, seq_len=128, steps=5),))
+    return json.loads(json.dumps(dataclasses.asdict(recipe)))
+
+
+def _leaf_paths(tree, prefix=""):
+    if isinstance(tree, dict):
+        return [p for k, v in tree.items() for p in _leaf_paths(v, f"{prefix}{k}.")]
+    if prefix == "phases.":
+        return ["phases", *(p for n, v in enumerate(tree, 1) for p in _leaf_paths(v, f"phases.{n}."))]
+    return [prefix[:-1]]
+
+
+LEAVES = _leaf_paths(_recipe_tree())
+
+
+def _changed(value):
+    """Another value of the same JSON type."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return value + "x"
+    return [*value, value[0] if value else "x"]
+
+
+def test_every_recipe_leaf_is_fixed_or_changeable():
+    assert FIXED_BY_SPEC.isdisjoint(CHANGEABLE_BY_SPEC)
+    assert set(LEAVES) == FIXED_BY_SPEC | CHANGEABLE_BY_SPEC
+
+
+@pytest.mark.parametrize("key", LEAVES)
+def test_a_change_of_each_leaf_is_refused_by_name_or_allowed(key):
+    before = _recipe_tree()
+    after = copy.deepcopy(before)
+    *parents, last = key.split(".")
+    node = after
+    for part in parents:
+        node = node[int(part) - 1] if isinstance(node, list) else node[part]
+    if key == "phases":
+        after["phases"].append(dict(after["phases"][0]))
+    else:
+        node[last] = _changed(node[last])
+    if key in FIXED_BY_SPEC:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)} is .* cannot change within a run"):
+            refuse_changes(before, after, "run")
+    else:
+        refuse_changes(before, after, "run")
+        assert list(changed_keys(before, after)) == [key]
+
+
+def test_a_resumed_engine_clips_at_this_starts_gradient_clipping(tmp_path):
+    """gradient_clipping is read from the DeepSpeed JSON each start writes: the checkpoint does not bring back the
+    old one, and the step clips at the new norm (DeepSpeed reports the norm before clipping)."""
+    distributed.ensure_env()
+    params = dict(weight_decay=0.01)
+    engine = _engine(1e-2, **params)
+    engine.backward(engine(torch.randn(4, 6)).square().mean())
+    engine.step()
+    engine.save_checkpoint(str(tmp_path), tag="t")
+    engine.destroy()
+    engine = _engine(1e-2, clip=1e-6, **params)
+    engine.load_checkpoint(str(tmp_path), tag="t")
+    assert engine.optimizer.clip_grad == 1.0  # DeepSpeed brought back the checkpoint's clipping by itself
+    restore_clipping(engine)
+    assert engine.gradient_clipping() == engine.optimizer.clip_grad == 1e-6
+    opt = client_optimizer(engine)
+    loaded = {id(p): st["exp_avg"].clone() for p, st in opt.state.items()}
+    engine.backward((engine(torch.randn(4, 6)) * 1e3).square().mean())
+    engine.step()
+    # m = b1 m + (1 - b1) g_clipped: with |g_clipped| <= 1e-6 the moment moves from 0.9 m by at most 1e-7 (at the old
+    # clipping of 1.0 this huge gradient would move it by 0.1)
+    for p, st in opt.state.items():
+        assert float((st["exp_avg"] - 0.9 * loaded[id(p)]).norm()) <= 1.01e-7
+    assert engine.get_global_grad_norm() > 1.0  # the norm before clipping: the gradient was large
+    engine.destroy()

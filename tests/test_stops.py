@@ -10,6 +10,7 @@ the handling is the same code on every rank, and the 2-rank agreement is covered
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -17,11 +18,19 @@ import sys
 import pytest
 
 from bigbatch.cli import main
-from bigbatch.run import faults
+from bigbatch.config.errors import Preempted
+from bigbatch.run import faults, preemption
 from bigbatch.run.launch import start_id
 from bigbatch.run.metrics import read_metrics
-from bigbatch.run.preemption import stale_stop_file, stop_file_request
-from bigbatch.run.rundir import OWNER, PREEMPTED, STOP, RunDir
+from bigbatch.run.preemption import (
+    StopRequest,
+    clear_markers,
+    local_request,
+    mark_preempted,
+    stale_stop_file,
+    stop_file_request,
+)
+from bigbatch.run.rundir import DIVERGED, OWNER, PREEMPTED, STOP, RunDir
 
 from conftest import ROOT, launch_env
 
@@ -200,3 +209,118 @@ def test_only_a_training_process_turns_signals_into_requests():
     assert trains(["train", "tiny"]) and trains(["--local_rank=1", "train", "tiny"])
     assert trains(["--local_rank", "1", "train"]) and trains(["--local-rank=0", "train"])
     assert not trains(["check", "x.json"]) and not trains(["plan", "tiny", "--train"]) and not trains([])
+
+
+@pytest.mark.parametrize("content", ["77.1\n", "77.2\n", "", "77.3"], ids=["earlier", "this", "empty", "later"])
+def test_a_request_is_never_erased_by_a_start_that_did_not_act_on_it(tmp_path, monkeypatch, content):
+    """clear_markers at start removes the previous start's PREEMPTED and DIVERGED and keeps every STOP file, whoever
+    it names, byte for byte; a stop for another reason (a signal) consumes only a STOP meant for this start."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    run = RunDir(tmp_path)
+    for name in (PREEMPTED, DIVERGED):
+        (tmp_path / name).write_text("from the start before\n")
+    (tmp_path / STOP).write_text(content)
+    clear_markers(run)
+    assert not (tmp_path / PREEMPTED).exists() and not (tmp_path / DIVERGED).exists()
+    assert (tmp_path / STOP).read_text() == content
+    mark_preempted(run, 4, "SIGTERM")
+    for_this_start = content.strip() in ("", "77.2")
+    assert (tmp_path / STOP).exists() == (not for_this_start)
+    assert json.loads((tmp_path / PREEMPTED).read_text()) == {"step": 4, "reason": "SIGTERM", "during": "training"}
+
+
+def test_clear_markers_says_which_start_a_stale_stop_was_for_and_needs_no_markers(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    run = RunDir(tmp_path)
+    clear_markers(run)  # nothing to clear: no error
+    (tmp_path / STOP).write_text("77.1\n")
+    with caplog.at_level("WARNING"):
+        clear_markers(run)
+    assert f"{tmp_path / STOP} was written for start 77.1, not this one (77.2): ignored" in caplog.messages
+    caplog.clear()
+    (tmp_path / STOP).write_text("77.2\n")
+    with caplog.at_level("WARNING"):
+        clear_markers(run)
+    assert caplog.messages == []
+    (tmp_path / STOP).unlink()
+    mark_preempted(run, 3, "STOP file")  # the request acted on is already gone (another rank's view): no error
+    assert json.loads((tmp_path / PREEMPTED).read_text())["step"] == 3
+
+
+def test_an_unreadable_stop_file_is_a_request(tmp_path):
+    """On a network file system a STOP file may be unreadable mid-write: its presence is the request."""
+    (tmp_path / STOP).mkdir()  # reading it raises an OSError, as an unreadable file does
+    assert stop_file_request(tmp_path) == "STOP file" and stale_stop_file(tmp_path) is None
+
+
+def test_decide_mode_never_replaces_a_run_unless_told(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    run = RunDir(tmp_path / "run")
+    assert str(run) == str(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"^--resume and --overwrite contradict each other; pass one of them\.$"):
+        run.decide_mode(resume=True, overwrite=True)
+    assert run.decide_mode(resume=False, overwrite=False) == "new"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / OWNER).write_text("{}")  # marked as a run before its recipe.json exists
+    assert run.holds_run()
+    with pytest.raises(ValueError, match=rf"^run directory {re.escape(str(run))} already holds a run; pass --resume "
+                                         r"to continue it, --overwrite to replace it, or choose another --run-dir\.$"):
+        run.decide_mode(resume=False, overwrite=False)
+    assert run.decide_mode(resume=True, overwrite=False) == "resume"
+    assert run.decide_mode(resume=False, overwrite=True) == "overwrite"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeued job continues its run without --resume
+    assert run.decide_mode(resume=False, overwrite=False) == "resume"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    with pytest.raises(ValueError, match="already holds a run"):
+        run.decide_mode(resume=False, overwrite=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert RunDir(other).decide_mode(resume=False, overwrite=True) == "overwrite"
+    refused = (rf"^run directory {re.escape(str(other))} is not empty and holds no bigbatch run; choose another "
+               r"--run-dir or pass --overwrite to replace its contents\.$")
+    with pytest.raises(ValueError, match=refused):
+        RunDir(other).decide_mode(resume=False, overwrite=False)
+
+
+def test_every_rank_agrees_on_a_request_and_names_whose_it_was(tmp_path, monkeypatch):
+    """StopRequest without a launch: `sum_across_ranks` stands in for the all-reduce (this rank's flag plus the
+    others'); a signal or a STOP file for this start is this rank's reason, anyone else's is "another rank"."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(preemption, "_requested", None)
+    sent = []
+
+    def others(flags):  # the other ranks: one of them asks once `others.asking` is set
+        sent.append(flags[0])
+        return [flags[0] + others.asking]
+
+    others.asking = 0.0
+    request = StopRequest(tmp_path, others)
+    assert not request.agreed() and request.reason is None and local_request(tmp_path) is None
+    request.raise_if_requested()  # nothing asked: returns
+    others.asking = 1.0
+    assert request.agreed() and request.reason == "another rank" and sent[-1] == 0.0
+    with pytest.raises(Preempted, match="another rank"):
+        StopRequest(tmp_path, others).raise_if_requested()
+    others.asking = 0.0
+    (tmp_path / STOP).write_text("")
+    request = StopRequest(tmp_path, others)
+    assert request.agreed() and request.reason == "STOP file" and sent[-1] == 1.0
+    (tmp_path / STOP).unlink()
+    monkeypatch.setattr(preemption, "_requested", "SIGUSR1")
+    assert local_request(tmp_path) == local_request(None) == "SIGUSR1"
+    with pytest.raises(Preempted, match="SIGUSR1"):
+        StopRequest(tmp_path, others).raise_if_requested()
+    monkeypatch.setattr(preemption, "_requested", None)
+    assert local_request(None) is None
+
+
+def test_preempted_reads_the_marker_or_none(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.preempted() is None
+    (tmp_path / PREEMPTED).write_text("{torn")
+    assert run.preempted() is None
+    run.mark_preempted(7, "SIGTERM", "training", consume_stop=False)
+    assert run.preempted() == {"step": 7, "reason": "SIGTERM", "during": "training"}

@@ -162,3 +162,18 @@ def test_overwrite_replaces_an_existing_run_and_nothing_else_does(finished_run, 
     assert sorted(p.name for p in (target / "checkpoints").glob("step*")) == ["step00000002"]
     assert [r["step"] for r in read_metrics(target / "metrics.jsonl") if "loss" in r] == [1, 2]
     assert json.loads((target / "recipe.json").read_text())["recipe"]["schedule"]["steps"] == 2
+
+
+@pytest.mark.slow
+def test_a_fragment_deepspeed_accepts_trains(tmp_path, corpus_file):
+    """A fragment with comments, trailing commas and a byte-order mark runs under DeepSpeed, so it trains here."""
+    fragment = tmp_path / "lenient.json"
+    fragment.write_text('\ufeff{\n  // ZeRO-1, written by hand\n  "zero_optimization": {"stage": 1,},  # stage 1\n'
+                        '  "steps_per_print": 1e3,\n}\n', encoding="utf-8")
+    run_dir = tmp_path / "run"
+    small = [a for a in SMALL if not a.startswith("--schedule.steps")]
+    assert main(["train", "tiny", "--run-dir", str(run_dir), f"--data.sources={corpus_file}",
+                 f"--deepspeed.configs={fragment},fp32.json", "--schedule.steps=2", *small]) == 0
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds["zero_optimization"] == {"stage": 1} and ds["steps_per_print"] == 1000
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r] == [1, 2]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -64,7 +63,7 @@ def cmd_check(args: list[str]) -> int:
 
 def _is_recipe_json(path: Path) -> bool:
     try:
-        data = json.loads(path.read_text())
-    except (ValueError, OSError, RecursionError):  # not JSON, not UTF-8, too deep: load_fragment says which
+        data = load_fragment(path)
+    except ConfigError:  # not JSON, not UTF-8, too deep, empty: the DeepSpeed reading says which
         return False
     return isinstance(data, dict) and "recipe" in data and "resolved" in data

@@ -18,6 +18,7 @@ No input ends in a traceback: whatever DeepSpeed's parser raises becomes a sente
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import numbers
 import reprlib
@@ -40,6 +41,15 @@ from bigbatch.check.rules import (
 
 MAX_PASSES = 20  # DeepSpeed stops at its first error; each pass removes one offending key
 DEEPSPEED_AUTO = ("data_types.keep_in_fp32_modules", "pipeline.stages")  # "auto" is DeepSpeed's own value here
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# The sections DeepSpeed 0.19 reads through a pydantic DeepSpeedConfigModel: it drops "auto" values there silently
+# (`DeepSpeedConfigModel.__init__`, runtime/config_utils.py) and refuses keys the model does not know.
+MODEL_SECTIONS = {"fp16": "DeepSpeedFP16Config", "bf16": "DeepSpeedBF16Config", "bfloat16": "DeepSpeedBF16Config",
+                  "zero_optimization": "DeepSpeedZeroConfig",
+                  "zero_optimization.offload_optimizer": "DeepSpeedZeroOffloadOptimizerConfig",
+                  "zero_optimization.offload_param": "DeepSpeedZeroOffloadParamConfig",
+                  "tensorboard": "TensorBoardConfig", "wandb": "WandbConfig", "csv_monitor": "CSVConfig",
+                  "comet": "CometConfig", "comms_logger": "CommsLoggerConfig"}
 
 
 class _Recording(dict):
@@ -91,17 +101,19 @@ def _is_int(v: Any) -> bool:
 
 
 def _check_batch(config: dict[str, Any], world: Optional[int], out: list[Finding]) -> None:
-    keys = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
     values = {}
-    for key in keys:
+    for key in BATCH_KEYS:
         if key in config:
             v = config[key]
-            if not _is_int(v) or v < 1:
+            if isinstance(v, float) and v.is_integer() and v >= 1:
+                out.append(Finding("error", f"{key}={v!r} must be written as an integer: {int(v)}."))
+                delete_path(config, key)
+            elif not _is_int(v) or v < 1:
                 out.append(Finding("error", f"{key}={reprlib.repr(v)} must be a whole number >= 1."))
                 delete_path(config, key)
             else:
                 values[key] = v
-    tb, mb, gas = (values.get(k) for k in keys)
+    tb, mb, gas = (values.get(k) for k in BATCH_KEYS)
     if tb and mb and gas:
         unit = mb * gas
         if world is not None and tb != unit * world:
@@ -118,6 +130,52 @@ def _check_batch(config: dict[str, Any], world: Optional[int], out: list[Finding
                                         f"{world} = {unit}."))
 
 
+def _model_fields(section: str) -> dict[str, Any]:
+    """Every key (field name and alias) of the DeepSpeed model that reads `section`, with its pydantic FieldInfo."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    models = {cls.__name__: cls for cls in _subclasses(DeepSpeedConfigModel)}
+    model = models.get(MODEL_SECTIONS.get(section, ""))
+    fields: dict[str, Any] = {}
+    for name, info in (model.model_fields.items() if model else ()):
+        fields.update({k: info for k in (name, info.alias) if k})
+    return fields
+
+
+def _auto_sentence(path: str) -> str:
+    """What DeepSpeed does with `"auto"` at `path`: the batch keys fail with a TypeError; inside a section read by a
+    pydantic model the value is dropped and the default applies; elsewhere the string stays as it is."""
+    placeholder = f'{path}="auto" is a placeholder only the Hugging Face Trainer fills in'
+    if path in BATCH_KEYS:
+        return (f"{placeholder} (DeepSpeed fails on it with a TypeError); give a value, or leave batch keys out and "
+                "let bigbatch fill them from the recipe.")
+    section, _, key = path.rpartition(".")
+    if not any(path.startswith(f"{s}.") for s in MODEL_SECTIONS):
+        return f"{placeholder}; DeepSpeed takes the string as it is: give a value."
+    info = _model_fields(section).get(key)
+    default = info.get_default(call_default_factory=True) if info else None
+    shown = json.dumps(default) if isinstance(default, (bool, int, float, str, type(None))) else "its default"
+    effect = f"its default {shown}" if info else "its default"
+    if key == "enabled" and section in ("fp16", "bf16", "bfloat16"):
+        effect += f", so {section} is off and the run is in fp32 unless another precision is on"
+    return f"{placeholder}; DeepSpeed drops it silently and uses {effect}: give a value."
+
+
+def _extra_key_sentence(path: str, key: str, fields: list[str]) -> str:
+    """Why: difflib would suggest a sibling section's key under its own name ("bf16.loss_scale: did you mean
+    'loss_scale'?"), and field names but not their stage3_ aliases."""
+    section = path.rpartition(".")[0]
+    if key.startswith("_"):
+        return (f"{path} is refused: DeepSpeed's {section} section takes no comment keys; move it to the top level, "
+                "where DeepSpeed ignores keys starting with _.")
+    owners = [s for s in MODEL_SECTIONS if s not in (section, "bfloat16") and s.count(".") == section.count(".")
+              and key in _model_fields(s)]
+    if owners:
+        article = "an" if owners[0][0] in "aefhilmnorsx" else "a"
+        return f"{path} is {article} {owners[0]}-only key, which DeepSpeed's {section} section refuses; remove it."
+    return f"{path} is not a DeepSpeed key{hint(key, fields) or hint(key, _pydantic_keys(), '; remove it')}."
+
+
 def _pydantic_findings(err: Any, config: dict[str, Any], section: str) -> list[tuple[str, str]]:
     """(dotted path, sentence) for each error of a pydantic ValidationError raised inside DeepSpeed's parser while it
     read `section`."""
@@ -131,9 +189,8 @@ def _pydantic_findings(err: Any, config: dict[str, Any], section: str) -> list[t
         # a model built from one section (fp16, zero_optimization) reports keys relative to it
         path = ".".join(loc if loc and loc[0] in config else [section, *loc])
         if e["type"] == "extra_forbidden":
-            fields = list(model.model_fields) if model else []
-            suggestion = hint(loc[-1], fields) or hint(loc[-1], _pydantic_keys(), "; remove it")
-            results.append((path, f"{path} is not a DeepSpeed key{suggestion}."))
+            fields = [k for n, f in (model.model_fields.items() if model else ()) for k in (n, f.alias) if k]
+            results.append((path, _extra_key_sentence(path, loc[-1], fields)))
         else:
             results.append((path, f"{path}={reprlib.repr(e.get('input'))} is invalid: {one_line(e['msg'])}; "
                                   f"fix or remove {path}."))
@@ -205,7 +262,9 @@ def _unknown_keys(config: dict[str, Any], seen: set[str], reported: set[str], ou
     top_known = {k for k in seen if "." not in k}
     pydantic_keys = _pydantic_keys()
     for key in config:
-        if key not in top_known:
+        if key not in top_known and key.startswith("_"):
+            out.append(Finding("note", f"{key} starts with _, a comment by convention: DeepSpeed ignores it."))
+        elif key not in top_known:
             out.append(Finding("error", f"{key} is not a DeepSpeed key and DeepSpeed would ignore it silently"
                                         f"{hint(key, top_known, '; remove it')}."))
     for path, _ in _walk(config):
@@ -216,7 +275,9 @@ def _unknown_keys(config: dict[str, Any], seen: set[str], reported: set[str], ou
                          "." not in k[len(parent) + 1:]}
         # A section read key by key asks for every key it knows. Sections handed to a pydantic model (which forbids
         # unknown keys and raised above if it met one) may be asked for a few keys only: their fields count as known.
-        if section_known and key not in section_known and key not in pydantic_keys:
+        if section_known and key not in section_known and key.startswith("_"):
+            out.append(Finding("note", f"{path} starts with _, a comment by convention: DeepSpeed ignores it."))
+        elif section_known and key not in section_known and key not in pydantic_keys:
             out.append(Finding("error", f"{path} is not a key of DeepSpeed's {parent} section and would be ignored"
                                         f"{hint(key, section_known, '; remove it')}."))
 
@@ -240,9 +301,7 @@ def check_config(config: dict[str, Any], world: Optional[int] = None) -> list[Fi
     check_stage_context(config, out)
     for path, value in list(_walk(config)):
         if value == "auto" and path not in DEEPSPEED_AUTO:
-            out.append(Finding("error", f"{path}=\"auto\" is a placeholder only the Hugging Face Trainer fills in "
-                                        "(DeepSpeed fails on it with a TypeError); give a value, or leave batch "
-                                        "keys out and let bigbatch fill them from the recipe."))
+            out.append(Finding("error", _auto_sentence(path)))
             delete_path(config, path)
     fp16 = (config.get("fp16") or {}).get("enabled") is True
     bf16 = any((config.get(k) or {}).get("enabled") is True for k in ("bf16", "bfloat16"))

@@ -9,9 +9,10 @@ with a different value is refused, naming both.
 from __future__ import annotations
 
 import collections
-import json
 from pathlib import Path
 from typing import Any
+
+import hjson
 
 from bigbatch.config import ConfigError, Recipe
 from bigbatch.config.files import shipped_dir
@@ -58,15 +59,22 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def load_fragment(path: Path) -> dict[str, Any]:
+    """A DeepSpeed JSON file read the way DeepSpeed 0.19 reads it (`hjson.load` in `runtime/config.py`): `//` and `#`
+    comments, trailing commas and a UTF-8 byte-order mark are accepted; a key stated twice in one object is not.
+    `bigbatch check`, `bigbatch train` and `bigbatch.engine` all read configs through here."""
     too_deep = (f"DeepSpeed config {path} nests more than {MAX_DEPTH} levels of objects or lists, deeper than any "
                 "DeepSpeed key; fix the file.")
     try:
-        data = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
+        text = path.read_text(encoding="utf-8")
+        if not text.strip(" \t\r\n\ufeff"):
+            raise ConfigError(f"DeepSpeed config {path} is empty; write a JSON object into it, at least {{}}.")
+        data = hjson.loads(text, object_pairs_hook=_unique_keys)
     except _DuplicateKeys as err:
         raise ConfigError(f"DeepSpeed config {path} states {err} more than once in one object; keep one "
                           "(DeepSpeed refuses duplicate keys).") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {err}; fix the file.") from None
+    except ValueError as err:  # hjson.HjsonDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON (nor the hjson DeepSpeed also reads): {err}; "
+                          "fix the file.") from None
     except RecursionError:
         raise ConfigError(too_deep) from None
     except OSError as err:

@@ -119,6 +119,14 @@ def restore(optimizer: Any, scheduler: Any, groups: list[dict[str, Any]], base_l
         scheduler._last_lr = lrs
 
 
+def restore_clipping(engine: Any) -> None:
+    """After `load_checkpoint`: this start's gradient clipping back in place. Why: DeepSpeed 0.19's ZeRO-1/2, bf16
+    and fp16 wrappers load `clip_grad` from the checkpoint (`_load_global_state` in stage_1_and_2.py), so the JSON's
+    new `gradient_clipping` would be ignored for the rest of the run."""
+    if hasattr(engine.optimizer, "clip_grad"):
+        engine.optimizer.clip_grad = engine.gradient_clipping()
+
+
 @dataclass(frozen=True)
 class Resumed:
     """Where a start continues: the step (0 for a new run) and the overflow guard's count saved with it."""
@@ -171,6 +179,7 @@ def load(engine: Any, run: ResolvedRun, run_dir: RunDir, tag: Optional[str], ran
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {run_dir.checkpoints / tag}")
         restore(optimizer, engine.lr_scheduler, settings, base_lrs)
+        restore_clipping(engine)
         resumed = Resumed(int(state["step"]), int(state.get("overflow_in_a_row", 0)))
         expected = samples_before(run.steps, resumed.step)
         if int(state["samples"]) != expected:  # the sampler position follows the step table: data would repeat

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from bigbatch.config import ConfigError, Recipe
-from bigbatch.config.errors import Preempted
+from bigbatch.config.errors import Preempted, StorageFault
 from bigbatch.data.batches import BatchSource
 from bigbatch.data.blend import Blend
 from bigbatch.data.corpus import check_sources, open_source
@@ -57,6 +57,8 @@ def prepare(recipe: Recipe, data_dir: Path, is_writer: bool, share: Callable[[An
             outcome = ("stop", stop.reason)
         except ConfigError as err:
             outcome = ("bad input", str(err))
+        except StorageFault as err:
+            outcome = ("storage", str(err))
         except Exception as err:  # any other failure too, or the other ranks would wait in `share` until timeout
             outcome = ("failure", f"preparing the data on the writer rank failed: {type(err).__name__}: {err}")
             share(outcome)
@@ -66,6 +68,8 @@ def prepare(recipe: Recipe, data_dir: Path, is_writer: bool, share: Callable[[An
         raise Preempted(message)
     if kind == "bad input":
         raise ConfigError(message)
+    if kind == "storage":
+        raise StorageFault(message)
     if kind == "failure":
         raise RuntimeError(message)
     tok = Tokenizer(tokenizer_path)

@@ -26,7 +26,7 @@ from bigbatch.run import checkpoint, faults, space
 from bigbatch.run.metrics import read_metrics
 from bigbatch.run.rundir import RunDir
 
-from conftest import ROOT, launch_env
+from conftest import ROOT, deepspeed_launch, launch_env
 
 SMALL = ["--schedule.steps=4", "--batch.global_batch=64", "--batch.micro_batch=16", "--run.eval_every=2",
          "--data.vocab_size=400", "--data.eval_samples=64", "--checkpoint.every_steps=1", "--checkpoint.keep_last=2"]
@@ -197,3 +197,33 @@ def test_a_damaged_checkpoint_falls_back_and_all_damaged_is_one_sentence(referen
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if "checkpoints" in p.parts)
     _one_sentence(_train(run_dir, corpus_file, "--resume"), "is damaged", "nothing was deleted")
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if "checkpoints" in p.parts) == before
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_two_ranks_agree_on_a_full_disk_and_fall_back_from_a_damaged_rank_file(tmpfs, tmp_path, corpus_file):
+    """One 2-rank launch (tests/workers/storage_faults.py): a checkpoint that cannot be written, a resume, one
+    flipped byte in rank 1's optimizer file, every checkpoint damaged."""
+    fs = tmpfs("16M")
+    results = tmp_path / "results.json"
+    deepspeed_launch([str(ROOT / "tests" / "workers" / "storage_faults.py"), str(results), str(tmp_path / "reference"),
+                      str(fs), str(corpus_file)], world=2)
+    ranks = json.loads(results.read_text())
+    reference = ranks[0]["reference_losses"]
+    assert [r[0] for r in reference] == [1, 2, 3, 4]
+    for rank in ranks:
+        assert rank["reference"] == 0
+        code, _, err = rank["full"]
+        assert code == EXIT_STORAGE and "Traceback" not in err
+        assert err.count("bigbatch: storage fault:") == 1 and "free space, then --resume" in err, err
+        assert rank["resume"] == 0 and rank["resume_losses"] == reference
+        assert rank["damaged"][0] == 0 and rank["damaged_losses"] == reference
+        code, _, err = rank["all_damaged"]
+        assert code == EXIT_STORAGE and "is damaged" in err and "nothing was deleted" in err, err
+    writer = ranks[0]
+    assert writer["after_full"]["latest"] == "step00000001" and writer["after_full"]["verified"] is None
+    assert not [name for name in writer["after_full"]["listing"] if name.endswith(".tmp")]
+    assert "step00000004 is incomplete and is skipped" in writer["damaged"][1]
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its sha256" in writer["damaged"][1]
+    assert "at step 3" in writer["damaged"][1]
+    assert writer["after_all_damaged"] == writer["before_all_damaged"]

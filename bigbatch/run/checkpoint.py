@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 from bigbatch.config.errors import StorageFault
 from bigbatch.run import distributed, faults
+from bigbatch.run.rundir import filesystem
 
 log = logging.getLogger(__name__)
 TAG = re.compile(r"^step(\d+)$")
@@ -174,9 +175,9 @@ def _save_failed(root: Path, tag: str, failure: Optional[str], written: int) -> 
     need = f"a checkpoint needs about {previous:,} bytes" if previous else f"it had written {written:,} bytes"
     kept = (f"the last complete checkpoint is {root / latest} (`latest` still names it)" if latest
             else "no checkpoint was complete yet, so a resume starts from step 0")
-    return (f"writing checkpoint {tag} into {root} failed ({failure or 'on another rank'}); the filesystem of "
-            f"{root} has {shutil.disk_usage(root).free:,} bytes free and {need}; {kept}; the partial {tag}.tmp was "
-            "removed: free space, then --resume")
+    return (f"writing checkpoint {tag} into {root} failed ({failure or 'on another rank'}); its filesystem "
+            f"({filesystem(root)}) has {shutil.disk_usage(root).free:,} bytes free and {need}; {kept}; the partial "
+            f"{tag}.tmp was removed: free space, then --resume")
 
 
 def newest_complete(root: Path) -> Optional[str]:

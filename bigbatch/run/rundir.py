@@ -176,6 +176,16 @@ class RunDir:
         return latest.read_text().strip() if latest.is_file() else None
 
 
+def filesystem(path: Path) -> Path:
+    """The mount point of the filesystem that holds (or will hold) `path`: what a storage fault's sentence names."""
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
 def _write_whole(path: Path, text: str) -> None:
     """A record written whole (a temporary file renamed) or not at all: a full disk leaves the previous one."""
     tmp = path.with_name(path.name + ".tmp")

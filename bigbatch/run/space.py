@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 from bigbatch.config.errors import StorageFault
 from bigbatch.plan.memory import model_size, model_state_bytes
 from bigbatch.resolve import ResolvedRun
-from bigbatch.run.rundir import RunDir
+from bigbatch.run.rundir import RunDir, filesystem
 
 # Measured on a tiny run (DeepSpeed 0.19, torch's zip format): a checkpoint file holds its tensors plus ~2% of
 # pickled names and zip headers, and every checkpoint directory gets DeepSpeed's two ~40 KB recovery scripts once.
@@ -81,8 +81,8 @@ def refuse_unless_room(run: ResolvedRun, run_dir: RunDir) -> Optional[str]:
     if still > free:
         raise StorageFault(f"run directory {run_dir} needs about {still:,} more bytes ({need.checkpoints} "
                            f"checkpoints of {need.checkpoint:,}, records{', data' if need.data else ''}) but its "
-                           f"filesystem ({where}) has {free:,} bytes free; nothing was written: free space, lower "
-                           "--checkpoint.keep_last, or choose another --run-dir")
+                           f"filesystem ({filesystem(where)}) has {free:,} bytes free; nothing was written: free "
+                           "space, lower --checkpoint.keep_last, or choose another --run-dir")
     if need.data is None:
         return (f"note: {still:,} bytes of checkpoints and records fit in the {free:,} free on {where}; the packed "
                 "data is not counted (its size is known once tokenized), and packing stops with one sentence if it "
@@ -94,8 +94,9 @@ def record_failed(run_dir: RunDir, failed: str) -> str:
     """The sentence for a record the writer rank could not write (metrics.jsonl was cut back to its last whole line)."""
     latest = run_dir.latest_checkpoint()
     kept = f"the last complete checkpoint is {run_dir.checkpoints / latest}" if latest else "no checkpoint is complete"
-    return (f"{failed}; the filesystem of {run_dir} has {shutil.disk_usage(_existing(run_dir.path)).free:,} bytes "
-            f"free and a record needs up to {PER_RECORD:,}; {kept}: free space, then --resume")
+    return (f"{failed}; its filesystem ({filesystem(run_dir.path)}) has "
+            f"{shutil.disk_usage(_existing(run_dir.path)).free:,} bytes free and a record needs up to {PER_RECORD:,}; "
+            f"{kept}: free space, then --resume")
 
 
 def written_by_writer(write: Callable[[], None], is_writer: bool, share: Callable[[Any], Any], what: str,

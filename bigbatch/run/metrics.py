@@ -13,6 +13,14 @@ from bigbatch.run.rundir import RunDir
 log = logging.getLogger("bigbatch")
 
 
+class RankLog(logging.FileHandler):
+    """A rank's log file. A line it cannot write (a full disk) is dropped without logging's "--- Logging error ---"
+    traceback on stderr: the run's own writes meet the same fault and stop it with one sentence."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def say(message: str) -> None:
     """The writer rank's word to the user: on stdout and in its log file."""
     log.info(message)

@@ -25,7 +25,7 @@ from bigbatch.optim import param_groups
 from bigbatch.resolve import ResolvedRun, phase_recipe
 from bigbatch.run import distributed, faults, resume, space
 from bigbatch.run.loop import Trainer
-from bigbatch.run.metrics import MetricsLog, log, plot_loss, say
+from bigbatch.run.metrics import MetricsLog, RankLog, log, plot_loss, say
 from bigbatch.run.preemption import (
     StopRequest,
     clear_markers,
@@ -59,7 +59,7 @@ def _banner(run: ResolvedRun, run_dir: RunDir, n_params: int) -> str:
 
 
 def _setup_logging(run_dir: RunDir, rank: int) -> None:
-    handler = logging.FileHandler(run_dir.log_file(rank))
+    handler = RankLog(run_dir.log_file(rank))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("bigbatch", "DeepSpeed"):
         logger = logging.getLogger(name)

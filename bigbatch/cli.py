@@ -2,7 +2,7 @@
 `train`, `bigbatch.check.command`, `bigbatch.plan`, ...) and is imported only when it runs.
 
 Bad input ends with one sentence on stderr and exit code 2, on every rank, never a traceback; a run that stopped
-itself, its sentence and exit code 3.
+itself, its sentence and exit code 3; a storage fault (full, unwritable or damaged run directory), exit code 4.
 """
 
 from __future__ import annotations
@@ -11,7 +11,14 @@ import importlib
 import sys
 from typing import Callable, Optional
 
-from bigbatch.config.errors import EXIT_BAD_INPUT, EXIT_STOPPED, ConfigError, TrainingStopped
+from bigbatch.config.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_STOPPED,
+    EXIT_STORAGE,
+    ConfigError,
+    StorageFault,
+    TrainingStopped,
+)
 from bigbatch.run.distributed import shutdown
 from bigbatch.run.launch import drop_local_rank
 from bigbatch.run.preemption import install_handlers, trains
@@ -66,7 +73,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _exit_code(run: Callable[[], int]) -> int:
-    """Bad input is one sentence and exit 2; a run that stopped itself, its sentence and exit 3."""
+    """Bad input is one sentence and exit 2; a run that stopped itself, its sentence and exit 3; a storage fault, its
+    sentence and exit 4."""
     try:
         return run()
     except ConfigError as err:
@@ -75,6 +83,9 @@ def _exit_code(run: Callable[[], int]) -> int:
     except TrainingStopped as err:
         print(f"bigbatch: {err}", file=sys.stderr)
         return EXIT_STOPPED
+    except StorageFault as err:
+        print(f"bigbatch: storage fault: {err}", file=sys.stderr)
+        return EXIT_STORAGE
 
 
 def run_recipe(recipe_file: str, argv: Optional[list[str]] = None) -> int:

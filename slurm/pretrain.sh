@@ -129,4 +129,8 @@ if [ -f "$run_dir/PREEMPTED" ]; then
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 fi
+if [ "$status" -eq 4 ]; then
+  # A storage fault (full disk, unwritable or damaged run directory): a requeue would fail the same way.
+  echo "bigbatch: storage fault (exit 4), the sentence above says what; not requeued: free space, then submit the same command again (it resumes from the last complete checkpoint)"
+fi
 exit "$status"

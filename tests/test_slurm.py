@@ -159,11 +159,13 @@ def test_sweep_runs_as_a_job_array_and_reports(slurm, tmp_path):
 # A launcher stand-in for `srun` (torchrun) and for DeepSpeed's launcher: it records its arguments, sends the batch
 # shell SLURM's warning (as --signal=B:USR1 does), and behaves as the ranks do: it waits for STOP in the run directory
 # it was given (the last --run-dir, as argparse reads it), then writes PREEMPTED there and exits 0. With STUB_FAIL
-# set it is a start that fails at once (exit 2, bad input), as a resume refused before training would.
+# set it is a start that fails at once with that exit code (2, bad input, as a resume refused before training would;
+# 4, a storage fault), after saying STUB_SAYS on stderr.
 STUB_LAUNCHER = """#!/usr/bin/env bash
 set -euo pipefail
 printf '%s\\n' "$@" > "$STUB_LOG"
-if [ -n "${STUB_FAIL:-}" ]; then exit 2; fi
+if [ -n "${STUB_SAYS:-}" ]; then echo "$STUB_SAYS" >&2; fi
+if [ -n "${STUB_FAIL:-}" ]; then exit "$STUB_FAIL"; fi
 dir=""
 prev=""
 for arg in "$@"; do
@@ -196,10 +198,12 @@ def template(tmp_path):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
 
-    def run(args, env_run_dir=None, launcher="torchrun", fail=False):
+    def run(args, env_run_dir=None, launcher="torchrun", fail=0, says=""):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "BIGBATCH_", "STUB_"))}
         if fail:
-            env["STUB_FAIL"] = "1"
+            env["STUB_FAIL"] = str(fail)
+        if says:
+            env["STUB_SAYS"] = says
         env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SLURM_SUBMIT_DIR=str(submit), SLURM_JOB_ID="42",
                    SLURM_RESTART_COUNT="1",
                    SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_NUM_NODES="2", BIGBATCH_PYTHON=str(bin_dir / "python"),
@@ -260,6 +264,16 @@ def test_a_failed_start_is_not_requeued_on_the_previous_start_s_preempted(templa
     run_dir = template.submit / "runs" / "tiny-42"
     run_dir.mkdir(parents=True)
     (run_dir / "PREEMPTED").write_text('{"step": 6}\n')
-    proc, launched = template([], fail=True)
+    proc, launched = template([], fail=2)
     assert launched is not None and proc.returncode == 2, proc.stdout + proc.stderr
+    assert "requeueing" not in proc.stdout and not (template.root / "requeued").exists()
+
+
+def test_a_storage_fault_is_not_requeued_and_its_sentence_is_in_the_job_log(template):
+    # exit 4 (a full disk): a requeue would fail the same way, so the job ends; the ranks' sentence and the template's
+    # line are in the job log (SLURM's --output collects both streams)
+    sentence = "bigbatch: storage fault: writing checkpoint step00000002 ... free space, then --resume"
+    proc, launched = template([], fail=4, says=sentence)
+    assert launched is not None and proc.returncode == 4, proc.stdout + proc.stderr
+    assert sentence in proc.stderr and "not requeued: free space" in proc.stdout
     assert "requeueing" not in proc.stdout and not (template.root / "requeued").exists()

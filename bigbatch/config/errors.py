@@ -1,13 +1,15 @@
 """How a command ends other than by finishing: the exceptions every layer raises and the exit codes the CLI gives them.
 
 Here, in the lowest layer, because the data preparation, the run and every command raise them and the CLI (the top)
-catches them: bad input (2), a run that stopped itself (3), and a stop request every rank agreed on (0, requeued).
+catches them: bad input (2), a run that stopped itself (3), a storage fault (4: a full disk, an unwritable or damaged
+run directory; not requeued), and a stop request every rank agreed on (0, requeued).
 """
 
 from __future__ import annotations
 
 EXIT_BAD_INPUT = 2  # bad input: one sentence, nothing written
 EXIT_STOPPED = 3  # the run stopped itself (overflow policy, divergence): not bad input (2), not a crash (1)
+EXIT_STORAGE = 4  # the run directory's storage failed it (full, unwritable, damaged): a requeue would fail the same way
 
 
 class ConfigError(ValueError):
@@ -16,6 +18,12 @@ class ConfigError(ValueError):
 
 class TrainingStopped(RuntimeError):
     """The run cannot make progress; its checkpoint holds the last good state. The CLI exits with EXIT_STOPPED."""
+
+
+class StorageFault(RuntimeError):
+    """The run directory cannot hold what the run must write, or what it holds is damaged: one sentence naming the
+    filesystem, the bytes needed and free and the last complete checkpoint; the last good state is kept. The CLI exits
+    with EXIT_STORAGE."""
 
 
 class Preempted(Exception):

@@ -3,9 +3,11 @@ rank as the `BatchSource` its recipe asks for (packed `TrainingData` or `Streami
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from bigbatch.config import ConfigError, Recipe
-from bigbatch.config.errors import Preempted
+from bigbatch.config.errors import Preempted, StorageFault
 from bigbatch.data.batches import BatchSource
 from bigbatch.data.blend import Blend
 from bigbatch.data.corpus import check_sources, open_source
@@ -57,15 +59,21 @@ def prepare(recipe: Recipe, data_dir: Path, is_writer: bool, share: Callable[[An
             outcome = ("stop", stop.reason)
         except ConfigError as err:
             outcome = ("bad input", str(err))
+        except StorageFault as err:
+            outcome = ("storage", str(err))
         except Exception as err:  # any other failure too, or the other ranks would wait in `share` until timeout
-            outcome = ("failure", f"preparing the data on the writer rank failed: {type(err).__name__}: {err}")
-            share(outcome)
-            raise
+            outcome = _full_disk(err, data_dir) or (
+                "failure", f"preparing the data on the writer rank failed: {type(err).__name__}: {err}")
+            if outcome[0] == "failure":
+                share(outcome)
+                raise
     kind, message = share(outcome)
     if kind == "stop":
         raise Preempted(message)
     if kind == "bad input":
         raise ConfigError(message)
+    if kind == "storage":
+        raise StorageFault(message)
     if kind == "failure":
         raise RuntimeError(message)
     tok = Tokenizer(tokenizer_path)
@@ -76,6 +84,14 @@ def prepare(recipe: Recipe, data_dir: Path, is_writer: bool, share: Callable[[An
     info = json.loads(info_path.read_text())
     blend = Blend(info["train_sequences_per_source"], list(d.weights), recipe.run.seed) if d.weights else None
     return TrainingData(train=np.load(data_dir / "train.npy", mmap_mode="r"), blend=blend, **common)
+
+
+def _full_disk(err: Exception, data_dir: Path) -> tuple[str, str] | None:
+    """A write into the data directory that its filesystem refused (full, over quota, read-only), as an outcome."""
+    if not isinstance(err, OSError) or err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return None
+    return ("storage", f"writing the data into {data_dir} failed ({err.strerror}); its filesystem has "
+                       f"{shutil.disk_usage(data_dir).free:,} bytes free: free space, then --resume")
 
 
 def _write_last(path: Path, text: str) -> None:

@@ -12,13 +12,16 @@ resume never repacks.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from bigbatch.config.errors import StorageFault
 from bigbatch.data.packing import pack_bert, pack_gpt
 
 # Sentence ends for BERT's sentence-aware packing: a full stop, question or exclamation mark followed by white
@@ -93,13 +96,47 @@ def iter_rows(ds: Any, chunk: int = 8192) -> Iterator[np.ndarray]:
             yield column.flatten().to_numpy(zero_copy_only=False).astype(np.int32).reshape(len(column), -1)
 
 
+def reserve(fd: int, size: int) -> None:
+    """Gives the file's first `size` bytes real blocks, so a full disk is an ENOSPC here and not a SIGBUS at a write
+    into a mapped page that the filesystem cannot back. A filesystem without fallocate (EOPNOTSUPP) gets zeros
+    written instead."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        block = bytes(1 << 20)
+        os.lseek(fd, 0, os.SEEK_SET)
+        for start in range(0, size, len(block)):
+            os.write(fd, block[: min(len(block), size - start)])
+        os.fsync(fd)
+
+
+def _reserved_memmap(path: Path, shape: tuple[int, int]) -> np.memmap:
+    """A .npy file of int32 `shape` with its blocks reserved, mapped for writing; StorageFault (one sentence, the
+    partial file removed) when its filesystem cannot hold it."""
+    try:
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=shape)
+        with open(path, "r+b") as f:
+            reserve(f.fileno(), os.fstat(f.fileno()).st_size)
+        return out
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        need = shape[0] * shape[1] * 4
+        free = shutil.disk_usage(path.parent).free
+        raise StorageFault(
+            f"the packed data {path} needs {need:,} bytes but its filesystem has {free:,} bytes free "
+            f"({err.strerror or err}); free space (or choose another "
+            "--run-dir), then start again with --resume (a trained tokenizer is reused)") from err
+
+
 def write_rows(ds: Any, path: Path, seq_len: int, limit: int | None = None,
                between_chunks: Callable[[], None] = lambda: None) -> int:
     """Writes (up to `limit`) packed rows to a .npy file chunk by chunk (a corpus larger than memory never sits in
     it; the trainer memory-maps the file); `between_chunks` runs before each chunk (a stop request raises there).
     Returns the number of rows."""
     n = len(ds) if limit is None else min(len(ds), limit)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(n, seq_len))
+    out = _reserved_memmap(path, (n, seq_len))
     done = 0
     for rows in iter_rows(ds.select(range(n)) if n < len(ds) else ds):
         between_chunks()

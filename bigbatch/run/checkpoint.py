@@ -21,7 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from bigbatch.run import faults
+from bigbatch.config.errors import StorageFault
+from bigbatch.run import distributed, faults
+from bigbatch.run.rundir import filesystem
 
 log = logging.getLogger(__name__)
 TAG = re.compile(r"^step(\d+)$")
@@ -58,10 +60,14 @@ def _sha256_all(paths: list[Path]) -> list[str]:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: no half-written file stays
+        raise
     os.replace(tmp, path)
 
 
@@ -101,20 +107,30 @@ def verify(directory: Path) -> Optional[str]:
 
 def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_last: int, is_writer: bool,
          barrier: Callable[[], None], world: int) -> str:
-    """Every rank calls this: each writes its own partitions; the writer makes the checkpoint complete and visible."""
+    """Every rank calls this: each writes its own partitions; the writer makes the checkpoint complete and visible.
+    A write that fails on any rank (a full disk, a quota, a read-only remount) is agreed by all of them: the partial
+    `.tmp` goes, `latest` keeps naming the last complete checkpoint, and every rank raises StorageFault."""
     tag = tag_for(step)
     staging = root / f"{tag}.tmp"
     if is_writer and staging.exists():
         shutil.rmtree(staging)  # left by a save that was killed
     barrier()
-    engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
+    failure = _attempt(lambda: engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state,
+                                                      save_latest=False))
+    if failure is not None:
+        # DeepSpeed's save ends in one barrier after every rank's writes (engine.save_checkpoint, 0.19): a rank whose
+        # write failed meets the others there before they all agree below
+        barrier()
     faults.at("checkpoint", root.parent)
+    if is_writer and failure is None:
+        failure = _attempt(lambda: _complete(staging, root / tag, world))
+    if distributed.sum_across_ranks([float(failure is not None)])[0]:
+        written = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()) if staging.is_dir() else 0
+        if is_writer:
+            shutil.rmtree(staging, ignore_errors=True)
+        barrier()
+        raise StorageFault(_save_failed(root, tag, failure, written))
     if is_writer:
-        write_manifest(staging, world)
-        if (root / tag).exists():  # the same step saved again (an overwrite of a finished step): replace it
-            shutil.rmtree(root / tag)
-        os.replace(staging, root / tag)
-        _write_atomic(root / "latest", tag)
         # the newest keep_last up to this one; tags after it (ones a resume skipped as incomplete) are not counted
         # as kept, or they could push out the checkpoint just written
         for old in [t for t in list_tags(root) if t <= tag][:-keep_last]:
@@ -122,6 +138,46 @@ def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_
             shutil.rmtree(root / f"{old}-universal", ignore_errors=True)
     barrier()
     return tag
+
+
+def _attempt(write: Callable[[], Any]) -> Optional[str]:
+    """None when `write()` succeeded; else what failed. torch's zip writer reports a full disk as a RuntimeError
+    ("unexpected pos ..."), not as the OSError underneath, so both count as a failed write."""
+    try:
+        write()
+    except (OSError, RuntimeError) as err:
+        log.error("writing a checkpoint failed: %s", err)
+        return (err.strerror if isinstance(err, OSError) and err.strerror else str(err)).splitlines()[0]
+    return None
+
+
+def _complete(staging: Path, final: Path, world: int) -> None:
+    """Writer rank: the manifest, the rename to the tag, then `latest`."""
+    write_manifest(staging, world)
+    if final.exists():  # the same step saved again (an overwrite of a finished step): replace it
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _write_atomic(final.parent / "latest", final.name)
+
+
+def checkpoint_bytes(directory: Path) -> Optional[int]:
+    """The bytes a complete checkpoint holds, from its manifest."""
+    try:
+        return sum(f["bytes"] for f in json.loads((directory / MANIFEST).read_text())["files"].values())
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _save_failed(root: Path, tag: str, failure: Optional[str], written: int) -> str:
+    """The sentence: the filesystem, bytes needed and free, the last complete checkpoint, what to do."""
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    previous = checkpoint_bytes(root / latest) if latest else None
+    need = f"a checkpoint needs about {previous:,} bytes" if previous else f"it had written {written:,} bytes"
+    kept = (f"the last complete checkpoint is {root / latest} (`latest` still names it)" if latest
+            else "no checkpoint was complete yet, so a resume starts from step 0")
+    return (f"writing checkpoint {tag} into {root} failed ({failure or 'on another rank'}); its filesystem "
+            f"({filesystem(root)}) has {shutil.disk_usage(root).free:,} bytes free and {need}; {kept}; the partial "
+            f"{tag}.tmp was removed: free space, then --resume")
 
 
 def newest_complete(root: Path) -> Optional[str]:

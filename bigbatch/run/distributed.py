@@ -93,10 +93,14 @@ def barrier() -> None:
 
 
 def sum_across_ranks(values: list[float]) -> list[float]:
-    """One all-reduce of a few numbers, on the accelerator's device (NCCL reduces no CPU tensor)."""
+    """One all-reduce of a few numbers, on the accelerator's device (NCCL reduces no CPU tensor); without a process
+    group (a caller in one process), the numbers themselves, as `barrier` is then nothing."""
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
+
+    if not dist.is_initialized():
+        return list(values)
 
     t = torch.tensor(values, dtype=torch.float64, device=get_accelerator().current_device_name())
     dist.all_reduce(t)

@@ -4,7 +4,8 @@ file at an exact point of start-up, data preparation, evaluation, a checkpoint w
 `BIGBATCH_FAULT="<moment>:<action>[:<rank>][,...]"` in the environment arms them; unset, `at()` costs one dict
 lookup. Moments are the names passed to `at()` below (`startup`, `tokenizer`, `pack`, `eval`, `checkpoint`,
 `phase`, `step<N>`). Actions: `usr1` and `term` send that signal to this process, `kill` sends SIGKILL to it,
-`stop` writes an empty STOP file into the run directory. Each armed fault fires once per process, on every rank or
+`stop` writes an empty STOP file into the run directory, `fill` fills the run directory's filesystem
+(a file `bigbatch-fill` beside it). Each armed fault fires once per process, on every rank or
 on the rank given. A fault changes nothing else: what follows is the run's own handling of a real signal or kill.
 `on_step` is the in-process counterpart for numerical faults: a callback at the start of every step.
 """
@@ -19,6 +20,7 @@ from typing import Any, Callable, Optional
 from bigbatch.run.rundir import RunDir
 
 ENV = "BIGBATCH_FAULT"
+FILL = "bigbatch-fill"  # the `fill` action's file, beside the run directory: a test frees the space by removing it
 ACTIONS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL}
 _fired: set[str] = set()
 
@@ -28,8 +30,9 @@ def _armed() -> dict[str, tuple[str, Optional[int]]]:
     out: dict[str, tuple[str, Optional[int]]] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         moment, action, *rank = item.split(":")
-        if action not in ACTIONS and action != "stop":
-            raise ValueError(f"{ENV}={spec!r}: action {action!r} is not one of {', '.join([*ACTIONS, 'stop'])}.")
+        if action not in ACTIONS and action not in ("stop", "fill"):
+            raise ValueError(f"{ENV}={spec!r}: action {action!r} is not one of "
+                             f"{', '.join([*ACTIONS, 'stop', 'fill'])}.")
         out[moment] = (action, int(rank[0]) if rank else None)
     return out
 
@@ -49,7 +52,29 @@ def at(moment: str, run_dir: Optional[Path] = None) -> None:
         if run_dir is not None:
             RunDir(run_dir).stop_file.write_text("")
         return
+    if action == "fill":
+        if run_dir is not None:
+            _fill(run_dir.parent / FILL)
+        return
     os.kill(os.getpid(), ACTIONS[action])
+
+
+def _fill(path: Path) -> None:
+    """Writes zeros into `path` until its filesystem is full: what another job filling a shared disk does."""
+    block = bytes(1 << 16)
+    with open(path, "ab", buffering=0) as f:
+        try:
+            while True:
+                f.write(block)
+        except OSError:
+            pass
+    # the last partial pages too: a full disk, not one with a few kilobytes left
+    with open(path, "ab", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0")
+        except OSError:
+            pass
 
 
 def reset() -> None:

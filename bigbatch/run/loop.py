@@ -15,14 +15,14 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from bigbatch.config import Recipe
-from bigbatch.config.errors import Preempted, TrainingStopped
+from bigbatch.config.errors import Preempted, StorageFault, TrainingStopped
 from bigbatch.config.schedule import ScheduledStep, samples_before
 from bigbatch.data import BatchSource
 from bigbatch.engine import client_optimizer
 from bigbatch.optim.layerwise import LayerwiseOptimizer
 from bigbatch.plan.hardware import cuda_peak_flops
 from bigbatch.plan.timing import model_flops_per_sample
-from bigbatch.run import checkpoint, distributed, faults
+from bigbatch.run import checkpoint, distributed, faults, space
 from bigbatch.run.metrics import MetricsLog, log, plot_loss, say
 from bigbatch.run.noise import GradientNoiseScale
 from bigbatch.run.overflow import OverflowGuard, state_is_finite
@@ -172,6 +172,7 @@ class Trainer:
                 if done % self.recipe.run.eval_every == 0 or done == self.total_steps:
                     last.update(self._timed_evaluation(sp.micro_batch))
                 self.metrics.write(last)
+                self._stop_if_unwritten()
                 faults.at(f"step{done}", self.run_dir.path)
                 if self.guard.update(result.skipped, result.was_at_minimum):
                     self._halt(done, partial(self.guard.overflow_message, done))
@@ -183,7 +184,14 @@ class Trainer:
                 self._report(last, bar)
         if self.start_step < self.total_steps:
             self.save(self.total_steps)
+            self._stop_if_unwritten()
         return last
+
+    def _stop_if_unwritten(self) -> None:
+        """Every rank: a record the writer could not write (a full disk) stops the run as a failed checkpoint does."""
+        failed = distributed.broadcast(self.metrics.failed)
+        if failed:
+            raise StorageFault(space.record_failed(self.run_dir, failed))
 
     def _record(self, sp: ScheduledStep, result: StepRecord) -> dict[str, Any]:
         """The step's metrics.jsonl record, with the trust ratios every few steps (evaluation is `fit`'s decision)."""

@@ -6,11 +6,19 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from bigbatch.run.rundir import RunDir
 
 log = logging.getLogger("bigbatch")
+
+
+class RankLog(logging.FileHandler):
+    """A rank's log file. A line it cannot write (a full disk) is dropped without logging's "--- Logging error ---"
+    traceback on stderr: the run's own writes meet the same fault and stop it with one sentence."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
 
 
 def say(message: str) -> None:
@@ -23,12 +31,26 @@ class MetricsLog:
 
     def __init__(self, path: Path, monitor: Any = None, enabled: bool = True) -> None:
         self.path, self.monitor, self.enabled = path, monitor, enabled
+        self.failed: Optional[str] = None  # why a write failed; the loop stops every rank on it (`Trainer.fit`)
 
     def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
+        """Appends one whole line, or nothing: a write that fails (a full disk) is cut back to the last whole line,
+        and no later record is written, so the file never has a gap or a torn line."""
+        if not self.enabled or self.failed:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        try:
+            with self.path.open("ab", buffering=0) as f:  # unbuffered: each write is the system call, its error seen
+                size = f.tell()
+                try:
+                    while line:  # a raw write may write part of the line and return its count
+                        line = line[f.write(line):]
+                except OSError:
+                    f.truncate(size)
+                    raise
+        except OSError as err:
+            self.failed = f"writing {self.path} failed at step {record.get('step')} ({err.strerror or err})"
+            return
         if self.monitor is not None and getattr(self.monitor, "enabled", False):
             x = record.get("samples", record.get("step", 0))
             events = [(f"bigbatch/{k}", float(v), x) for k, v in record.items()
@@ -97,6 +119,11 @@ def plot_loss(run: RunDir) -> None:
     axes[-1][0].set_xlabel("samples")
     fig.tight_layout()
     tmp = run.loss_plot.with_name(run.loss_plot.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(run.loss_plot)
+    try:
+        fig.savefig(tmp, format="png")
+        tmp.replace(run.loss_plot)
+    except OSError as err:  # a picture of metrics.jsonl, drawn again at the next evaluation: a full disk skips it
+        tmp.unlink(missing_ok=True)
+        log.warning("loss.png not updated: %s", err)
+    finally:
+        plt.close(fig)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from bigbatch.config import ConfigError
+from bigbatch.config.errors import StorageFault
 from bigbatch.config.schedule import samples_before
 from bigbatch.engine import client_optimizer
 from bigbatch.resolve import ResolvedRun
@@ -156,6 +157,11 @@ def _choose_on_writer(run: ResolvedRun, root: Path) -> Any:
     written on another number of ranks under ZeRO; a ConfigError, for every rank to raise, when it cannot be resumed
     here."""
     tag = checkpoint.newest_complete(root)  # verifies the manifests once
+    if tag is None and checkpoint.list_tags(root):  # a start from step 0 would prune them: stop, keep them all
+        return StorageFault(
+            f"every checkpoint in {root} ({', '.join(checkpoint.list_tags(root))}) is damaged (each failed its "
+            "manifest check, named in the warnings above); nothing was deleted: restore one from a copy, then "
+            "--resume, or start the run over with --overwrite")
     stage, world = run.ds.stage, run.world
     if not (tag and stage and checkpoint.saved_world(root / tag) not in (None, world)):
         return tag

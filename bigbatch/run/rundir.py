@@ -142,9 +142,10 @@ class RunDir:
     def write_records(self, recipe: dict[str, Any], resolved: dict[str, Any], env: dict[str, Any],
                       ds_config: dict[str, Any]) -> None:
         """Writer rank: this start's recipe.json (the tree and what was resolved from it), env.json, ds_config.json."""
-        self.ds_config_file.write_text(json.dumps(ds_config, indent=2) + "\n")
-        self.recipe_file.write_text(json.dumps({"recipe": recipe, "resolved": resolved}, indent=1))
-        self.env_file.write_text(json.dumps(env, indent=1))
+        for path, text in ((self.ds_config_file, json.dumps(ds_config, indent=2) + "\n"),
+                           (self.recipe_file, json.dumps({"recipe": recipe, "resolved": resolved}, indent=1)),
+                           (self.env_file, json.dumps(env, indent=1))):
+            _write_whole(path, text)
 
     # -- markers ----------------------------------------------------------------------------------------------------
     def clear_outcome(self) -> None:
@@ -173,6 +174,27 @@ class RunDir:
         """The tag `checkpoints/latest` names, if any."""
         latest = self.checkpoints / "latest"
         return latest.read_text().strip() if latest.is_file() else None
+
+
+def filesystem(path: Path) -> Path:
+    """The mount point of the filesystem that holds (or will hold) `path`: what a storage fault's sentence names."""
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """A record written whole (a temporary file renamed) or not at all: a full disk leaves the previous one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 def _git(*args: str) -> str:

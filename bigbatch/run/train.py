@@ -16,16 +16,16 @@ import torch
 
 from bigbatch.check.preflight import ready_to_train
 from bigbatch.config import Recipe
-from bigbatch.config.errors import Preempted
+from bigbatch.config.errors import Preempted, StorageFault
 from bigbatch.config.schedule import ScheduledStep
 from bigbatch.data import BatchSource, prepare
 from bigbatch.engine import initialize
 from bigbatch.models.build import build_model, count_parameters, padded_vocab
 from bigbatch.optim import param_groups
 from bigbatch.resolve import ResolvedRun, phase_recipe
-from bigbatch.run import distributed, faults, resume
+from bigbatch.run import distributed, faults, resume, space
 from bigbatch.run.loop import Trainer
-from bigbatch.run.metrics import MetricsLog, log, plot_loss, say
+from bigbatch.run.metrics import MetricsLog, RankLog, log, plot_loss, say
 from bigbatch.run.preemption import (
     StopRequest,
     clear_markers,
@@ -59,7 +59,7 @@ def _banner(run: ResolvedRun, run_dir: RunDir, n_params: int) -> str:
 
 
 def _setup_logging(run_dir: RunDir, rank: int) -> None:
-    handler = logging.FileHandler(run_dir.log_file(rank))
+    handler = RankLog(run_dir.log_file(rank))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("bigbatch", "DeepSpeed"):
         logger = logging.getLogger(name)
@@ -101,8 +101,14 @@ def _train(recipe: Recipe, path: Optional[Path], resume_run: bool, overwrite: bo
     if path is None:
         run_dir = RunDir(Path(distributed.broadcast(str(default_run_dir(recipe.run.runs_root, recipe.name)))))
         mode = run_dir.decide_mode(resume_run, overwrite)
+    # the writer looks at the storage before anything is written; every rank ends the same way on its answer
+    room = distributed.broadcast(_room(run, run_dir) if rank == 0 else None)
+    if isinstance(room, StorageFault):
+        raise room
     distributed.barrier()  # every rank has read the directory before the writer changes it
     if rank == 0:
+        if room:
+            say(room)
         run_dir.claim(mode)
         if mode == "resume":
             run_dir.keep_records()
@@ -130,6 +136,14 @@ def _train(recipe: Recipe, path: Optional[Path], resume_run: bool, overwrite: bo
         if not last.get("preempted"):
             say(f"done: {run_dir}")
     return last
+
+
+def _room(run: ResolvedRun, run_dir: RunDir) -> Optional[StorageFault | str]:
+    """Writer rank: the storage fault that refuses this start (returned, to be broadcast), or a note, or None."""
+    try:
+        return space.refuse_unless_room(run, run_dir)
+    except StorageFault as fault:
+        return fault
 
 
 def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict[str, Any]], rank: int,
@@ -167,9 +181,8 @@ def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: steps[min(k, len(steps) - 1)].lr / lr)
 
     hostnames = distributed.gather_objects(socket.gethostname())
-    if rank == 0:
-        _write_records(run, run_dir, previous, data.vocab_size, n_params, environment(list(argv or sys.argv), world,
-                                                                                      hostnames))
+    space.written_by_writer(lambda: _write_records(run, run_dir, previous, data.vocab_size, n_params, environment(
+        list(argv or sys.argv), world, hostnames)), rank == 0, distributed.broadcast, "the records", run_dir)
     resume_tag = resume.choose(run, run_dir.checkpoints, rank) if mode == "resume" else None
     if resume_tag and resume_tag.endswith("-universal"):
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}

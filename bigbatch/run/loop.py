@@ -206,7 +206,7 @@ class Trainer:
         if new != old:
             self.decisions.append((done, new))
             self.steps[:] = step_table(self.recipe, self.world, decisions=self.decisions)
-            lr_at_position(self.engine.lr_scheduler)
+            lr_at_position(self.engine.lr_scheduler, client_optimizer(self.engine))
         nxt = self.steps[done]
         if self.is_writer:
             say(f"step {done}: adaptive batch {old} -> {new} (noise scale "

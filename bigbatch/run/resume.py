@@ -113,15 +113,15 @@ def restore(optimizer: Any, scheduler: Any, groups: list[dict[str, Any]], base_l
         group.update(settings)
     if scheduler is not None:
         scheduler.base_lrs = list(base_lrs)
-        lr_at_position(scheduler)
+        lr_at_position(scheduler, optimizer)
 
 
-def lr_at_position(scheduler: Any) -> None:
-    """The LR of the scheduler's current position put in its optimizer's groups: LambdaLR's own formula
-    (torch.optim.lr_scheduler.LambdaLR.get_lr), for when the step table under it has changed (a resume, a decision
-    of the adaptive batch)."""
+def lr_at_position(scheduler: Any, optimizer: Any = None) -> None:
+    """The LR of the scheduler's current position put in the groups of `optimizer` (default: the scheduler's):
+    LambdaLR's own formula (torch.optim.lr_scheduler.LambdaLR.get_lr), for when the step table under it has changed
+    (a resume, a decision of the adaptive batch)."""
     lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+    for group, lr in zip((optimizer or scheduler.optimizer).param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs
 

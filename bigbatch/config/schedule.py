@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 from bigbatch.config import ConfigError, OptimizerConfig, Recipe, ScheduleConfig
 
@@ -135,15 +137,23 @@ def samples_before(steps: list[ScheduledStep], step: int) -> int:
     return sum(sp.global_batch for sp in steps[:step])
 
 
-def step_table(recipe: Recipe, world: int, first: Optional[BatchSplit] = None) -> list[ScheduledStep]:
+def step_table(recipe: Recipe, world: int, first: Optional[BatchSplit] = None,
+               decisions: Sequence[tuple[int, int]] = ()) -> list[ScheduledStep]:
     """One ScheduledStep per optimizer step of the whole run (first phase, then `recipe.phases`); `first`: the first
-    phase's batch factors when the caller has solved them already (`bigbatch.resolve`)."""
+    phase's batch factors when the caller has solved them already (`bigbatch.resolve`). `decisions`: the adaptive
+    batch's (step, global batch) changes, each holding from its step to the end of that step's phase
+    (`bigbatch.config.adaptive`); offsets and LRs follow them as they follow the ramp."""
     b, opt = recipe.batch, recipe.optimizer
     first = first or solve_batch(b.global_batch, world, b.micro_batch, b.grad_accum)
-    steps: list[ScheduledStep] = []
+    if b.adaptive and first.grad_accum * world == 1:
+        raise ConfigError(f"batch.adaptive=true with world 1 and batch.grad_accum=1 has one batch size only, so no "
+                          f"gradient noise scale to steer by; set --batch.micro_batch={first.global_batch // 2} (two "
+                          "micro-batches a step) or run on more ranks.")
+    if b.adaptive and not opt.base_batch:  # the rule carries the LR from the recipe's batch to each adapted one
+        opt = dataclasses.replace(opt, base_batch=first.global_batch)
     # The first phase, with the optional ramp (its LR follows the rule at each batch of the ramp).
     s = recipe.schedule
-    batches, offsets, consumed = [], [], 0  # each step's batch, and the samples before it
+    batches, consumed = [], 0
     for _ in range(s.steps):
         batch = first.global_batch
         if b.ramp_start:
@@ -154,30 +164,51 @@ def step_table(recipe: Recipe, world: int, first: Optional[BatchSplit] = None) -
                     f"world {world} = {first.micro_batch * world}; make batch.ramp_start and batch.ramp_increment "
                     "multiples of it.")
         batches.append(batch)
-        offsets.append(consumed)
         consumed += batch
+    batches = _decided(batches, 0, decisions)
     # A warmup in samples under a ramp is one in samples (Megatron's --lr-warmup-samples: LR x samples consumed /
     # warmup samples): counted in steps of the target batch it would end many times too early.
-    by_samples = bool(b.ramp_start) and s.warmup >= 1
-    if by_samples:
-        warm = next((k + 1 for k, (b_k, o_k) in enumerate(zip(batches, offsets)) if o_k + b_k >= s.warmup), s.steps)
-    else:
-        warm = warmup_steps(s, first.global_batch)
-    for k, (batch, offset) in enumerate(zip(batches, offsets)):
-        peak, _ = scaled_lr(opt, batch)
-        if by_samples and k < warm:
-            factor = min((offset + batch) / s.warmup, 1.0)
-        else:
-            factor = lr_factor(k, s.steps, warm, s.decay, s.power, s.min_lr_ratio)
-        steps.append(ScheduledStep(k, 0, k, batch, first.micro_batch, batch // (first.micro_batch * world),
-                              recipe.data.seq_len, offset, peak * factor))
+    by_samples = bool(b.ramp_start or b.adaptive) and s.warmup >= 1
+    steps = _phase_steps(0, 0, batches, first.micro_batch, world, recipe.data.seq_len, s, by_samples,
+                         lambda batch: scaled_lr(opt, batch)[0])
     for p, ph in enumerate(recipe.phases, start=1):
         plan = solve_batch(ph.global_batch, world, ph.micro_batch or first.micro_batch, 0)
         n = ph.num_steps()
-        warm = warmup_steps(ScheduleConfig(steps=n, warmup=ph.warmup), plan.global_batch)
-        peak = ph.lr or scaled_lr(opt, plan.global_batch)[0]
-        for k in range(n):
-            lr = peak * lr_factor(k, n, warm, ph.decay, ph.power, ph.min_lr_ratio)
-            steps.append(ScheduledStep(len(steps), p, k, plan.global_batch, plan.micro_batch, plan.grad_accum,
-                                  ph.seq_len, k * plan.global_batch, lr))
+        sched = ScheduleConfig(steps=n, warmup=ph.warmup, decay=ph.decay, power=ph.power, min_lr_ratio=ph.min_lr_ratio)
+        # an explicit phase LR is its peak at the phase's own batch; an adapted batch carries it by the same rule
+        rule = OptimizerConfig(lr=ph.lr, lr_rule=opt.lr_rule, base_batch=plan.global_batch) if ph.lr else opt
+        batches = _decided([plan.global_batch] * n, len(steps), decisions)
+        steps += _phase_steps(len(steps), p, batches, plan.micro_batch, world, ph.seq_len, sched,
+                              b.adaptive and ph.warmup >= 1, lambda batch, rule=rule: scaled_lr(rule, batch)[0])
     return steps
+
+
+def _decided(batches: list[int], first_step: int, decisions: Sequence[tuple[int, int]]) -> list[int]:
+    """A phase's per-step batches (its steps start at `first_step`) with the decisions that fall inside it applied."""
+    out = list(batches)
+    for step, batch in sorted(decisions):
+        k = step - first_step
+        if 0 <= k < len(out):
+            out[k:] = [batch] * (len(out) - k)
+    return out
+
+
+def _phase_steps(first_step: int, phase: int, batches: list[int], micro: int, world: int, seq_len: int,
+                 s: ScheduleConfig, by_samples: bool, peak: Callable[[int], float]) -> list[ScheduledStep]:
+    """A phase's rows: each step's batch, its sampler offset (samples of the phase before it) and its LR, the peak at
+    its batch (`peak`) times warmup and decay; a warmup in samples (`by_samples`) ends when they are consumed."""
+    offsets = list(itertools.accumulate([0, *batches[:-1]]))
+    n = len(batches)
+    if by_samples:
+        warm = next((k + 1 for k, (b_k, o_k) in enumerate(zip(batches, offsets)) if o_k + b_k >= s.warmup), n)
+    else:
+        warm = warmup_steps(s, batches[0]) if batches else 0
+    rows = []
+    for k, (batch, offset) in enumerate(zip(batches, offsets)):
+        if by_samples and k < warm:
+            factor = min((offset + batch) / s.warmup, 1.0)
+        else:
+            factor = lr_factor(k, n, warm, s.decay, s.power, s.min_lr_ratio)
+        rows.append(ScheduledStep(first_step + k, phase, k, batch, micro, batch // (micro * world), seq_len, offset,
+                                  peak(batch) * factor))
+    return rows

@@ -97,6 +97,11 @@ class BatchConfig:
     Batch ramp (Megatron's --rampup-batch-size start increment samples): the first phase's global batch starts at
     `ramp_start` and grows by `ramp_increment` each `ramp_samples / ((global_batch - ramp_start) / ramp_increment)`
     samples until it reaches `global_batch`; the LR follows `optimizer.lr_rule` at each batch. 0 disables it.
+
+    Adaptive batch (`adaptive=true`; McCandlish et al. 2018): every `adaptive_every` steps of a phase the global batch
+    becomes clamp(adaptive_factor x the measured gradient noise scale, max(current, min), max), rounded down to a
+    multiple of micro_batch x world; it never shrinks, the micro-batch stays and accumulation grows
+    (bigbatch.config.adaptive).
     """
 
     global_batch: int = 4096
@@ -105,6 +110,11 @@ class BatchConfig:
     ramp_start: int = 0
     ramp_increment: int = 0
     ramp_samples: int = 0
+    adaptive: bool = False
+    adaptive_factor: float = 1.0  # k: the batch steered to k x B_noise
+    adaptive_every: int = 10  # steps between decisions
+    min: int = 0  # the smallest batch a decision sets (0: global_batch)
+    max: int = 0  # the largest batch a decision sets; required with adaptive
 
 
 @dataclass(frozen=True)
@@ -191,6 +201,7 @@ class Recipe:
         self._check_data()
         self._check_phases()
         self._check_ramp()
+        self._check_adaptive()
         return self
 
     def _check_counts(self) -> None:
@@ -297,6 +308,27 @@ class Recipe:
                 raise ConfigError(
                     f"batch.global_batch={b.global_batch} - batch.ramp_start={b.ramp_start} is not a multiple of "
                     f"batch.ramp_increment={b.ramp_increment}; the ramp must land on the global batch.")
+
+    def _check_adaptive(self) -> None:
+        """The adaptive batch: a positive factor, a cadence, min <= max, max at least the starting batch, the noise
+        scale it steers by switched on, and no second steering (the ramp)."""
+        b = self.batch
+        if not b.adaptive:
+            return
+        if not b.adaptive_factor > 0:
+            raise ConfigError(f"batch.adaptive_factor={b.adaptive_factor} must be > 0 (the batch is steered to "
+                              "factor x the gradient noise scale); set e.g. --batch.adaptive_factor=1.")
+        if b.adaptive_every < 1:
+            raise ConfigError(f"batch.adaptive_every={b.adaptive_every} must be >= 1 (steps between decisions).")
+        if b.min < 0 or b.max < max(b.min, b.global_batch):
+            raise ConfigError(f"batch.max={b.max} must be at least batch.min={b.min} and batch.global_batch="
+                              f"{b.global_batch} (where the adaptive batch starts); set --batch.max=<n> above both.")
+        if self.run.noise_scale_ema == 0:
+            raise ConfigError("batch.adaptive=true steers by the gradient noise scale, which run.noise_scale_ema=0 "
+                              "switches off; set --run.noise_scale_ema=0.95 or drop --batch.adaptive.")
+        if b.ramp_start:
+            raise ConfigError(f"batch.adaptive=true and batch.ramp_start={b.ramp_start} both steer the batch; keep "
+                              "one of them (--batch.ramp_start=0 --batch.ramp_increment=0 --batch.ramp_samples=0).")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

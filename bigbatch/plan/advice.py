@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from bigbatch.config import BatchConfig, ConfigError, Recipe
+from bigbatch.config.adaptive import decide
 from bigbatch.config.schedule import BatchSplit, solve_batch
 from bigbatch.plan.memory import PRECISIONS, STAGES, Footprint, Row, model_size
 from bigbatch.plan.timing import Cluster, estimate
@@ -35,7 +36,8 @@ def _splits(global_batch: int, world: int, micro_batch: int) -> bool:
 
 
 def _without_ramp(batch: BatchConfig, **changes: int) -> BatchConfig:
-    return dataclasses.replace(batch, ramp_start=0, ramp_increment=0, ramp_samples=0, **changes)
+    """The batch fixed: no ramp, no adaptive steering (a grid point runs one batch throughout)."""
+    return dataclasses.replace(batch, ramp_start=0, ramp_increment=0, ramp_samples=0, adaptive=False, **changes)
 
 
 def check_world(nodes: int, gpus_per_node: int) -> int:
@@ -152,7 +154,26 @@ def noise_grid(recipe: Recipe, cluster: Cluster, pilot: dict[str, Any], memory: 
     cheapest = min(ok, key=lambda p: (p["gpu_hours"], p["time_to_train_s"])) if ok else None
     for p in points:
         p["fastest"], p["cheapest"] = p is fastest, p is cheapest
-    return {**pilot, "recipe_batch": b0, "recipe_steps": s0, "s_min": s_min, "e_min": e_min, "points": points}
+    out = {**pilot, "recipe_batch": b0, "recipe_steps": s0, "s_min": s_min, "e_min": e_min, "points": points}
+    if recipe.batch.adaptive:
+        out["adaptive"] = adaptive_prediction(recipe, cluster, b_noise, s_min, memory)
+    return out
+
+
+def adaptive_prediction(recipe: Recipe, cluster: Cluster, b_noise: float, s_min: float,
+                        memory: int) -> dict[str, Any]:
+    """An adaptive run (`batch.adaptive`) by the same laws, taking the pilot's B_noise as constant: `adaptive_every`
+    steps at the recipe's batch, then the batch its first decision sets (bigbatch.config.adaptive.decide); steps
+    until S_min's progress is made, each step at batch B counting 1 / (1 + B_noise / B) of a step at infinite batch."""
+    b = recipe.batch
+    first = solve_batch(b.global_batch, cluster.world, b.micro_batch, b.grad_accum)
+    batch = decide(first.global_batch, b_noise, b, first.micro_batch * cluster.world)
+    early = min(b.adaptive_every, math.ceil(mccandlish_steps(s_min, b_noise, first.global_batch)))
+    left = max(s_min - early / (1 + b_noise / first.global_batch), 0.0)
+    steps = early + math.ceil(left * (1 + b_noise / batch))
+    point = _grid_point(recipe, cluster, batch, steps, memory)
+    samples = early * first.global_batch + (steps - early) * batch
+    return {**point, "adapted_batch": batch, "factor": b.adaptive_factor, "samples": samples}
 
 
 def _grid_point(recipe: Recipe, c: Cluster, batch: int, steps: int, memory: int) -> dict[str, Any]:

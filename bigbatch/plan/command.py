@@ -305,4 +305,11 @@ def noise_report(grid: dict[str, Any]) -> str:
                          f"{duration(p['time_to_train_s']):>9}  {p['gpu_hours']:>10,.1f}")
         else:
             lines.append(f"  {p['global_batch']:>8,}  {p['steps']:>8,}  {p['nodes']:>5}  -- {p['why']}")
+    a = grid.get("adaptive")
+    if a:
+        when = (f"{duration(a['time_to_train_s'])}, {a['gpu_hours']:,.1f} GPU-hours" if a["fits"]
+                else f"does not fit: {a['why']}")
+        lines.append(f"Adaptive batch (batch.adaptive, factor {a['factor']:g}): {grid['recipe_batch']:,} "
+                     f"-> {a['adapted_batch']:,} at its first decision; {a['steps']:,} steps, {a['samples']:,} "
+                     f"samples on {a['nodes']} node(s): {when} (the pilot's noise scale taken as constant).")
     return "\n".join(lines)

@@ -8,15 +8,16 @@ import math
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from bigbatch.config import Recipe
+from bigbatch.config import Recipe, adaptive
+from bigbatch.config.adaptive import Decision
 from bigbatch.config.errors import Preempted, StorageFault, TrainingStopped
-from bigbatch.config.schedule import ScheduledStep, samples_before
+from bigbatch.config.schedule import ScheduledStep, samples_before, step_table
 from bigbatch.data import BatchSource
 from bigbatch.engine import client_optimizer
 from bigbatch.optim.layerwise import LayerwiseOptimizer
@@ -27,6 +28,7 @@ from bigbatch.run.metrics import MetricsLog, log, plot_loss, say
 from bigbatch.run.noise import GradientNoiseScale
 from bigbatch.run.overflow import OverflowGuard, state_is_finite
 from bigbatch.run.preemption import StopRequest, mark_preempted
+from bigbatch.run.resume import lr_at_position
 from bigbatch.run.rundir import RunDir
 from bigbatch.run.step import Halt, StepContext, StepRecord, train_step
 
@@ -46,6 +48,8 @@ class Trainer:
     start_step: int = 0
     precision: str = "fp32"  # the run's, for MFU against the device's peak at that precision
     overflow_in_a_row: int = 0  # the overflow guard's count at the checkpoint this start resumed from
+    decisions: list[Decision] = field(default_factory=list)  # the adaptive batch's, as the checkpoint saved them
+    noise_state: dict[str, Optional[float]] = field(default_factory=dict)  # the noise scale's moving averages
 
     def __post_init__(self) -> None:
         # the guard's count of steps skipped in a row is part of the run's state: saved with each checkpoint, so a
@@ -56,6 +60,8 @@ class Trainer:
         ema = self.recipe.run.noise_scale_ema
         self.ctx = StepContext(self.engine, self.rank, self.world, self.recipe.run.seed, self.guard,
                                GradientNoiseScale(self.engine.module, ema) if ema else None)
+        if self.ctx.noise is not None and self.noise_state:
+            self.ctx.noise.load_state(self.noise_state)
         self.samples = samples_before(self.steps, self.start_step)  # read so far: what metrics.jsonl counts
         self.tokens = sum(sp.global_batch * sp.seq_len for sp in self.steps[: self.start_step])
 
@@ -88,7 +94,8 @@ class Trainer:
         """A checkpoint of the state after `step` steps; its cost goes to metrics.jsonl as `checkpoint_s`."""
         started = time.perf_counter()
         state = {"step": step, "samples": samples_before(self.steps, step), "recipe": self.recipe.name,
-                 "overflow_in_a_row": self.guard.in_a_row}
+                 "overflow_in_a_row": self.guard.in_a_row, "batch_decisions": [list(d) for d in self.decisions],
+                 "noise_scale_state": self.ctx.noise.state() if self.ctx.noise else {}}
         checkpoint.save(self.engine, self.run_dir.checkpoints, step, state, self.recipe.checkpoint.keep_last,
                         self.is_writer, distributed.barrier, self.world)
         self.last_saved = step
@@ -169,6 +176,7 @@ class Trainer:
                     self._halt(halt.at, halt.message)
                 done = step + 1
                 last = self._record(sp, result)
+                last.update(self._adapt(done))
                 if done % self.recipe.run.eval_every == 0 or done == self.total_steps:
                     last.update(self._timed_evaluation(sp.micro_batch))
                 self.metrics.write(last)
@@ -192,6 +200,29 @@ class Trainer:
         failed = distributed.broadcast(self.metrics.failed)
         if failed:
             raise StorageFault(space.record_failed(self.run_dir, failed))
+
+    def _adapt(self, done: int) -> dict[str, Any]:
+        """A decision of the adaptive batch when one falls after `done` steps: the rest of the phase's step table
+        follows it (batch, sampler offsets, LR by the rule), the scheduler's LR with it; its record for metrics.jsonl.
+        Every rank decides on the writer's estimate (one small broadcast every `adaptive_every` steps)."""
+        b = self.recipe.batch
+        if not (b.adaptive and adaptive.due(self.steps, done, b.adaptive_every)):
+            return {}
+        noise = distributed.broadcast(self.ctx.noise.estimate if self.ctx.noise else None)
+        old = self.steps[done].global_batch
+        new = adaptive.decide(old, noise, b, self.steps[done].micro_batch * self.world)
+        if new != old:
+            self.decisions.append((done, new))
+            self.steps[:] = step_table(self.recipe, self.world, decisions=self.decisions)
+            lr_at_position(self.engine.lr_scheduler, client_optimizer(self.engine))
+        nxt = self.steps[done]
+        if self.is_writer:
+            say(f"step {done}: adaptive batch {old} -> {new} (noise scale "
+                + (f"{noise:,.0f}" if noise is not None else "not estimated yet")
+                + f", factor {b.adaptive_factor:g}); {nxt.micro_batch} x {nxt.grad_accum} x {self.world}, "
+                f"lr {nxt.lr:.4g}")
+        return {"decision_noise_scale": noise, "decision_old_batch": old, "decision_new_batch": new,
+                "decision_lr": nxt.lr}
 
     def _record(self, sp: ScheduledStep, result: StepRecord) -> dict[str, Any]:
         """The step's metrics.jsonl record, with the trust ratios every few steps (evaluation is `fit`'s decision)."""

@@ -83,7 +83,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 def plot_loss(run: RunDir) -> None:
     """loss.png: train and eval loss against samples, skipped (overflow) steps marked; below it, when estimated, the
-    gradient noise scale (the critical batch) beside the global batch."""
+    gradient noise scale (the critical batch) beside the global batch, and the adaptive batch's changes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,6 +112,10 @@ def plot_loss(run: RunDir) -> None:
         x, b_simple, batch = zip(*noise)
         low.plot(x, b_simple, lw=1.2, label="gradient noise scale B_simple (critical batch)")
         low.plot(x, batch, "--", lw=1.0, label="global batch")
+        changes = [(r["samples"], r["decision_new_batch"]) for r in records
+                   if r.get("decision_new_batch", 0) != r.get("decision_old_batch", 0)]
+        if changes:
+            low.plot(*zip(*changes), "^", ms=5, label="adaptive batch decision")
         low.set_yscale("log")
         low.set_ylabel("samples")
         low.grid(alpha=0.3)

@@ -40,6 +40,18 @@ class GradientNoiseScale:
         # one kernel per parameter: the squares are summed once per micro-batch (bench/loop_overhead.py)
         self._norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
 
+    @property
+    def estimate(self) -> Optional[float]:
+        """B_simple from the moving averages; None before a positive |G|^2 estimate."""
+        return self.trace / self.g2 if self.g2 is not None and self.trace is not None and self.g2 > 0 else None
+
+    def state(self) -> dict[str, Optional[float]]:
+        """The moving averages, saved with a checkpoint so a resume estimates (and adapts) as if never stopped."""
+        return {"g2": self.g2, "trace": self.trace}
+
+    def load_state(self, state: dict[str, Optional[float]]) -> None:
+        self.g2, self.trace = state.get("g2"), state.get("trace")
+
     def micro_batch_done(self, grad_multiplier: float) -> None:
         """After each backward. `grad_multiplier` undoes what the engine applied to the loss (loss scale, division by
         the accumulation steps), so the norm is that of the micro-batch's mean-loss gradient."""

@@ -24,13 +24,14 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from bigbatch.config import ConfigError
+from bigbatch.config import ConfigError, adaptive
+from bigbatch.config.adaptive import Decision
 from bigbatch.config.errors import StorageFault
-from bigbatch.config.schedule import samples_before
+from bigbatch.config.schedule import samples_before, step_table
 from bigbatch.engine import client_optimizer
 from bigbatch.resolve import ResolvedRun
 from bigbatch.run import checkpoint, distributed
@@ -44,7 +45,7 @@ FIXED = (
     "data.sources", "data.weights", "data.tokenizer", "data.vocab_size", "data.seq_len", "data.eval_fraction",
     "data.eval_samples", "data.streaming", "data.shuffle_buffer",
     "optimizer.type",
-    "batch.global_batch", "batch.ramp_start", "batch.ramp_increment", "batch.ramp_samples",
+    "batch.global_batch", "batch.ramp_start", "batch.ramp_increment", "batch.ramp_samples", "batch.adaptive",
     "run.seed",
     "phases.global_batch", "phases.seq_len",
 )
@@ -113,11 +114,17 @@ def restore(optimizer: Any, scheduler: Any, groups: list[dict[str, Any]], base_l
         group.update(settings)
     if scheduler is not None:
         scheduler.base_lrs = list(base_lrs)
-        # LambdaLR's own formula (torch.optim.lr_scheduler.LambdaLR.get_lr) at the loaded position
-        lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(base_lrs, scheduler.lr_lambdas)]
-        for group, lr in zip(optimizer.param_groups, lrs):
-            group["lr"] = lr
-        scheduler._last_lr = lrs
+        lr_at_position(scheduler, optimizer)
+
+
+def lr_at_position(scheduler: Any, optimizer: Any = None) -> None:
+    """The LR of the scheduler's current position put in the groups of `optimizer` (default: the scheduler's):
+    LambdaLR's own formula (torch.optim.lr_scheduler.LambdaLR.get_lr), for when the step table under it has changed
+    (a resume, a decision of the adaptive batch)."""
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip((optimizer or scheduler.optimizer).param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def restore_clipping(engine: Any) -> None:
@@ -130,10 +137,13 @@ def restore_clipping(engine: Any) -> None:
 
 @dataclass(frozen=True)
 class Resumed:
-    """Where a start continues: the step (0 for a new run) and the overflow guard's count saved with it."""
+    """Where a start continues: the step (0 for a new run), and the overflow guard's count, the adaptive batch's
+    decisions and the noise scale's moving averages saved with it."""
 
     step: int = 0
     overflow_in_a_row: int = 0
+    decisions: tuple[Decision, ...] = ()
+    noise: dict[str, Optional[float]] = field(default_factory=dict)
 
 
 def choose(run: ResolvedRun, root: Path, rank: int) -> Optional[str]:
@@ -184,9 +194,11 @@ def load(engine: Any, run: ResolvedRun, run_dir: RunDir, tag: Optional[str], ran
         path, state = engine.load_checkpoint(str(run_dir.checkpoints), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {run_dir.checkpoints / tag}")
+        resumed = Resumed(int(state["step"]), int(state.get("overflow_in_a_row", 0)),
+                          replay_decisions(run, int(state["step"]), state.get("batch_decisions", []), rank),
+                          dict(state.get("noise_scale_state") or {}))
         restore(optimizer, engine.lr_scheduler, settings, base_lrs)
         restore_clipping(engine)
-        resumed = Resumed(int(state["step"]), int(state.get("overflow_in_a_row", 0)))
         expected = samples_before(run.steps, resumed.step)
         if int(state["samples"]) != expected:  # the sampler position follows the step table: data would repeat
             raise ConfigError(                 # or be skipped without a word
@@ -201,6 +213,23 @@ def load(engine: Any, run: ResolvedRun, run_dir: RunDir, tag: Optional[str], ran
     if rank == 0:
         truncate_metrics(run_dir.metrics_file, resumed.step if tag is not None else -1)
     return resumed
+
+
+def replay_decisions(run: ResolvedRun, step: int, saved: list[Any], rank: int) -> tuple[Decision, ...]:
+    """The adaptive batch's decisions of a checkpoint, put back into the run's step table (in place: the LR scheduler
+    reads that list). On another world size the batch from `step` on is re-rounded to it, as a decision of its own."""
+    decisions = tuple((int(at), int(batch)) for at, batch in saved)
+    if not decisions:
+        return ()
+    run.steps[:] = step_table(run.recipe, run.world, run.batch, decisions)
+    fix = adaptive.rerounded(run.steps, step, run.world)
+    if fix is not None:
+        decisions += (fix,)
+        if rank == 0:
+            say(f"adaptive batch: global batch {run.steps[step].global_batch} does not divide on {run.world} ranks; "
+                f"re-rounded to {fix[1]} from step {step}")
+        run.steps[:] = step_table(run.recipe, run.world, run.batch, decisions)
+    return decisions
 
 
 def to_universal(root: Path, tag: str, lars: bool = False) -> str:

@@ -199,7 +199,8 @@ def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict
     trainer = Trainer(recipe, run_dir, engine, data, steps, rank, world,
                       MetricsLog(run_dir.metrics_file, engine.monitor, enabled=rank == 0),
                       load_phase, stop, start_step=resumed.step, precision=run.ds.precision,
-                      overflow_in_a_row=resumed.overflow_in_a_row)
+                      overflow_in_a_row=resumed.overflow_in_a_row, decisions=list(resumed.decisions),
+                      noise_state=resumed.noise)
     return engine, trainer
 
 

@@ -131,6 +131,17 @@ def knee_check() -> list[dict]:
     return out
 
 
+def before_after(out: list[dict]) -> list[str]:
+    """The closing note: each row's ratio in the previous results file (the last committed run) -> in this run."""
+    path = RESULTS / "plan_vs_published.json"
+    if not path.is_file():
+        return []
+    old = {(o["row"], o["gpu"]): o["ratio"] for o in json.loads(path.read_text())["rows"]}
+    pairs = [f"{o['row']} on {o['gpu']} {old[o['row'], o['gpu']]:.3f} -> {o['ratio']:.3f}" for o in out
+             if (o["row"], o["gpu"]) in old]
+    return ["", "Ratios before -> after (the previous results file, then this run): " + "; ".join(pairs) + "."]
+
+
 def main() -> None:
     fitted = {fam: calibrate([r for r in ROWS if r.role == "calibrate" and FAMILY[r.gpu] == fam])
               for fam in ("A100", "H100")}
@@ -173,6 +184,7 @@ def main() -> None:
     held = [o["ratio"] for o in out if o["role"] == "held out"]
     lines += ["", f"Held-out rows within 25%: {sum(0.75 <= q <= 1.25 for q in held)} of {len(held)}; worst "
               f"{max(held, key=lambda q: abs(math.log(q))):.2f}."]
+    lines += before_after(out)
     knee = knee_check()
     lines += ["", "## The noise scale against the measured knee (toy scale)", "",
               "`bigbatch plan --noise-scale` takes B_noise as the critical batch: McCandlish et al.'s S = S_min (1 + "

@@ -24,10 +24,13 @@ accumulation steps:
   (`reduce_scatter`, default true; an all-reduce when false), then an all-gather of Ψe updated weights;
 - stage 2: a reduce-scatter of Ψe in every micro-step's backward (partitioned gradients are reduced as produced),
   and the all-gather once a step;
-- stage 3: a reduce-scatter in every micro-step, and all-gathers of the weights in every micro-step: forward and
-  backward (2Ψe), or once (Ψe) when the whole model fits within stage3_max_live_parameters (default 1e9), whose
-  gathered weights then stay for the backward (measured: bench/results/zero3_checkpointing-vm.md, one all-gather
-  a step under the default limits); checkpointing adds a third when they do not stay.
+- stage 3: a reduce-scatter in every micro-step, and all-gathers of the weights in every micro-step: all of them in
+  the forward (Ψe), then again those that do not stay gathered until their next use. A module's weights stay when
+  they recur within stage3_max_reuse_distance R parameters of the forward+backward trace
+  (partitioned_param_coordinator.py `__params_to_release`; stage3_max_live_parameters only bounds prefetching). A
+  layer with S parameters after it recurs 2S later (3S with checkpointing: its recompute comes after each later
+  layer's recompute and backward), so (1 - R / 2Ψ)Ψe (or (1 - R / 3Ψ)Ψe) is gathered again, none below Ψ = R / 2
+  (measured: bench/results/zero3_checkpointing-vm.md, one all-gather a step under the default limits).
 Ring times: all-reduce 2(n-1)/n x bytes / B, reduce-scatter and all-gather (n-1)/n x bytes / B, plus a latency
 per hop (2(n-1) and n-1 hops). B is the bus bandwidth: NVLink one way within a node; across nodes the ring's
 traffic leaves each node through its NICs, so B = min(NVLink one way, the node's NIC bandwidth: one NIC per GPU x
@@ -163,13 +166,35 @@ def test_communication_volume_per_zero_stage(stage, accum, volume):
     assert st.comm_s == pytest.approx(st.comm_total_s)  # nothing overlaps with overlap_comm false
 
 
-def test_stage3_gathers_forward_and_backward_when_the_model_exceeds_live_parameters():
-    zero = {"overlap_comm": False, "stage3_max_live_parameters": 1000}
+@pytest.mark.parametrize("num_params,checkpointing,gathers", [
+    # the audit's case: 1.1B parameters at DeepSpeed's default R = 1e9 gather 1 + (1 - 1e9 / 2.2e9) = 1.545 models
+    (1_100_000_000, False, 1 + (1 - 1e9 / 2.2e9)),
+    (1_100_000_000, True, 1 + (1 - 1e9 / 3.3e9)),
+    (500_000_000, False, 1.0),  # R / 2: the whole model stays gathered from its forward to its backward use
+    (700_000_000, False, 1 + (1 - 1e9 / 1.4e9)),  # within stage3_max_live_parameters' 1e9, yet gathered again
+    (333_333_333, True, 1.0),
+    (10_000_000_000, False, 1.95),
+])
+def test_stage3_gathers_again_what_the_reuse_distance_lets_go(num_params, checkpointing, gathers):
+    n, bw = 8, 1e11
+    c = timing.Cluster(1, n, dataclasses.replace(A100, intra_node_bandwidth=bw), dataclasses.replace(HDR, latency=0))
+    zero = {"overlap_comm": False}
+    st = timing.step_time(_workload(3, zero, num_params=num_params, checkpointing=checkpointing), c, 128, 8, 1)
+    rs = (n - 1) / n * num_params * 2 / bw + (n - 1) * timing.INTRA_LATENCY
+    hops = (n - 1) * timing.INTRA_LATENCY * (1 if gathers == 1 else 2)
+    assert st.comm_total_s == pytest.approx(rs + gathers * (n - 1) / n * num_params * 2 / bw + hops, rel=1e-9)
+
+
+def test_stage3_max_live_parameters_does_not_decide_the_gathers():
     c = timing.Cluster(1, 8, dataclasses.replace(A100, intra_node_bandwidth=1e11), HDR)
-    one = timing.step_time(_workload(3, {"overlap_comm": False}), c, 128, 8, 1).comm_total_s
-    two = timing.step_time(_workload(3, zero), c, 128, 8, 1).comm_total_s
-    three = timing.step_time(_workload(3, zero, checkpointing=True), c, 128, 8, 1).comm_total_s
-    assert (one, two, three) == pytest.approx((2 / 3 * two, two, 4 / 3 * two), rel=1e-9)  # RS+AG, RS+2AG, RS+3AG
+    base = timing.step_time(_workload(3, {"overlap_comm": False}), c, 128, 8, 1).comm_total_s
+    live = timing.step_time(_workload(3, {"overlap_comm": False, "stage3_max_live_parameters": 1000}), c, 128, 8,
+                            1).comm_total_s
+    short = timing.step_time(_workload(3, {"overlap_comm": False, "stage3_max_reuse_distance": 0}), c, 128, 8,
+                             1).comm_total_s
+    assert live == base  # 1e8 parameters, below R / 2: one gather a micro-step whatever the live limit
+    rs = 7 / 8 * 2e8 / 1e11 + 7 * timing.INTRA_LATENCY
+    assert short == pytest.approx(base + (base - rs))  # R = 0: the backward gathers the whole model again
 
 
 def test_overlap_hides_a_reduction_behind_backward_except_the_last_bucket():

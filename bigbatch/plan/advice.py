@@ -8,11 +8,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from bigbatch.config import BatchConfig, ConfigError, Recipe
+from bigbatch.config import BatchConfig, ConfigError, DeepSpeedSection, Recipe
 from bigbatch.config.schedule import BatchSplit, solve_batch
 from bigbatch.plan.memory import PRECISIONS, STAGES, Footprint, Row, model_size
-from bigbatch.plan.timing import Cluster, estimate
-from bigbatch.resolve import resolve
+from bigbatch.plan.timing import Cluster, Estimate, estimate
+from bigbatch.resolve import phase_recipe, resolve
+
+MIN_SPEEDUP = 1.01  # a change worth naming: the time model is not finer than this
+CHECKPOINTING_CONFIG = "act_ckpt.json"  # the ds_configs/ fragment that switches activation checkpointing on
 
 
 # ----------------------------------------------------------------------------------------------- the micro-batch
@@ -32,6 +35,19 @@ def _splits(global_batch: int, world: int, micro_batch: int) -> bool:
         return True
     except ConfigError:
         return False
+
+
+def phase_batches(batch: BatchConfig) -> list[int]:
+    """Every global batch a phase runs: the ramp's, from ramp_start by ramp_increment, then global_batch."""
+    if not batch.ramp_increment:
+        return [batch.global_batch]
+    return [*range(batch.ramp_start, batch.global_batch, batch.ramp_increment), batch.global_batch]
+
+
+def largest_dividing(fitting: int, batches: list[int], world: int) -> int:
+    """The largest micro-batch up to `fitting` that splits every one of `batches` over `world` ranks; 0: none (a
+    batch ramp keeps its micro-batch, so each ramp batch must split too)."""
+    return next((m for m in range(fitting, 0, -1) if all(_splits(b, world, m) for b in batches)), 0)
 
 
 def _without_ramp(batch: BatchConfig, **changes: int) -> BatchConfig:
@@ -60,8 +76,10 @@ class PlanResult:
     batch_error: str  # why the recipe's batch does not solve on `world`; empty when it does
     rows: tuple[Row, ...]
     largest_fitting: int  # 0: not even micro-batch 1 fits
-    largest_valid: int  # the largest fitting micro-batch that also divides the global batch; 0: none
+    largest_valid: int  # the largest fitting micro-batch that also divides the global batch (and the ramp's); 0: none
     largest_other_checkpointing: int  # the largest fitting micro-batch with checkpointing switched the other way
+    largest_valid_other_checkpointing: int  # of those, the largest that divides the global batch; 0: none
+    seq_len: int = 0  # the phase's
 
     @property
     def own(self) -> Row:
@@ -91,11 +109,65 @@ def plan(recipe: Recipe, nodes: int, gpus_per_node: int, gpu_memory_bytes: int) 
         return lambda micro: footprint.row(ds.stage, ds.precision, micro, checkpointing).fits
 
     rows = tuple(footprint.row(st, pr, split.micro_batch, ds.checkpointing) for st in STAGES for pr in PRECISIONS)
-    fitting, valid = largest_micro_batch(fits(ds.checkpointing), batch.global_batch, world)
+    fitting = largest_micro_batch(fits(ds.checkpointing), batch.global_batch, world)[0]
     other = largest_micro_batch(fits(not ds.checkpointing), batch.global_batch, world)[0]
+    valid, other_valid = (largest_dividing(m, phase_batches(batch), world) for m in (fitting, other))
     num_params = model_size(recipe.model, recipe.data.vocab_size)[0]
     return PlanResult(recipe.name, world, gpu_memory_bytes, num_params, ds.stage, ds.precision, ds.checkpointing,
-                      batch.global_batch, split.micro_batch, batch_error, rows, fitting, valid, other)
+                      batch.global_batch, split.micro_batch, batch_error, rows, fitting, valid, other, other_valid,
+                      recipe.data.seq_len)
+
+
+# ------------------------------------------------------------------------------------------- the change that helps
+def with_batches(recipe: Recipe, micros: list[int], checkpointing: bool) -> Recipe:
+    """`recipe` with micro-batch micros[i] in phase i (accumulation solved) and activation checkpointing on or off
+    (the act_ckpt.json fragment added or left out)."""
+    batch = dataclasses.replace(recipe.batch, micro_batch=micros[0], grad_accum=0)
+    phases = tuple(dataclasses.replace(ph, micro_batch=m) for ph, m in zip(recipe.phases, micros[1:]))
+    configs = tuple(c for c in recipe.deepspeed.configs if c != CHECKPOINTING_CONFIG)
+    configs += (CHECKPOINTING_CONFIG,) * checkpointing
+    return dataclasses.replace(recipe, batch=batch, phases=phases, deepspeed=DeepSpeedSection(configs))
+
+
+@dataclass(frozen=True)
+class Change:
+    """A change to the recipe, its time to train on the same cluster, and how much faster than as written."""
+
+    what: str  # in words, with the override that makes it
+    estimate: Estimate
+    speedup: float  # the recipe's time to train / this one's
+
+
+def best_change(recipe: Recipe, cluster: Cluster, memory: int, current: Optional[Estimate]) -> Optional[Change]:
+    """The fastest of: the largest micro-batch that fits and divides each phase's batch, with checkpointing as
+    written or switched the other way (ties: less accumulation first). None when neither runs, or neither is
+    MIN_SPEEDUP faster than `current` (the recipe as written; None when it does not fit or run)."""
+    results = [plan(phase_recipe(recipe, i), cluster.nodes, cluster.gpus_per_node, memory)
+               for i in range(len(recipe.phases) + 1)]
+    own = results[0].checkpointing
+    options = []
+    for ckpt in (own, not own):
+        micros = [r.largest_valid if ckpt == own else r.largest_valid_other_checkpointing for r in results]
+        if not all(micros):
+            continue
+        variant = with_batches(recipe, micros, ckpt)
+        try:
+            est = estimate(variant, cluster)
+        except ConfigError:  # a ramp batch the micro-batch does not divide
+            continue
+        words = "checkpointing " + ("on" if ckpt else "off")
+        overrides = f"--batch.micro_batch={micros[0]}" + "".join(
+            f" --phases.{i}.micro_batch={m}" for i, m in enumerate(micros[1:], 1))
+        if ckpt != own:
+            overrides += f", {CHECKPOINTING_CONFIG} {'added to' if ckpt else 'left out of'} deepspeed.configs"
+        options.append((est.time_to_train_s, sum(p.grad_accum for p in est.phases),
+                        f"micro-batch {' / '.join(map(str, micros))}, {words} ({overrides})", est))
+    if not options:
+        return None
+    time_s, _, what, est = min(options, key=lambda o: o[:2])
+    if current is not None and time_s >= current.time_to_train_s / MIN_SPEEDUP:
+        return None
+    return Change(what, est, current.time_to_train_s / time_s if current else float("inf"))
 
 
 # ------------------------------------------------------------------------------------------------- node scaling

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,21 @@ from bigbatch.config import ConfigError, Recipe
 from bigbatch.config.files import load_recipe
 from bigbatch.config.overrides import parse_override_args
 from bigbatch.plan import hardware
-from bigbatch.plan.advice import Change, PlanResult, best_change, check_world, node_scaling, noise_grid, plan
+from bigbatch.plan.advice import (
+    Change,
+    PlanResult,
+    best_change,
+    check_world,
+    choose_auto,
+    node_scaling,
+    noise_grid,
+    plan,
+)
+from bigbatch.plan.hardware import DEFAULT_GPU, parse_memory
 from bigbatch.plan.memory import CUDA_ALLOWANCE, GiB, Row
 from bigbatch.plan.timing import Cluster, Estimate, estimate
 from bigbatch.resolve import phase_recipe
 from bigbatch.run.metrics import read_metrics
-
-# the device `bigbatch plan` times on without --gpu: the one the calibration rows ran on
-DEFAULT_GPU = "A100-80GB"
 
 
 def cmd_plan(args: list[str]) -> int:
@@ -81,6 +87,7 @@ def _plan_and_time(known: argparse.Namespace, overrides: dict[str, Any]) -> tupl
     whether every phase fits."""
     recipe = load_recipe(known.recipe, overrides)
     cluster, memory = _cluster(known, recipe)
+    recipe, auto = choose_auto(recipe, cluster, memory)  # what `bigbatch train` would pick for an "auto"
     scan = parse_nodes("--scan-nodes", known.scan_nodes) if known.scan_nodes else None
     pilot = read_noise_scale(known.noise_scale) if known.noise_scale else None
     # every phase: a later one's longer sequences need more activation memory (a batch ramp keeps the micro-batch,
@@ -104,8 +111,10 @@ def _plan_and_time(known: argparse.Namespace, overrides: dict[str, Any]) -> tupl
     change = best_change(recipe, cluster, memory, est)
     out["best_change"] = change and {"change": change.what, "time_to_train_s": change.estimate.time_to_train_s,
                                      "gpu_hours": change.estimate.gpu_hours, "speedup": change.speedup}
+    out["auto"] = auto and {"micro_batches": list(auto.micro_batches), "checkpointing": auto.checkpointing,
+                            "reason": auto.what}
     text = [*answer_lines(recipe.name, results, est, out.get("time_error", ""), change, cluster),
-            *memory_lines(results, memory)]
+            *([f"auto chose {auto.what}."] if auto else []), *memory_lines(results, memory)]
     if est is not None:
         text.extend(["", ("" if known.gpu else f"(--gpu not given: {DEFAULT_GPU}.) ") + time_report(est)])
     if known.detail:
@@ -130,7 +139,8 @@ def _cluster(known: argparse.Namespace, recipe: Recipe) -> tuple[Cluster, int]:
     nodes, per_node = known.nodes or c.nodes, known.gpus_per_node or c.gpus_per_node
     check_world(nodes, per_node)
     m = recipe.model
-    shapes = hardware.CpuShapes(recipe.batch.micro_batch * recipe.data.seq_len or 4096, m.hidden_size,
+    micro = recipe.batch.micro_batch if isinstance(recipe.batch.micro_batch, int) else 0  # 0 also for "auto"
+    shapes = hardware.CpuShapes(micro * recipe.data.seq_len or 4096, m.hidden_size,
                                 m.intermediate_size, m.num_heads, recipe.data.seq_len)
     device = hardware.device(known.gpu or DEFAULT_GPU, per_node, peak_tflops=known.peak_tflops,
                              memory_bandwidth_gbps=known.memory_bandwidth,
@@ -202,15 +212,6 @@ def memory_lines(results: list[PlanResult], memory: int) -> list[str]:
                      f"{_size(own.grads)} + optimizer {_size(own.optimizer)} + activations {_size(own.activations)} "
                      f"(checkpointing {ckpt}) + buffers {_size(own.buffers)}{_step_only(own)}; {largest}.")
     return lines
-
-
-def parse_memory(text: str) -> int:
-    """`80GB` (10^9 bytes), `80GiB` (2^30 bytes) or `80` (GiB) -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(gb|gib)?\s*", text, re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
-        raise ConfigError(f"--gpu-memory={text!r} is not a positive memory size; write it as 80GB, 80GiB or 80 (GiB).")
-    unit = 10**9 if (match.group(2) or "").lower() == "gb" else GiB
-    return int(float(match.group(1)) * unit)
 
 
 def parse_nodes(key: str, text: str) -> list[int]:

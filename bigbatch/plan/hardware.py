@@ -104,6 +104,23 @@ DEVICES: dict[str, Device] = {
     "B200": _gpu("B200", 2250 * TB, 75 * TB, 8000 * GB, 1800 * GB, "ndr400", B200_DATASHEET),
 }
 DEVICE_NAMES = (*DEVICES, "cpu")
+# the device `bigbatch plan` times on without --gpu, and `auto` ranks on where CUDA names no catalogue entry: the one
+# the calibration rows ran on
+DEFAULT_GPU = "A100-80GB"
+
+
+def parse_memory(text: str) -> int:
+    """`80GB` (10^9 bytes), `80GiB` (2^30 bytes) or `80` (GiB) -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(gb|gib)?\s*", text, re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"--gpu-memory={text!r} is not a positive memory size; write it as 80GB, 80GiB or 80 (GiB).")
+    unit = 10**9 if (match.group(2) or "").lower() == "gb" else 2**30
+    return int(float(match.group(1)) * unit)
+
+
+def catalogue_name(cuda_name: str) -> str | None:
+    """The catalogue entry of the GPU `torch.cuda.get_device_name()` calls `cuda_name`; None when none matches."""
+    return next((name for pattern, name in CUDA_NAMES if re.search(pattern, cuda_name)), None)
 
 # torch.cuda.get_device_name() of the catalogue's GPUs. The A100's PCIe cards share its SXM peaks (the datasheet's
 # one column of FLOPS); H100 PCIe and NVL and H200 NVL have lower peaks than the SXM entries here, so match none.
@@ -114,10 +131,8 @@ CUDA_NAMES = ((r"A100\b.*\b40GB", "A100-40GB"), (r"A100\b.*\b80GB", "A100-80GB")
 def cuda_peak_flops(cuda_name: str, precision: str) -> float | None:
     """The catalogue's dense peak FLOP/s in `precision` (fp32, fp16, bf16) of the GPU that
     `torch.cuda.get_device_name()` calls `cuda_name` ("NVIDIA H100 80GB HBM3"); None for any other name, cpu too."""
-    for pattern, name in CUDA_NAMES:
-        if re.search(pattern, cuda_name):
-            return DEVICES[name].peak_flops[precision]
-    return None
+    name = catalogue_name(cuda_name)
+    return DEVICES[name].peak_flops[precision] if name else None
 
 
 INTERCONNECTS: dict[str, Interconnect] = {

@@ -21,8 +21,6 @@ RECIPE = dataclasses.replace(
     LARGE,
     name="bert_base",
     model=shape("bert-base"),
-    batch=dataclasses.replace(LARGE.batch, micro_batch=512),  # `bigbatch plan`: 1024 is the largest that fits
-    phases=(dataclasses.replace(LARGE.phases[0], micro_batch=64),),
     cluster=ClusterConfig(nodes=4, gpus_per_node=8, gpu_memory="80GB"),  # 32 A100/H100 80GB
 )
 

@@ -27,6 +27,8 @@ from bigbatch.plan.advice import (
 from bigbatch.plan.timing import Cluster, estimate
 from bigbatch.resolve import phase_recipe, resolve
 
+from conftest import pinned
+
 A100 = hardware.DEVICES["A100-80GB"]
 HDR = hardware.INTERCONNECTS["hdr200"]
 
@@ -56,7 +58,7 @@ def test_mccandlish_laws_written_out():
 
 
 def test_noise_grid_predicts_steps_and_marks_fastest_and_cheapest():
-    recipe = load_recipe("bert_base")
+    recipe = pinned("bert_base")
     b_noise = 16384.0
     pilot = _pilot(b_noise)
     grid = noise_grid(recipe, Cluster(4, 8, A100, HDR), pilot, 80 * 10**9, [1, 4, 16])
@@ -81,14 +83,14 @@ def test_noise_grid_predicts_steps_and_marks_fastest_and_cheapest():
 
 def test_noise_grid_marks_what_does_not_fit():
     pilot = _pilot(4096.0)
-    grid = noise_grid(load_recipe("gpt2_xl"), Cluster(1, 8, A100, HDR), pilot, 2 * 10**9, [1])
+    grid = noise_grid(pinned("gpt2_xl"), Cluster(1, 8, A100, HDR), pilot, 2 * 10**9, [1])
     assert not any(p["fits"] for p in grid["points"])
     assert all("why" in p for p in grid["points"])
     assert not any(p["fastest"] or p["cheapest"] for p in grid["points"])
 
 
 def test_scaling_efficiency_is_samples_per_node_against_the_first():
-    recipe = load_recipe("gpt2_small")
+    recipe = pinned("gpt2_small")
     cluster = Cluster(1, 8, A100, HDR)
     rows = node_scaling(recipe, cluster, [1, 4, 3])
     by_nodes = {r["nodes"]: r for r in rows}
@@ -110,7 +112,7 @@ def test_auto_takes_the_fastest_fitting_micro_batch_and_checkpointing_by_the_tim
     chosen, change = choose_auto(recipe, XL, H100.memory_bytes)
     # the ramp from 512 on 128 GPUs allows micro-batch 4 at most; it fits without checkpointing, which saves the
     # recompute: the time model's own ratio of the two
-    on = estimate(dataclasses.replace(load_recipe("gpt2_xl"), name="on"), XL).time_to_train_s
+    on = estimate(pinned("gpt2_xl"), XL).time_to_train_s
     off = estimate(chosen, XL).time_to_train_s
     assert (chosen.batch.micro_batch, change.micro_batches, change.checkpointing) == (4, (4,), False)
     assert "act_ckpt.json" not in chosen.deepspeed.configs and not resolve(chosen, 128).ds.checkpointing
@@ -120,7 +122,7 @@ def test_auto_takes_the_fastest_fitting_micro_batch_and_checkpointing_by_the_tim
 
 
 def test_auto_ties_go_to_less_accumulation_and_an_explicit_number_wins():
-    recipe = load_recipe("bert_large", {"batch.micro_batch": "auto", "phases.1.micro_batch": "auto"})
+    recipe = load_recipe("bert_large", {"deepspeed.activation_checkpointing": ""})  # as shipped: "auto" micro-batches
     c = Cluster(8, 8, A100, HDR)
     chosen, change = choose_auto(recipe, c, A100.memory_bytes)
     for phase, micro in enumerate(change.micro_batches):
@@ -129,9 +131,9 @@ def test_auto_ties_go_to_less_accumulation_and_an_explicit_number_wins():
                 and plan_fits(r, m, c)]
         assert micro == max(fits)  # no larger micro-batch fits and splits: the least accumulation
     assert not change.checkpointing  # as the configs say: activation_checkpointing is not "auto" here
-    explicit, _ = choose_auto(load_recipe("bert_large", {"batch.micro_batch": "auto"}), c, A100.memory_bytes)
+    explicit, _ = choose_auto(load_recipe("bert_large", {"phases.1.micro_batch": "32"}), c, A100.memory_bytes)
     assert explicit.phases[0].micro_batch == 32  # the recipe's own number for phase 2 stands
-    assert choose_auto(load_recipe("bert_large"), c, A100.memory_bytes) == (load_recipe("bert_large"), None)
+    assert choose_auto(pinned("bert_large"), c, A100.memory_bytes) == (pinned("bert_large"), None)
 
 
 def plan_fits(recipe, micro, c):
@@ -145,7 +147,7 @@ def test_auto_at_start_keeps_the_last_choice_on_as_many_gpus_and_chooses_again_o
     assert (same.batch.micro_batch, resolve(same, 128).ds.checkpointing, why) == (2, True, "earlier")
     other, why = choose_at_start(recipe, 64, kept)  # no GPU here: the recipe's cluster.gpu_memory, 80GB
     assert other.batch.micro_batch == 8 and why.startswith("micro-batch 8, checkpointing off: fits in ")
-    assert choose_at_start(load_recipe("gpt2_xl"), 64, kept) == (load_recipe("gpt2_xl"), "")
+    assert choose_at_start(pinned("gpt2_xl"), 64, kept) == (pinned("gpt2_xl"), "")
 
 
 def test_auto_is_parsed_resolved_only_after_the_choice_and_shown_by_check_and_plan(capsys):

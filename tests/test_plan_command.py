@@ -10,10 +10,11 @@ import pytest
 
 from bigbatch.cli import main
 from bigbatch.config import ConfigError, DeepSpeedSection
-from bigbatch.config.files import load_recipe
 from bigbatch.plan import hardware
 from bigbatch.plan.command import cmd_plan, parse_memory, read_noise_scale
 from bigbatch.plan.timing import Cluster, estimate
+
+from conftest import pinned
 
 
 @pytest.mark.parametrize("text,expected", [("80GB", 80 * 10**9), ("80GiB", 80 * 2**30), ("80", 80 * 2**30),
@@ -57,13 +58,15 @@ def test_cmd_plan_world_the_global_batch_does_not_divide(capsys):
 def test_the_answer_comes_first_and_its_gain_is_the_time_model_s(capsys):
     """gpt2_xl on its 128 H100s: checkpointing is on though the micro-batch its ramp allows (4: every ramp batch
     from 512 must split over 128 GPUs) fits without it; switching it off saves the recompute."""
-    assert main(["plan", "gpt2_xl", "--gpu", "H100-SXM"]) == 0
+    pin = ["--batch.micro_batch=4", "--deepspeed.configs=zero2.json,bf16.json,act_ckpt.json",
+           "--deepspeed.activation_checkpointing="]  # as gpt2_xl shipped before "auto"
+    assert main(["plan", "gpt2_xl", "--gpu", "H100-SXM", *pin]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("gpt2_xl fits as written on 128 GPUs (16 x 8) of 79.65 GiB each: ZeRO-2 bf16, "
                                "checkpointing on")
     assert lines[1].startswith("Time to train on 16 x 8 H100-SXM: ") and "GPU-hours" in lines[1]
     assert lines[2].startswith("Helps most: micro-batch 4, checkpointing off")
-    recipe = load_recipe("gpt2_xl")
+    recipe = pinned("gpt2_xl")
     cluster = Cluster(16, 8, hardware.DEVICES["H100-SXM"], hardware.INTERCONNECTS["ndr400"])
     off = dataclasses.replace(recipe, deepspeed=DeepSpeedSection(("zero2.json", "bf16.json")))
     gain = estimate(recipe, cluster).time_to_train_s / estimate(off, cluster).time_to_train_s
@@ -71,9 +74,16 @@ def test_the_answer_comes_first_and_its_gain_is_the_time_model_s(capsys):
     assert lines[3].startswith("Memory per GPU at ZeRO-2 bf16")
     assert lines[4].startswith("  phase 1 of 1 (sequence length 1024, global batch 4096), micro-batch 4: ")
     assert not lines[5]  # one line per phase, then the time table
-    assert main(["plan", "gpt2_xl", "--gpu", "H100-SXM", "--json"]) == 0
+    assert main(["plan", "gpt2_xl", "--gpu", "H100-SXM", "--json", *pin]) == 0
     got = json.loads(capsys.readouterr().out)
-    assert got["best_change"]["speedup"] == pytest.approx(gain)
+    assert got["best_change"]["speedup"] == pytest.approx(gain) and got["auto"] is None
+    # as shipped, "auto": the plan shows the choice (the same change) and why, and nothing is left to gain
+    assert main(["plan", "gpt2_xl", "--gpu", "H100-SXM"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "checkpointing off, micro-batch 4" in lines[0] and lines[2].startswith("Helps most: nothing faster")
+    peak = float(lines[0].split("needs ")[1].split(" GiB")[0])
+    assert lines[3] == (f"auto chose micro-batch 4, checkpointing off: fits in {peak:.1f} of 79.6 GiB, {gain:.2f}x "
+                        "faster than 4 with checkpointing on.")
 
 
 def _pilot(tmp_path, values):

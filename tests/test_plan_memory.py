@@ -26,6 +26,8 @@ from bigbatch.plan.memory import (
     sdpa_backend,
 )
 
+from conftest import pinned
+
 VOCAB = 1000
 
 
@@ -363,7 +365,7 @@ def test_bert_large_row_worked_by_hand():
     total = params + grads + optimizer + activations + buffers
     assert total == 33_057_437_440  # 33.1 GB of the 80 GB
 
-    result = plan(load_recipe("bert_large"), 8, 8, 80 * 10**9)
+    result = plan(pinned("bert_large"), 8, 8, 80 * 10**9)
     assert result.num_params == P
     assert result.own == Row(1, "bf16", params, grads, optimizer, activations, buffers, total, True)
 

@@ -54,10 +54,11 @@ import dataclasses
 
 import pytest
 
-from bigbatch.config.files import load_recipe
 from bigbatch.config.shapes import shape
 from bigbatch.plan import hardware, timing
 from bigbatch.plan.memory import model_size
+
+from conftest import pinned
 
 A100 = hardware.DEVICES["A100-80GB"]
 HDR = hardware.INTERCONNECTS["hdr200"]
@@ -234,7 +235,7 @@ def test_compute_and_optimizer_time_written_out():
 
 
 def test_estimate_sums_every_step_of_every_phase_and_mfu_is_model_flops_over_peak():
-    recipe = load_recipe("bert_large")
+    recipe = pinned("bert_large")
     est = timing.estimate(recipe, timing.Cluster(8, 8, A100, HDR))
     assert [p.steps for p in est.phases] == [7038, 1563]
     assert [(p.seq_len, p.global_batch) for p in est.phases] == [(128, 65536), (512, 32768)]
@@ -251,7 +252,7 @@ def test_estimate_sums_every_step_of_every_phase_and_mfu_is_model_flops_over_pea
 def test_every_shipped_recipe_gets_a_time_on_every_gpu():
     for name in ("tiny", "bert_base", "bert_large", "bert_large_32k", "gpt2_small", "gpt2_medium", "gpt2_xl",
                  "llama_1b"):
-        r = load_recipe(name)
+        r = pinned(name)
         for gpu in hardware.DEVICES:
             est = timing.estimate(r, timing.Cluster(r.cluster.nodes, r.cluster.gpus_per_node,
                                                     hardware.DEVICES[gpu], hardware.INTERCONNECTS["ndr400"]))
@@ -259,7 +260,7 @@ def test_every_shipped_recipe_gets_a_time_on_every_gpu():
 
 
 def test_faster_device_and_network_give_shorter_times():
-    r = load_recipe("gpt2_xl")
+    r = pinned("gpt2_xl")
     times = [timing.estimate(r, timing.Cluster(16, 8, hardware.DEVICES[g], HDR)).time_to_train_s
              for g in ("A100-40GB", "H100-SXM", "B200")]
     assert times == sorted(times, reverse=True)

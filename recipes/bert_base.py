@@ -1,7 +1,8 @@
 """bert_base: BERT-base (110M) on bert_large's schedule (LAMB, the published mixed-batch schedule, two phases).
 
 The schedule and LRs are bert_large's, published for BERT-large (see recipes/bert_large.py for the sources);
-NVIDIA's BERT-base LAMB runs use the same phase structure. Only the shape, the micro-batches and the cluster differ.
+NVIDIA's BERT-base LAMB runs use the same phase structure. Only the shape and the cluster differ (the micro-batches
+are "auto", as bert_large's).
 
     bigbatch plan bert_base             # memory on the cluster below
     bigbatch check bert_base            # the DeepSpeed JSON it composes

@@ -175,3 +175,10 @@ def test_stdout_carries_no_deepspeed_chatter(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "accelerator" not in done.stdout.lower() and "[WARNING]" not in done.stdout
     assert done.stdout.startswith("tiny")
+
+
+def test_auto_that_finds_nothing_is_a_report_that_does_not_fit(capsys):
+    assert main(["plan", "gpt2_xl", "--gpu-memory=4GB"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("gpt2_xl does not fit as written") and "micro-batch 1 needs" in lines[0]
+    assert lines[3].startswith("auto: recipe gpt2_xl: no micro-batch fits in 3.73 GiB per GPU")

@@ -24,6 +24,7 @@ from bigbatch.plan.advice import (
     node_scaling,
     noise_grid,
     plan,
+    with_batches,
 )
 from bigbatch.plan.hardware import DEFAULT_GPU, parse_memory
 from bigbatch.plan.memory import CUDA_ALLOWANCE, GiB, Row
@@ -87,7 +88,11 @@ def _plan_and_time(known: argparse.Namespace, overrides: dict[str, Any]) -> tupl
     whether every phase fits."""
     recipe = load_recipe(known.recipe, overrides)
     cluster, memory = _cluster(known, recipe)
-    recipe, auto = choose_auto(recipe, cluster, memory)  # what `bigbatch train` would pick for an "auto"
+    try:
+        recipe, auto = choose_auto(recipe, cluster, memory)  # what `bigbatch train` would pick for an "auto"
+        auto_line = [f"auto chose {auto.what}."] if auto else []
+    except ConfigError as err:  # nothing fits: reported at micro-batch 1, as not fitting
+        recipe, auto, auto_line = with_batches(recipe, [1] * (len(recipe.phases) + 1)), None, [f"auto: {err}"]
     scan = parse_nodes("--scan-nodes", known.scan_nodes) if known.scan_nodes else None
     pilot = read_noise_scale(known.noise_scale) if known.noise_scale else None
     # every phase: a later one's longer sequences need more activation memory (a batch ramp keeps the micro-batch,
@@ -114,7 +119,7 @@ def _plan_and_time(known: argparse.Namespace, overrides: dict[str, Any]) -> tupl
     out["auto"] = auto and {"micro_batches": list(auto.micro_batches), "checkpointing": auto.checkpointing,
                             "reason": auto.what}
     text = [*answer_lines(recipe.name, results, est, out.get("time_error", ""), change, cluster),
-            *([f"auto chose {auto.what}."] if auto else []), *memory_lines(results, memory)]
+            *auto_line, *memory_lines(results, memory)]
     if est is not None:
         text.extend(["", ("" if known.gpu else f"(--gpu not given: {DEFAULT_GPU}.) ") + time_report(est)])
     if known.detail:

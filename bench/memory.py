@@ -39,6 +39,7 @@ from bigbatch.plan.memory import (  # noqa: E402
     logits_grad_bytes,
     model_size,
     model_state_bytes,
+    zero3_live_params,
 )
 from bigbatch.run.distributed import free_port  # noqa: E402
 
@@ -70,7 +71,8 @@ def planner(args: argparse.Namespace, world: int, r: dict[str, Any]) -> dict[str
     num_params, largest, attention = model_size(recipe.model, args.vocab)
     stage, precision, ckpt = r["stage"], r["precision"], r["checkpointing"]
     zero = resolve(args, stage, precision, ckpt, r["optimizer"], world)[1].get("zero_optimization") or {}
-    out: dict[str, int] = model_state_bytes(num_params, stage, precision, r["optimizer"], world, largest)
+    live = zero3_live_params(num_params, zero, ckpt) if stage == 3 else 0
+    out: dict[str, int] = model_state_bytes(num_params, stage, precision, r["optimizer"], world, largest, live)
     out["buffers"] = buffer_bytes(zero, stage, precision, num_params) - CUDA_ALLOWANCE
     out["activations"] = activation_bytes(recipe.model, args.vocab, args.seq, args.micro, precision, ckpt,
                                           attention, recipe.data.mlm_probability)

@@ -51,10 +51,15 @@ class Row:
     published_mfu: float = 0.0  # where the source states one
 
 
+# NVIDIA's BERT-large LAMB pretraining runs micro-batches of 256 at seq 128 and 32 at seq 512 (as bert_large shipped
+# before its micro-batch became "auto"), checkpointing off
+BERT_AS_PUBLISHED = {"batch.micro_batch": "256", "phases.1.micro_batch": "32", "deepspeed.activation_checkpointing": ""}
+
+
 def bert(gpus: int, seq: int, published: float, role: str) -> Row:
     nodes, per = (gpus // 8, 8) if gpus >= 8 else (1, gpus)
-    return Row(f"BERT-large seq {seq}, {gpus} GPU{'s' * (gpus > 1)}", "A100-80GB", nodes, per, "bert_large", {},
-               "samples_per_s", published, NVIDIA, role, phase=0 if seq == 128 else 1)
+    return Row(f"BERT-large seq {seq}, {gpus} GPU{'s' * (gpus > 1)}", "A100-80GB", nodes, per, "bert_large",
+               BERT_AS_PUBLISHED, "samples_per_s", published, NVIDIA, role, phase=0 if seq == 128 else 1)
 
 
 def mpt(size: str, gpu: str, gpus: int, micro: int, accum: int, tokens_per_gpu: float, mfu: float, role: str) -> Row:
@@ -64,7 +69,7 @@ def mpt(size: str, gpu: str, gpus: int, micro: int, accum: int, tokens_per_gpu: 
             "model.intermediate_size": 4 * h, "model.max_position": 2048, "model.dropout": 0.0,
             "data.vocab_size": 50368, "data.seq_len": 2048, "batch.global_batch": micro * accum * gpus,
             "batch.micro_batch": micro, "optimizer.type": "adamw", "optimizer.lr_rule": "none",
-            "deepspeed.configs": "zero3.json,bf16.json"}
+            "deepspeed.configs": "zero3.json,bf16.json", "deepspeed.activation_checkpointing": ""}
     table = "H100 80GB BF16" if gpu == "H100-SXM" else "A100 80GB with 1600 Gbps node-node interconnect (RoCE)"
     return Row(f"MPT-{size} seq 2048, {gpus} GPUs", gpu, nodes, per, "gpt2_small",
                {k: str(v) for k, v in over.items()}, "tokens_per_gpu_s", tokens_per_gpu,
@@ -75,8 +80,8 @@ ROWS = [
     bert(1, 128, 580, "calibrate"), bert(1, 512, 210, "calibrate"),
     bert(8, 128, 4591, "held out"), bert(8, 512, 1657, "held out"),
     bert(256, 128, 138294, "held out"), bert(256, 512, 49663, "held out"),
-    Row("BERT-large time to train, 32 DGX A100", "A100-80GB", 32, 8, "bert_large", {}, "time_to_train_s", 1.2 * 3600,
-        NVIDIA + "; about 1.2 h", "held out"),
+    Row("BERT-large time to train, 32 DGX A100", "A100-80GB", 32, 8, "bert_large", BERT_AS_PUBLISHED, "time_to_train_s",
+        1.2 * 3600, NVIDIA + "; about 1.2 h", "held out"),
     mpt("760m", "A100-80GB", 8, 24, 2, 32434, 0.5685, "held out"),
     mpt("1b", "A100-80GB", 8, 14, 4, 20513, 0.5986, "held out"),
     mpt("3b", "A100-80GB", 8, 10, 2, 10811, 0.6211, "held out"),
@@ -87,7 +92,8 @@ ROWS = [
     mpt("1b", "H100-SXM", 64, 20, 1, 44402, 0.4085, "held out"),
     mpt("3b", "H100-SXM", 16, 10, 3, 24142, 0.4373, "held out"),
     Row("TinyLlama 1.1B seq 2048, 16 GPUs", "A100-40GB", 2, 8, "llama_1b",
-        {"batch.global_batch": "1024", "batch.micro_batch": "8", "deepspeed.configs": "zero2.json,bf16.json"},
+        {"batch.global_batch": "1024", "batch.micro_batch": "8", "deepspeed.configs": "zero2.json,bf16.json",
+         "deepspeed.activation_checkpointing": ""},
         "tokens_per_gpu_s", 24000, TINYLLAMA, "held out", published_mfu=0.56),
 ]
 FAMILY = {"A100-40GB": "A100", "A100-80GB": "A100", "H100-SXM": "H100", "H200": "H100", "B200": "H100"}
@@ -129,6 +135,17 @@ def knee_check() -> list[dict]:
         b_noise = quality["noise_scale"][method]["32"]["median_second_half"]
         out.append({"method": name, "noise_scale": b_noise, "knee": crossing, "ratio": b_noise / crossing})
     return out
+
+
+def before_after(out: list[dict]) -> list[str]:
+    """The closing note: each row's ratio in the previous results file (the last committed run) -> in this run."""
+    path = RESULTS / "plan_vs_published.json"
+    if not path.is_file():
+        return []
+    old = {(o["row"], o["gpu"]): o["ratio"] for o in json.loads(path.read_text())["rows"]}
+    pairs = [f"{o['row']} on {o['gpu']} {old[o['row'], o['gpu']]:.3f} -> {o['ratio']:.3f}" for o in out
+             if (o["row"], o["gpu"]) in old]
+    return ["", "Ratios before -> after (the previous results file, then this run): " + "; ".join(pairs) + "."]
 
 
 def main() -> None:
@@ -173,6 +190,7 @@ def main() -> None:
     held = [o["ratio"] for o in out if o["role"] == "held out"]
     lines += ["", f"Held-out rows within 25%: {sum(0.75 <= q <= 1.25 for q in held)} of {len(held)}; worst "
               f"{max(held, key=lambda q: abs(math.log(q))):.2f}."]
+    lines += before_after(out)
     knee = knee_check()
     lines += ["", "## The noise scale against the measured knee (toy scale)", "",
               "`bigbatch plan --noise-scale` takes B_noise as the critical batch: McCandlish et al.'s S = S_min (1 + "

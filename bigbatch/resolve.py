@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from bigbatch.config import Recipe, dsconfig
+from bigbatch.config import ConfigError, Recipe, dsconfig
 from bigbatch.config.schedule import (
     BatchSplit,
     ScheduledStep,
@@ -75,6 +75,11 @@ def phase_recipe(recipe: Recipe, phase: int) -> Recipe:
 def resolve(recipe: Recipe, world: int, batch: Optional[BatchSplit] = None) -> ResolvedRun:
     """The run `recipe` makes on `world` ranks. `batch` overrides the first phase's batch factors (the planner
     tabulates a micro-batch that does not divide); ConfigError when the batch arithmetic does not work out."""
+    if "auto" in (recipe.batch.micro_batch, recipe.deepspeed.activation_checkpointing,
+                  *(ph.micro_batch for ph in recipe.phases)):  # the planner's choice, made above this layer
+        raise ConfigError(f"recipe {recipe.name} asks for an 'auto' micro-batch or checkpointing, which bigbatch "
+                          "train, check and plan choose at start; resolve the recipe "
+                          "bigbatch.plan.advice.choose_auto returns.")
     batch = batch or solve_batch(recipe.batch.global_batch, world, recipe.batch.micro_batch, recipe.batch.grad_accum)
     lr, rule = scaled_lr(recipe.optimizer, batch.global_batch)
     steps = step_table(recipe, world, first=batch)

@@ -1,7 +1,8 @@
 """bert_base: BERT-base (110M) on bert_large's schedule (LAMB, the published mixed-batch schedule, two phases).
 
 The schedule and LRs are bert_large's, published for BERT-large (see recipes/bert_large.py for the sources);
-NVIDIA's BERT-base LAMB runs use the same phase structure. Only the shape, the micro-batches and the cluster differ.
+NVIDIA's BERT-base LAMB runs use the same phase structure. Only the shape and the cluster differ (the micro-batches
+are "auto", as bert_large's).
 
     bigbatch plan bert_base             # memory on the cluster below
     bigbatch check bert_base            # the DeepSpeed JSON it composes
@@ -21,8 +22,6 @@ RECIPE = dataclasses.replace(
     LARGE,
     name="bert_base",
     model=shape("bert-base"),
-    batch=dataclasses.replace(LARGE.batch, micro_batch=512),  # `bigbatch plan`: 1024 is the largest that fits
-    phases=(dataclasses.replace(LARGE.phases[0], micro_batch=64),),
     cluster=ClusterConfig(nodes=4, gpus_per_node=8, gpu_memory="80GB"),  # 32 A100/H100 80GB
 )
 

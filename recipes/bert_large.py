@@ -38,10 +38,11 @@ RECIPE = Recipe(
     optimizer=OptimizerConfig(type="lamb", lr=6e-3, lr_rule="none", betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                               grad_clip=1.0, min_coeff=0.0, max_coeff=float("inf")),
     schedule=ScheduleConfig(steps=7038, warmup=0.2843, decay="poly", power=0.5),
-    batch=BatchConfig(global_batch=65536, micro_batch=256),  # `bigbatch plan`: 512 is the largest that fits
-    phases=(PhaseConfig(global_batch=32768, seq_len=512, steps=1563, micro_batch=32, lr=4e-3, warmup=0.128,
+    # micro-batch and checkpointing per phase: what fits this GPU and trains fastest (bigbatch plan shows the choice)
+    batch=BatchConfig(global_batch=65536, micro_batch="auto"),
+    phases=(PhaseConfig(global_batch=32768, seq_len=512, steps=1563, micro_batch="auto", lr=4e-3, warmup=0.128,
                         decay="poly", power=0.5),),
-    deepspeed=DeepSpeedSection(configs=("zero1.json", "bf16.json")),
+    deepspeed=DeepSpeedSection(configs=("zero1.json", "bf16.json"), activation_checkpointing="auto"),
     checkpoint=CheckpointConfig(every_steps=200, keep_last=3),
     run=RunConfig(eval_every=200, log_every=10, trust_ratio_every=50),
     cluster=ClusterConfig(nodes=8, gpus_per_node=8, gpu_memory="80GB"),  # 64 A100/H100 80GB

@@ -28,8 +28,8 @@ RECIPE = dataclasses.replace(
     name="bert_large_32k",
     optimizer=dataclasses.replace(LARGE.optimizer, lr=5e-3, lr_rule="none"),
     schedule=ScheduleConfig(steps=STEPS, warmup=0.2, decay="poly", power=0.5),
-    batch=BatchConfig(global_batch=32768, micro_batch=LARGE.batch.micro_batch),
-    phases=(PhaseConfig(global_batch=32768, seq_len=512, steps=PHASE2_STEPS, micro_batch=LARGE.phases[0].micro_batch,
+    batch=BatchConfig(global_batch=32768, micro_batch="auto"),
+    phases=(PhaseConfig(global_batch=32768, seq_len=512, steps=PHASE2_STEPS, micro_batch="auto",
                         lr=5e-3, warmup=0.2, decay="poly", power=0.5),),
 )
 

@@ -22,9 +22,8 @@ RECIPE = dataclasses.replace(
     optimizer=dataclasses.replace(SMALL.optimizer, lr=3e-4, base_batch=512),
     # 4,096 sequences x 1,024 tokens = 4.2M tokens a step; 4,800 steps = 20B tokens
     schedule=dataclasses.replace(SMALL.schedule, steps=4800),
-    batch=dataclasses.replace(SMALL.batch, micro_batch=16),
-    deepspeed=DeepSpeedSection(configs=("zero1.json", "bf16.json")),
-    # 64 A100/H100 80GB; `bigbatch plan`: micro-batch 32 is the largest that fits
+    deepspeed=DeepSpeedSection(configs=("zero1.json", "bf16.json"), activation_checkpointing="auto"),
+    # 64 A100/H100 80GB
     cluster=ClusterConfig(nodes=8, gpus_per_node=8, gpu_memory="80GB"),
 )
 

@@ -38,8 +38,9 @@ RECIPE = Recipe(
                               weight_decay=0.1, grad_clip=1.0),
     # 4,096 sequences x 1,024 tokens = 4.2M tokens a step; 2,400 steps = 10B tokens
     schedule=ScheduleConfig(steps=2400, warmup=0.05, decay="cosine", min_lr_ratio=0.1),
-    batch=BatchConfig(global_batch=4096, micro_batch=32),  # `bigbatch plan`: 64 is the largest that fits
-    deepspeed=DeepSpeedSection(configs=("zero1.json", "bf16.json")),
+    # micro-batch and checkpointing: what fits this GPU and trains fastest (bigbatch plan shows the choice)
+    batch=BatchConfig(global_batch=4096, micro_batch="auto"),
+    deepspeed=DeepSpeedSection(configs=("zero1.json", "bf16.json"), activation_checkpointing="auto"),
     checkpoint=CheckpointConfig(every_steps=500, keep_last=3),
     run=RunConfig(eval_every=500, log_every=10, trust_ratio_every=100),
     cluster=ClusterConfig(nodes=4, gpus_per_node=8, gpu_memory="80GB"),  # 32 A100/H100 80GB

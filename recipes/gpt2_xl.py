@@ -25,9 +25,10 @@ RECIPE = dataclasses.replace(
     optimizer=dataclasses.replace(SMALL.optimizer, lr=2e-4, base_batch=1024),
     # 4,096 sequences x 1,024 tokens = 4.2M tokens a step at full batch; about 40B tokens
     schedule=dataclasses.replace(SMALL.schedule, steps=9600),
-    batch=dataclasses.replace(SMALL.batch, micro_batch=4, ramp_start=512, ramp_increment=512, ramp_samples=2_000_000),
-    deepspeed=DeepSpeedSection(configs=("zero2.json", "bf16.json", "act_ckpt.json")),
-    # 128 A100/H100 80GB; micro-batch 4 because every ramp batch must be a multiple of micro x 128 GPUs
+    batch=dataclasses.replace(SMALL.batch, ramp_start=512, ramp_increment=512, ramp_samples=2_000_000),
+    # micro-batch "auto" (gpt2_small's) takes at most 4 on 128 GPUs: every ramp batch must be a multiple of micro x 128
+    deepspeed=DeepSpeedSection(configs=("zero2.json", "bf16.json"), activation_checkpointing="auto"),
+    # 128 A100/H100 80GB
     cluster=ClusterConfig(nodes=16, gpus_per_node=8, gpu_memory="80GB"),
 )
 

@@ -36,8 +36,9 @@ RECIPE = Recipe(
                               weight_decay=0.1, grad_clip=1.0),
     # 4,096 sequences x 2,048 tokens = 8.4M tokens a step; 6,000 steps = 50B tokens
     schedule=ScheduleConfig(steps=6000, warmup=0.03, decay="cosine", min_lr_ratio=0.1),
-    batch=BatchConfig(global_batch=4096, micro_batch=4),
-    deepspeed=DeepSpeedSection(configs=("zero2.json", "bf16.json", "act_ckpt.json")),
+    # micro-batch and checkpointing: what fits this GPU and trains fastest (bigbatch plan shows the choice)
+    batch=BatchConfig(global_batch=4096, micro_batch="auto"),
+    deepspeed=DeepSpeedSection(configs=("zero2.json", "bf16.json"), activation_checkpointing="auto"),
     checkpoint=CheckpointConfig(every_steps=500, keep_last=3),
     run=RunConfig(eval_every=500, log_every=10, trust_ratio_every=100),
     cluster=ClusterConfig(nodes=16, gpus_per_node=8, gpu_memory="80GB"),  # 128 A100/H100 80GB

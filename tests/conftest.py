@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import pytest
 
+from bigbatch.config.files import load_recipe
 from bigbatch.run import faults
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,3 +176,22 @@ def inject(monkeypatch):
     remove = faults.on_step(corrupt)
     yield plan
     remove()
+
+
+# The GPU recipes ship with micro_batch and activation_checkpointing "auto" (chosen at start by the planner); tests of
+# fixed arithmetic pin the numbers they shipped with before, so their figures stay worked out by hand.
+PINNED = {
+    "bert_base": {"batch.micro_batch": "512", "phases.1.micro_batch": "64"},
+    "bert_large": {"batch.micro_batch": "256", "phases.1.micro_batch": "32"},
+    "bert_large_32k": {"batch.micro_batch": "256", "phases.1.micro_batch": "32"},
+    "gpt2_small": {"batch.micro_batch": "32"},
+    "gpt2_medium": {"batch.micro_batch": "16"},
+    "gpt2_xl": {"batch.micro_batch": "4", "deepspeed.configs": "zero2.json,bf16.json,act_ckpt.json"},
+    "llama_1b": {"batch.micro_batch": "4", "deepspeed.configs": "zero2.json,bf16.json,act_ckpt.json"},
+}
+
+
+def pinned(name: str, overrides: dict | None = None):
+    """The shipped recipe `name` at the micro-batch and checkpointing it had before "auto" (tiny: as shipped)."""
+    extra = {"deepspeed.activation_checkpointing": ""} if name in PINNED else {}
+    return load_recipe(name, {**PINNED.get(name, {}), **extra, **(overrides or {})})

@@ -3,13 +3,18 @@ JSON reports, and reading a pilot run's noise scale."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from bigbatch.cli import main
-from bigbatch.config import ConfigError
+from bigbatch.config import ConfigError, DeepSpeedSection
+from bigbatch.plan import hardware
 from bigbatch.plan.command import cmd_plan, parse_memory, read_noise_scale
+from bigbatch.plan.timing import Cluster, estimate
+
+from conftest import pinned
 
 
 @pytest.mark.parametrize("text,expected", [("80GB", 80 * 10**9), ("80GiB", 80 * 2**30), ("80", 80 * 2**30),
@@ -29,22 +34,56 @@ def test_parse_memory_bad_input(text):
 def test_cmd_plan_tiny_fits_in_a_huge_gpu(capsys):
     assert cmd_plan(["tiny", "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory", "1000GB"]) == 0
     out = capsys.readouterr().out
-    assert "stage  precision" in out and out.count("\n") > 12
-    assert "tiny fits as written: ZeRO-1 fp32" in out
+    assert out.startswith("tiny fits as written on 2 GPUs (1 x 2) of 931.32 GiB each: ZeRO-1 fp32")
+    assert "stage  precision" not in out  # the full tables only with --detail
+    assert cmd_plan(["tiny", "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory", "1000GB", "--detail"]) == 0
+    detail = capsys.readouterr().out
+    assert "stage  precision" in detail and detail.count("\n") > out.count("\n") + 12
 
 
 def test_cmd_plan_tiny_does_not_fit_in_a_tiny_gpu(capsys):
     assert cmd_plan(["tiny", "--nodes=1", "--gpus-per-node=2", "--gpu-memory=1GB", "--data.seq_len=32"]) == 1
     out = capsys.readouterr().out
-    assert "stage  precision" in out
-    assert "tiny does not fit as written" in out and "Not even micro-batch 1 fits" in out
+    assert out.startswith("tiny does not fit as written") and "not even micro-batch 1 fits" in out
 
 
 def test_cmd_plan_world_the_global_batch_does_not_divide(capsys):
-    assert cmd_plan(["tiny", "--gpus-per-node=3", "--gpu-memory=1000GB"]) == 1
+    assert cmd_plan(["tiny", "--gpus-per-node=3", "--gpu-memory=1000GB", "--detail"]) == 1
     out = capsys.readouterr().out
-    assert "tiny does not run as written on 3 GPUs: batch.global_batch=4096 is not divisible" in out
+    assert out.startswith("tiny does not run as written on 3 GPUs (1 x 3) of 931.32 GiB each: "
+                          "batch.global_batch=4096 is not divisible")
     assert "no micro-batch that fits does" in out
+
+
+def test_the_answer_comes_first_and_its_gain_is_the_time_model_s(capsys):
+    """gpt2_xl on its 128 H100s: checkpointing is on though the micro-batch its ramp allows (4: every ramp batch
+    from 512 must split over 128 GPUs) fits without it; switching it off saves the recompute."""
+    pin = ["--batch.micro_batch=4", "--deepspeed.configs=zero2.json,bf16.json,act_ckpt.json",
+           "--deepspeed.activation_checkpointing="]  # as gpt2_xl shipped before "auto"
+    assert main(["plan", "gpt2_xl", "--gpu", "H100-SXM", *pin]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("gpt2_xl fits as written on 128 GPUs (16 x 8) of 79.65 GiB each: ZeRO-2 bf16, "
+                               "checkpointing on")
+    assert lines[1].startswith("Time to train on 16 x 8 H100-SXM: ") and "GPU-hours" in lines[1]
+    assert lines[2].startswith("Helps most: micro-batch 4, checkpointing off")
+    recipe = pinned("gpt2_xl")
+    cluster = Cluster(16, 8, hardware.DEVICES["H100-SXM"], hardware.INTERCONNECTS["ndr400"])
+    off = dataclasses.replace(recipe, deepspeed=DeepSpeedSection(("zero2.json", "bf16.json")))
+    gain = estimate(recipe, cluster).time_to_train_s / estimate(off, cluster).time_to_train_s
+    assert f"{gain:.2f}x faster" in lines[2] and gain > 1.2
+    assert lines[3].startswith("Memory per GPU at ZeRO-2 bf16")
+    assert lines[4].startswith("  phase 1 of 1 (sequence length 1024, global batch 4096), micro-batch 4: ")
+    assert not lines[5]  # one line per phase, then the time table
+    assert main(["plan", "gpt2_xl", "--gpu", "H100-SXM", "--json", *pin]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["best_change"]["speedup"] == pytest.approx(gain) and got["auto"] is None
+    # as shipped, "auto": the plan shows the choice (the same change) and why, and nothing is left to gain
+    assert main(["plan", "gpt2_xl", "--gpu", "H100-SXM"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "checkpointing off, micro-batch 4" in lines[0] and lines[2].startswith("Helps most: nothing faster")
+    peak = float(lines[0].split("needs ")[1].split(" GiB")[0])
+    assert lines[3] == (f"auto chose micro-batch 4, checkpointing off: fits in {peak:.1f} of 79.6 GiB, {gain:.2f}x "
+                        "faster than 4 with checkpointing on.")
 
 
 def _pilot(tmp_path, values):
@@ -106,3 +145,40 @@ def test_cli_text_prints_the_time_table(capsys):
     assert main(["plan", "bert_large", "--gpu", "A100-80GB", "--nodes", "32"]) == 0
     out = capsys.readouterr().out
     assert "Time on 32 x 8 A100-80GB, hdr200 between nodes" in out and "Time to train:" in out
+    assert "samples/s and tokens/s: all 256 GPUs together" in out and "tokens/s/GPU" in out
+
+
+def test_a_recipe_that_does_not_fit_gets_no_time(capsys):
+    argv = ["plan", "tiny", "--nodes=1", "--gpus-per-node=2", "--gpu-memory=1GB", "--data.seq_len=32"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].startswith("Time to train: none. tiny does not fit as written")
+    assert "GPU-hours" not in out and "samples/s" not in out and "no time for a run that cannot start" in out
+    assert main([*argv, "--json"]) == 1
+    got = json.loads(capsys.readouterr().out)
+    assert got["time_to_train_s"] is None and got["phases"] == [] and "does not fit" in got["time_error"]
+
+
+@pytest.mark.slow
+def test_stdout_carries_no_deepspeed_chatter(tmp_path):
+    """A fresh process (DeepSpeed imported for the first time inside `bigbatch plan`): its "Setting accelerator"
+    warning goes to stderr, so the report's first line is bigbatch's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "bigbatch", "plan", "tiny", "--gpu", "H100-SXM"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "accelerator" not in done.stdout.lower() and "[WARNING]" not in done.stdout
+    assert done.stdout.startswith("tiny")
+
+
+def test_auto_that_finds_nothing_is_a_report_that_does_not_fit(capsys):
+    assert main(["plan", "gpt2_xl", "--gpu-memory=4GB"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("gpt2_xl does not fit as written") and "micro-batch 1 needs" in lines[0]
+    assert lines[3].startswith("auto: recipe gpt2_xl: no micro-batch fits in 3.73 GiB per GPU")

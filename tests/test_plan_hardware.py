@@ -67,3 +67,14 @@ def test_catalogue_efficiencies_are_refitted_on_the_published_rows(monkeypatch):
 ])
 def test_cuda_device_names_find_their_catalogue_peak(name, precision, peak):
     assert hardware.cuda_peak_flops(name, precision) == peak
+
+
+@pytest.mark.parametrize("name,mib", [
+    # what the device reports (nvidia-smi's memory.total, torch's total_memory), not the datasheet's 10^9-byte "GB":
+    # an H100 SXM 80GB shows 81,559 MiB = 79.65 GiB, not 80e9 bytes = 74.5 GiB
+    ("H100-SXM", 81_559), ("A100-80GB", 81_252), ("A100-40GB", 40_339), ("H200", 143_771), ("B200", 183_359),
+])
+def test_card_capacity_is_what_the_device_reports(name, mib):
+    dev = hardware.DEVICES[name]
+    assert dev.memory_bytes == mib * 2**20
+    assert f"{mib}MiB" in dev.source.replace(",", "") or f"{mib} MBytes" in dev.source

@@ -17,6 +17,7 @@ from bigbatch.models.build import CausalLM, MaskedLM, hf_config
 from bigbatch.plan.advice import plan
 from bigbatch.plan.memory import (
     CUDA_ALLOWANCE,
+    Footprint,
     Row,
     activation_bytes,
     buffer_bytes,
@@ -24,6 +25,8 @@ from bigbatch.plan.memory import (
     model_state_bytes,
     sdpa_backend,
 )
+
+from conftest import pinned
 
 VOCAB = 1000
 
@@ -362,8 +365,37 @@ def test_bert_large_row_worked_by_hand():
     total = params + grads + optimizer + activations + buffers
     assert total == 33_057_437_440  # 33.1 GB of the 80 GB
 
-    result = plan(load_recipe("bert_large"), 8, 8, 80 * 10**9)
+    result = plan(pinned("bert_large"), 8, 8, 80 * 10**9)
     assert result.num_params == P
     assert result.own == Row(1, "bf16", params, grads, optimizer, activations, buffers, total, True)
 
 
+
+
+@pytest.mark.parametrize("zero,checkpointing,live", [
+    ({}, False, TINY_PARAMS),  # far below R / 2 = 5e8 (DeepSpeed's default R = 1e9): the whole model stays gathered
+    ({"stage3_max_reuse_distance": 100_000}, False, TINY_LARGEST),  # R / 2 = 50,000 < the largest layer
+    ({"stage3_max_reuse_distance": 600_000}, True, 200_000),  # checkpointing: the last R / 3 stay
+    ({"stage3_max_reuse_distance": 600_000}, False, TINY_PARAMS),
+])
+def test_zero3_weights_gathered_whole_are_those_within_the_reuse_distance(zero, checkpointing, live):
+    """DeepSpeed 0.19 keeps a module's weights gathered until they recur within stage3_max_reuse_distance
+    parameters of the trace (partitioned_param_coordinator.py `__params_to_release`): 2 bytes each in 16-bit beside
+    the rank's partition of P / N, or the largest layer (gathered while it computes) when that is more."""
+    row = Footprint(load_recipe("tiny"), 4, zero, 80 * 2**30).row(3, "bf16", 8, checkpointing)
+    assert row.params == int(2 * TINY_PARAMS / 4 + 2 * live)
+
+
+def test_stage0_fp16_fp32_gradients_exist_only_inside_the_step():
+    """FP16_Optimizer builds its fp32 gradients in step() and drops them after it (fused_optimizer.py ~285-291, 355),
+    when the backward pass has freed the activations: the peak is the larger of the two, not their sum. bf16's
+    optimizer keeps its fp32 gradients from the start, so they add up."""
+    P = TINY_PARAMS
+    footprint = Footprint(load_recipe("tiny"), 1, {}, 80 * 2**30)
+    for micro in (1, 256):
+        row = footprint.row(0, "fp16", micro, False)
+        assert (row.grads, row.step_grads) == (2 * P + 4 * P, 4 * P)
+        assert row.total == row.params + 2 * P + row.optimizer + row.buffers + max(row.activations, 4 * P)
+    bf16 = footprint.row(0, "bf16", 256, False)
+    assert bf16.step_grads == 0
+    assert bf16.total == bf16.params + bf16.grads + bf16.optimizer + bf16.buffers + bf16.activations

@@ -24,10 +24,13 @@ accumulation steps:
   (`reduce_scatter`, default true; an all-reduce when false), then an all-gather of Ψe updated weights;
 - stage 2: a reduce-scatter of Ψe in every micro-step's backward (partitioned gradients are reduced as produced),
   and the all-gather once a step;
-- stage 3: a reduce-scatter in every micro-step, and all-gathers of the weights in every micro-step: forward and
-  backward (2Ψe), or once (Ψe) when the whole model fits within stage3_max_live_parameters (default 1e9), whose
-  gathered weights then stay for the backward (measured: bench/results/zero3_checkpointing-vm.md, one all-gather
-  a step under the default limits); checkpointing adds a third when they do not stay.
+- stage 3: a reduce-scatter in every micro-step, and all-gathers of the weights in every micro-step: all of them in
+  the forward (Ψe), then again those that do not stay gathered until their next use. A module's weights stay when
+  they recur within stage3_max_reuse_distance R parameters of the forward+backward trace
+  (partitioned_param_coordinator.py `__params_to_release`; stage3_max_live_parameters only bounds prefetching). A
+  layer with S parameters after it recurs 2S later (3S with checkpointing: its recompute comes after each later
+  layer's recompute and backward), so (1 - R / 2Ψ)Ψe (or (1 - R / 3Ψ)Ψe) is gathered again, none below Ψ = R / 2
+  (measured: bench/results/zero3_checkpointing-vm.md, one all-gather a step under the default limits).
 Ring times: all-reduce 2(n-1)/n x bytes / B, reduce-scatter and all-gather (n-1)/n x bytes / B, plus a latency
 per hop (2(n-1) and n-1 hops). B is the bus bandwidth: NVLink one way within a node; across nodes the ring's
 traffic leaves each node through its NICs, so B = min(NVLink one way, the node's NIC bandwidth: one NIC per GPU x
@@ -51,10 +54,11 @@ import dataclasses
 
 import pytest
 
-from bigbatch.config.files import load_recipe
 from bigbatch.config.shapes import shape
 from bigbatch.plan import hardware, timing
 from bigbatch.plan.memory import model_size
+
+from conftest import pinned
 
 A100 = hardware.DEVICES["A100-80GB"]
 HDR = hardware.INTERCONNECTS["hdr200"]
@@ -163,13 +167,35 @@ def test_communication_volume_per_zero_stage(stage, accum, volume):
     assert st.comm_s == pytest.approx(st.comm_total_s)  # nothing overlaps with overlap_comm false
 
 
-def test_stage3_gathers_forward_and_backward_when_the_model_exceeds_live_parameters():
-    zero = {"overlap_comm": False, "stage3_max_live_parameters": 1000}
+@pytest.mark.parametrize("num_params,checkpointing,gathers", [
+    # the audit's case: 1.1B parameters at DeepSpeed's default R = 1e9 gather 1 + (1 - 1e9 / 2.2e9) = 1.545 models
+    (1_100_000_000, False, 1 + (1 - 1e9 / 2.2e9)),
+    (1_100_000_000, True, 1 + (1 - 1e9 / 3.3e9)),
+    (500_000_000, False, 1.0),  # R / 2: the whole model stays gathered from its forward to its backward use
+    (700_000_000, False, 1 + (1 - 1e9 / 1.4e9)),  # within stage3_max_live_parameters' 1e9, yet gathered again
+    (333_333_333, True, 1.0),
+    (10_000_000_000, False, 1.95),
+])
+def test_stage3_gathers_again_what_the_reuse_distance_lets_go(num_params, checkpointing, gathers):
+    n, bw = 8, 1e11
+    c = timing.Cluster(1, n, dataclasses.replace(A100, intra_node_bandwidth=bw), dataclasses.replace(HDR, latency=0))
+    zero = {"overlap_comm": False}
+    st = timing.step_time(_workload(3, zero, num_params=num_params, checkpointing=checkpointing), c, 128, 8, 1)
+    rs = (n - 1) / n * num_params * 2 / bw + (n - 1) * timing.INTRA_LATENCY
+    hops = (n - 1) * timing.INTRA_LATENCY * (1 if gathers == 1 else 2)
+    assert st.comm_total_s == pytest.approx(rs + gathers * (n - 1) / n * num_params * 2 / bw + hops, rel=1e-9)
+
+
+def test_stage3_max_live_parameters_does_not_decide_the_gathers():
     c = timing.Cluster(1, 8, dataclasses.replace(A100, intra_node_bandwidth=1e11), HDR)
-    one = timing.step_time(_workload(3, {"overlap_comm": False}), c, 128, 8, 1).comm_total_s
-    two = timing.step_time(_workload(3, zero), c, 128, 8, 1).comm_total_s
-    three = timing.step_time(_workload(3, zero, checkpointing=True), c, 128, 8, 1).comm_total_s
-    assert (one, two, three) == pytest.approx((2 / 3 * two, two, 4 / 3 * two), rel=1e-9)  # RS+AG, RS+2AG, RS+3AG
+    base = timing.step_time(_workload(3, {"overlap_comm": False}), c, 128, 8, 1).comm_total_s
+    live = timing.step_time(_workload(3, {"overlap_comm": False, "stage3_max_live_parameters": 1000}), c, 128, 8,
+                            1).comm_total_s
+    short = timing.step_time(_workload(3, {"overlap_comm": False, "stage3_max_reuse_distance": 0}), c, 128, 8,
+                             1).comm_total_s
+    assert live == base  # 1e8 parameters, below R / 2: one gather a micro-step whatever the live limit
+    rs = 7 / 8 * 2e8 / 1e11 + 7 * timing.INTRA_LATENCY
+    assert short == pytest.approx(base + (base - rs))  # R = 0: the backward gathers the whole model again
 
 
 def test_overlap_hides_a_reduction_behind_backward_except_the_last_bucket():
@@ -209,7 +235,7 @@ def test_compute_and_optimizer_time_written_out():
 
 
 def test_estimate_sums_every_step_of_every_phase_and_mfu_is_model_flops_over_peak():
-    recipe = load_recipe("bert_large")
+    recipe = pinned("bert_large")
     est = timing.estimate(recipe, timing.Cluster(8, 8, A100, HDR))
     assert [p.steps for p in est.phases] == [7038, 1563]
     assert [(p.seq_len, p.global_batch) for p in est.phases] == [(128, 65536), (512, 32768)]
@@ -226,7 +252,7 @@ def test_estimate_sums_every_step_of_every_phase_and_mfu_is_model_flops_over_pea
 def test_every_shipped_recipe_gets_a_time_on_every_gpu():
     for name in ("tiny", "bert_base", "bert_large", "bert_large_32k", "gpt2_small", "gpt2_medium", "gpt2_xl",
                  "llama_1b"):
-        r = load_recipe(name)
+        r = pinned(name)
         for gpu in hardware.DEVICES:
             est = timing.estimate(r, timing.Cluster(r.cluster.nodes, r.cluster.gpus_per_node,
                                                     hardware.DEVICES[gpu], hardware.INTERCONNECTS["ndr400"]))
@@ -234,7 +260,7 @@ def test_every_shipped_recipe_gets_a_time_on_every_gpu():
 
 
 def test_faster_device_and_network_give_shorter_times():
-    r = load_recipe("gpt2_xl")
+    r = pinned("gpt2_xl")
     times = [timing.estimate(r, timing.Cluster(16, 8, hardware.DEVICES[g], HDR)).time_to_train_s
              for g in ("A100-40GB", "H100-SXM", "B200")]
     assert times == sorted(times, reverse=True)
@@ -328,7 +354,7 @@ def test_mfu_is_model_flops_written_out_over_peak():
     """BERT-large (l 24, h 1024, MLP 4h, vocabulary padded to 30528), Megatron-LM's count per token and layer
     24h^2 + 4sh, the MLM head (2h^2 + 2hV) at the masked positions only, training 3x forward: MFU = samples/s x that
     / (64 A100s x 312 TFLOP/s), not read back from timing.forward_flops."""
-    est = timing.estimate(load_recipe("bert_large"), timing.Cluster(8, 8, A100, HDR))
+    est = timing.estimate(pinned("bert_large"), timing.Cluster(8, 8, A100, HDR))
     h, layers, vocab = 1024, 24, 30528
     for p in est.phases:
         d = est.phase_dict(p)

@@ -14,7 +14,7 @@ from bigbatch.config.files import load_recipe, shipped_recipes
 from bigbatch.models.build import build_model, count_parameters
 from bigbatch.run.metrics import read_metrics
 
-from conftest import ROOT
+from conftest import ROOT, pinned
 
 RECIPES = shipped_recipes()
 # Parameter counts the recipes' names promise (transformers' own models, padded vocabularies), within 10%.
@@ -113,7 +113,7 @@ def test_pure_32k_plan_is_the_lamb_papers():
     """The second BERT-large plan: 15,625 steps at 32,768 (LAMB paper, Table 1), 90% of them at sequence 128."""
     from bigbatch.config.schedule import step_table
 
-    steps = step_table(load_recipe("bert_large_32k"), world=64)
+    steps = step_table(pinned("bert_large_32k"), world=64)
     assert len(steps) == 15_625 and {sp.global_batch for sp in steps} == {32_768}
     assert [sum(sp.seq_len == n for sp in steps) for n in (128, 512)] == [14_063, 1_562]
     assert max(sp.lr for sp in steps) == pytest.approx(5e-3)

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from bigbatch.cli import main
+from bigbatch.config.files import load_recipe
+from bigbatch.plan.memory import Footprint
+from bigbatch.resolve import resolve
 from bigbatch.run.metrics import read_metrics
 
 SMALL = ["--schedule.steps=4", "--batch.global_batch=64", "--batch.micro_batch=16", "--run.eval_every=2",
@@ -177,3 +180,26 @@ def test_a_fragment_deepspeed_accepts_trains(tmp_path, corpus_file):
     ds = json.loads((run_dir / "ds_config.json").read_text())
     assert ds["zero_optimization"] == {"stage": 1} and ds["steps_per_print"] == 1000
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r] == [1, 2]
+
+
+@pytest.mark.slow
+def test_auto_micro_batch_is_chosen_recorded_and_kept_on_resume(tmp_path, corpus_file, capsys):
+    """In-process at world 1, tiny's cluster.gpu_memory (no GPU here): micro-batch 64, the whole global batch, fits.
+    A resume on as many GPUs keeps it even where memory now says otherwise; recipe.json keeps "auto"."""
+    run_dir = tmp_path / "auto"
+    args = ["train", "tiny", "--run-dir", str(run_dir), f"--data.sources={corpus_file}", *SMALL,
+            "--batch.micro_batch=auto"]
+    assert main(args) == 0
+    assert "auto chose micro-batch 64, checkpointing off: fits in " in capsys.readouterr().out
+    records = json.loads((run_dir / "recipe.json").read_text())
+    assert records["recipe"]["batch"]["micro_batch"] == "auto"
+    assert records["resolved"]["auto"]["micro_batches"] == [64] and records["resolved"]["micro_batch"] == 64
+    assert json.loads((run_dir / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"] == 64
+    # memory for micro-batch 32 but not 64: a fresh choice would take 32; the resume keeps 64
+    recipe = load_recipe("tiny", {"batch.micro_batch": "32", "batch.global_batch": "64", "data.vocab_size": "400"})
+    ds = resolve(recipe, 1).ds
+    need = Footprint(recipe, 1, ds.zero, 0).row(ds.stage, ds.precision, 32, ds.checkpointing).total
+    small = f"--cluster.gpu_memory={(need + 2**20) / 2**30:.6f}GiB"
+    assert main([*args, small, "--resume", "--schedule.steps=5"]) == 0
+    assert "auto chose micro-batch 64" in capsys.readouterr().out
+    assert json.loads((run_dir / "recipe.json").read_text())["resolved"]["micro_batch"] == 64

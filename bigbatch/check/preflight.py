@@ -18,6 +18,7 @@ from bigbatch.config import ConfigError, Recipe
 from bigbatch.config.dsconfig import find_fragment
 from bigbatch.data.corpus import HubUnreachable, check_sources
 from bigbatch.data.tokenizer import check_tokenizer
+from bigbatch.plan.advice import choose_at_start
 from bigbatch.resolve import ResolvedRun, resolve
 
 
@@ -35,10 +36,12 @@ def preflight(recipe: Recipe, world: int, *, hub_required: bool) -> Preflight:
     if errors(found):  # resolve reads the same fragments: it would only say again what is said
         return Preflight(None, tuple(found))
     try:
+        recipe, auto = choose_at_start(recipe, world)  # an "auto" micro-batch or checkpointing, as train would
         run = resolve(recipe, world)  # every phase's and every ramp step's batch arithmetic, and the JSON
     except ConfigError as err:
         return Preflight(None, (*found, Finding("error", str(err))))
-    return Preflight(run, (*found, *check_config(run.ds_config, run.world)))
+    chosen = [Finding("note", f"auto chose {auto}.")] if auto else []
+    return Preflight(run, (*found, *chosen, *check_config(run.ds_config, run.world)))
 
 
 def _input_findings(recipe: Recipe, hub_required: bool) -> list[Finding]:

@@ -20,8 +20,13 @@ def _parse_value(key: str, text: str, kind: Any) -> Any:
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if text.lower() in ("none", "null", ""):
+        if type(None) in typing.get_args(kind) and text.lower() in ("none", "null", ""):
             return None
+        if str in args and args[0] is not str:  # `int | str`: a number, else the text ("auto")
+            try:
+                return _parse_value(key, text, args[0])
+            except ConfigError:
+                return text
         return _parse_value(key, text, args[0])
     if origin is tuple:
         args = typing.get_args(kind)

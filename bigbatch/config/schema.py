@@ -105,7 +105,9 @@ class BatchConfig:
     """
 
     global_batch: int = 4096
-    micro_batch: int = 0  # 0: solved from global_batch and grad_accum
+    # 0: solved from global_batch and grad_accum; "auto": chosen per phase at start, the fastest the time model
+    # ranks among those that fit the GPU (bigbatch.plan.advice.choose_auto)
+    micro_batch: int | str = 0
     grad_accum: int = 0  # 0: solved from global_batch and micro_batch
     ramp_start: int = 0
     ramp_increment: int = 0
@@ -128,7 +130,7 @@ class PhaseConfig:
     seq_len: int = 128
     steps: int = 0  # give steps or samples (steps = ceil(samples / global_batch))
     samples: int = 0
-    micro_batch: int = 0  # 0: the first phase's micro-batch
+    micro_batch: int | str = 0  # 0: the first phase's micro-batch (so "auto" there is "auto" here); "auto"
     lr: float = 0.0  # peak LR; 0: optimizer.lr carried from optimizer.base_batch to this batch by optimizer.lr_rule
     warmup: float = 0.1  # a fraction (< 1) of the phase's steps, or a number of samples (>= 1)
     decay: str = "poly"  # poly | cosine | constant
@@ -144,6 +146,8 @@ class DeepSpeedSection:
     """The DeepSpeed JSON fragments this recipe composes, merged in order (names are looked up in ds_configs/)."""
 
     configs: tuple[str, ...] = ("zero1.json", "fp32.json")
+    # "": as the configs say; "auto": on only when the fastest fitting micro-batch needs it (with micro_batch "auto")
+    activation_checkpointing: str = ""
 
 
 @dataclass(frozen=True)
@@ -285,7 +289,8 @@ class Recipe:
         for i, ph in enumerate(self.phases, start=1):
             key = f"phases.{i}"
             _choice(f"{key}.decay", ph.decay, ("poly", "cosine", "constant"))
-            if ph.global_batch < 1 or ph.seq_len < 1 or ph.micro_batch < 0 or ph.lr < 0 or ph.warmup < 0:
+            _micro_batch(f"{key}.micro_batch", ph.micro_batch)
+            if ph.global_batch < 1 or ph.seq_len < 1 or ph.lr < 0 or ph.warmup < 0:
                 raise ConfigError(f"{key} needs global_batch >= 1, seq_len >= 1, micro_batch >= 0, lr >= 0 and "
                                   f"warmup >= 0; got {ph}.")
             if (ph.steps > 0) == (ph.samples > 0):
@@ -296,8 +301,13 @@ class Recipe:
                                   f"raise --model.max_position to at least {ph.seq_len}.")
 
     def _check_ramp(self) -> None:
-        """The batch ramp: all three keys or none, landing on the global batch."""
+        """The batch ramp: all three keys or none, landing on the global batch; and the micro-batch's form."""
         b = self.batch
+        _micro_batch("batch.micro_batch", b.micro_batch)
+        if b.micro_batch == "auto" and b.grad_accum:
+            raise ConfigError(f"batch.micro_batch='auto' with batch.grad_accum={b.grad_accum}: auto solves the "
+                              "accumulation; set --batch.grad_accum=0.")
+        _choice("deepspeed.activation_checkpointing", self.deepspeed.activation_checkpointing, ("", "auto"))
         if b.ramp_start or b.ramp_increment or b.ramp_samples:
             if min(b.ramp_start, b.ramp_increment, b.ramp_samples) < 1 or b.ramp_start >= b.global_batch:
                 raise ConfigError(
@@ -336,3 +346,9 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         hint = difflib.get_close_matches(value, allowed, n=1)
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{extra}; set --{key}=<one of them>.")
+
+
+def _micro_batch(key: str, value: int | str) -> None:
+    """A micro-batch is a whole number >= 0 or "auto"."""
+    if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ConfigError(f"{key}={value!r} must be a whole number >= 0 or 'auto'; e.g. --{key}=auto.")

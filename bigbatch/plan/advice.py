@@ -8,12 +8,18 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from bigbatch.config import BatchConfig, ConfigError, Recipe
+import torch
+
+from bigbatch.config import BatchConfig, ConfigError, DeepSpeedSection, Recipe
 from bigbatch.config.adaptive import decide
 from bigbatch.config.schedule import BatchSplit, solve_batch
+from bigbatch.plan import hardware
 from bigbatch.plan.memory import PRECISIONS, STAGES, Footprint, Row, model_size
-from bigbatch.plan.timing import Cluster, estimate
-from bigbatch.resolve import resolve
+from bigbatch.plan.timing import Cluster, Estimate, estimate
+from bigbatch.resolve import phase_recipe, resolve
+
+MIN_SPEEDUP = 1.01  # a change worth naming: the time model is not finer than this
+CHECKPOINTING_CONFIG = "act_ckpt.json"  # the ds_configs/ fragment that switches activation checkpointing on
 
 
 # ----------------------------------------------------------------------------------------------- the micro-batch
@@ -33,6 +39,19 @@ def _splits(global_batch: int, world: int, micro_batch: int) -> bool:
         return True
     except ConfigError:
         return False
+
+
+def phase_batches(batch: BatchConfig) -> list[int]:
+    """Every global batch a phase runs: the ramp's, from ramp_start by ramp_increment, then global_batch."""
+    if not batch.ramp_increment:
+        return [batch.global_batch]
+    return [*range(batch.ramp_start, batch.global_batch, batch.ramp_increment), batch.global_batch]
+
+
+def largest_dividing(fitting: int, batches: list[int], world: int) -> int:
+    """The largest micro-batch up to `fitting` that splits every one of `batches` over `world` ranks; 0: none (a
+    batch ramp keeps its micro-batch, so each ramp batch must split too)."""
+    return next((m for m in range(fitting, 0, -1) if all(_splits(b, world, m) for b in batches)), 0)
 
 
 def _without_ramp(batch: BatchConfig, **changes: int) -> BatchConfig:
@@ -62,8 +81,10 @@ class PlanResult:
     batch_error: str  # why the recipe's batch does not solve on `world`; empty when it does
     rows: tuple[Row, ...]
     largest_fitting: int  # 0: not even micro-batch 1 fits
-    largest_valid: int  # the largest fitting micro-batch that also divides the global batch; 0: none
+    largest_valid: int  # the largest fitting micro-batch that also divides the global batch (and the ramp's); 0: none
     largest_other_checkpointing: int  # the largest fitting micro-batch with checkpointing switched the other way
+    largest_valid_other_checkpointing: int  # of those, the largest that divides the global batch; 0: none
+    seq_len: int = 0  # the phase's
 
     @property
     def own(self) -> Row:
@@ -93,11 +114,145 @@ def plan(recipe: Recipe, nodes: int, gpus_per_node: int, gpu_memory_bytes: int) 
         return lambda micro: footprint.row(ds.stage, ds.precision, micro, checkpointing).fits
 
     rows = tuple(footprint.row(st, pr, split.micro_batch, ds.checkpointing) for st in STAGES for pr in PRECISIONS)
-    fitting, valid = largest_micro_batch(fits(ds.checkpointing), batch.global_batch, world)
+    fitting = largest_micro_batch(fits(ds.checkpointing), batch.global_batch, world)[0]
     other = largest_micro_batch(fits(not ds.checkpointing), batch.global_batch, world)[0]
+    valid, other_valid = (largest_dividing(m, phase_batches(batch), world) for m in (fitting, other))
     num_params = model_size(recipe.model, recipe.data.vocab_size)[0]
     return PlanResult(recipe.name, world, gpu_memory_bytes, num_params, ds.stage, ds.precision, ds.checkpointing,
-                      batch.global_batch, split.micro_batch, batch_error, rows, fitting, valid, other)
+                      batch.global_batch, split.micro_batch, batch_error, rows, fitting, valid, other, other_valid,
+                      recipe.data.seq_len)
+
+
+# ------------------------------------------------------------------------------------------- the change that helps
+def with_batches(recipe: Recipe, micros: list[int], checkpointing: Optional[bool] = None) -> Recipe:
+    """`recipe` with micro-batch micros[i] in phase i (accumulation solved) and activation checkpointing on or off
+    (the act_ckpt.json fragment added or left out; None: as the configs say)."""
+    batch = dataclasses.replace(recipe.batch, micro_batch=micros[0], grad_accum=0)
+    phases = tuple(dataclasses.replace(ph, micro_batch=m) for ph, m in zip(recipe.phases, micros[1:]))
+    configs = recipe.deepspeed.configs
+    if checkpointing is not None:
+        configs = tuple(c for c in configs if c != CHECKPOINTING_CONFIG) + (CHECKPOINTING_CONFIG,) * checkpointing
+    return dataclasses.replace(recipe, batch=batch, phases=phases,
+                               deepspeed=DeepSpeedSection(configs, activation_checkpointing=""))
+
+
+@dataclass(frozen=True)
+class Change:
+    """A change to the recipe, its time to train on the same cluster, and how much faster than as written."""
+
+    what: str  # in words, with the override that makes it
+    estimate: Estimate
+    speedup: float  # the recipe's time to train / this one's
+    micro_batches: tuple[int, ...] = ()  # per phase
+    checkpointing: bool = False
+    peak: int = 0  # bytes per GPU at the worst phase's peak
+
+
+def fastest_batches(recipe: Recipe, cluster: Cluster, memory: int, checkpointing: tuple[bool, ...],
+                    keep: tuple[int, ...] = ()) -> list[Change]:
+    """For each way of checkpointing, the largest micro-batch that fits and splits every batch of each phase (the
+    fastest the time model has: a larger micro-batch never costs time, and a tie goes to less accumulation), timed;
+    `keep`: per phase, a micro-batch to keep (0: choose). Fastest first; none where a phase has no such micro-batch."""
+    options = []
+    n = len(recipe.phases) + 1
+    own = _configs_checkpointing(recipe, cluster.world)
+    for ckpt in checkpointing:
+        base = with_batches(recipe, [k or 1 for k in (keep or (0,) * n)], ckpt)
+        results = [plan(phase_recipe(base, i), cluster.nodes, cluster.gpus_per_node, memory) for i in range(n)]
+        micros = [k or r.largest_valid for k, r in zip(keep or (0,) * n, results)]
+        if not all(micros):
+            continue
+        variant = with_batches(recipe, micros, ckpt)
+        try:
+            est = estimate(variant, cluster)
+        except ConfigError:  # a micro-batch the recipe's own ramp or phases do not split
+            continue
+        peak = max(plan(phase_recipe(variant, i), cluster.nodes, cluster.gpus_per_node, memory).own.total
+                   for i in range(n))
+        overrides = f"--batch.micro_batch={micros[0]}" + "".join(
+            f" --phases.{i}.micro_batch={m}" for i, m in enumerate(micros[1:], 1))
+        if ckpt != own:
+            overrides += f", {CHECKPOINTING_CONFIG} {'added to' if ckpt else 'left out of'} deepspeed.configs"
+        what = f"micro-batch {' / '.join(map(str, micros))}, checkpointing {'on' if ckpt else 'off'} ({overrides})"
+        options.append(Change(what, est, 1.0, tuple(micros), ckpt, peak))
+    return sorted(options, key=lambda c: (c.estimate.time_to_train_s, sum(p.grad_accum for p in c.estimate.phases)))
+
+
+def _configs_checkpointing(recipe: Recipe, world: int) -> bool:
+    """Whether the recipe's DeepSpeed fragments switch activation checkpointing on."""
+    numbers = with_batches(recipe, [1] * (len(recipe.phases) + 1))
+    return resolve(dataclasses.replace(numbers, phases=(), batch=_without_ramp(numbers.batch, global_batch=world)),
+                   world).ds.checkpointing
+
+
+def best_change(recipe: Recipe, cluster: Cluster, memory: int, current: Optional[Estimate]) -> Optional[Change]:
+    """The fastest of `fastest_batches` with checkpointing as written or switched the other way. None when neither
+    runs, or neither is MIN_SPEEDUP faster than `current` (the recipe as written; None when it does not fit or
+    run)."""
+    own = _configs_checkpointing(recipe, cluster.world)
+    options = fastest_batches(recipe, cluster, memory, (own, not own))
+    if not options:
+        return None
+    best = options[0]
+    time_s = best.estimate.time_to_train_s
+    if current is not None and time_s >= current.time_to_train_s / MIN_SPEEDUP:
+        return None
+    return dataclasses.replace(best, speedup=current.time_to_train_s / time_s if current else float("inf"))
+
+
+def choose_auto(recipe: Recipe, cluster: Cluster, memory: int) -> tuple[Recipe, Optional[Change]]:
+    """`recipe` with its "auto" micro-batches (per phase) and checkpointing chosen: the fastest of `fastest_batches`
+    in `memory` bytes per GPU (an explicit number wins); the recipe unchanged, and None, when nothing is "auto".
+    The choice's `what` says why, against the runner-up when there is one."""
+    first = recipe.batch.micro_batch
+    wanted = [first, *(ph.micro_batch or first for ph in recipe.phases)]
+    ckpt_auto = recipe.deepspeed.activation_checkpointing == "auto"
+    if "auto" not in wanted and not ckpt_auto:
+        return recipe, None
+    keep = tuple(0 if m == "auto" else int(m) for m in wanted)
+    own = _configs_checkpointing(with_batches(recipe, [k or 1 for k in keep]), cluster.world)
+    options = fastest_batches(recipe, cluster, memory, (own, not own) if ckpt_auto else (own,), keep)
+    if not options:
+        raise ConfigError(f"recipe {recipe.name}: no micro-batch fits in {memory / 2**30:.2f} GiB per GPU and "
+                          f"splits every batch of each phase on {cluster.world} GPUs; pick a higher ZeRO stage, "
+                          "16-bit precision, activation checkpointing or more GPUs.")
+    best = options[0]
+    micros = " / ".join(map(str, best.micro_batches))
+    why = (f"micro-batch {micros}, checkpointing {'on' if best.checkpointing else 'off'}: fits in "
+           f"{best.peak / 2**30:.1f} of {memory / 2**30:.1f} GiB")
+    if len(options) > 1:
+        other = options[1]
+        why += (f", {other.estimate.time_to_train_s / best.estimate.time_to_train_s:.2f}x faster than "
+                f"{' / '.join(map(str, other.micro_batches))} with checkpointing "
+                f"{'on' if other.checkpointing else 'off'}")
+    chosen = with_batches(recipe, list(best.micro_batches), best.checkpointing)
+    return chosen, dataclasses.replace(best, what=why)
+
+
+def choose_at_start(recipe: Recipe, world: int, kept: Optional[dict[str, Any]] = None) -> tuple[Recipe, str]:
+    """`bigbatch train` and `check`: `choose_auto` on `world` ranks of this machine's GPU (the memory
+    torch.cuda.mem_get_info reports, the catalogue entry CUDA names, else the planner's default), or without a GPU
+    the recipe's cluster.gpu_memory. `kept`: the previous start's choice ({"world", "micro_batches",
+    "checkpointing"}), kept at the same world size. The recipe with numbers, and the choice in words ("" when
+    nothing is "auto")."""
+    first = recipe.batch.micro_batch
+    if "auto" not in (first, recipe.deepspeed.activation_checkpointing, *(ph.micro_batch for ph in recipe.phases)):
+        return recipe, ""
+    if kept and kept.get("world") == world:
+        chosen = with_batches(recipe, list(kept["micro_batches"]), bool(kept["checkpointing"]))
+        return chosen, str(kept["reason"])
+    name = hardware.DEFAULT_GPU
+    if torch.cuda.is_available():  # the total the driver reports: the same on every rank, which must agree (free
+        # memory differs by the moment each rank asks, before any process group can share one rank's answer)
+        memory = torch.cuda.mem_get_info()[1]
+        name = hardware.catalogue_name(torch.cuda.get_device_name()) or name
+    else:
+        memory = hardware.parse_memory(recipe.cluster.gpu_memory)
+    per_node = recipe.cluster.gpus_per_node if world % recipe.cluster.gpus_per_node == 0 else world
+    device = hardware.DEVICES[name]
+    cluster = Cluster(world // per_node, per_node, device, hardware.INTERCONNECTS[device.interconnect])
+    chosen, change = choose_auto(recipe, cluster, memory)
+    return chosen, change.what if change else ""
 
 
 # ------------------------------------------------------------------------------------------------- node scaling

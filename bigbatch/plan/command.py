@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,22 @@ from bigbatch.config import ConfigError, Recipe
 from bigbatch.config.files import load_recipe
 from bigbatch.config.overrides import parse_override_args
 from bigbatch.plan import hardware
-from bigbatch.plan.advice import PlanResult, check_world, node_scaling, noise_grid, plan
-from bigbatch.plan.memory import CUDA_ALLOWANCE, GiB
+from bigbatch.plan.advice import (
+    Change,
+    PlanResult,
+    best_change,
+    check_world,
+    choose_auto,
+    node_scaling,
+    noise_grid,
+    plan,
+    with_batches,
+)
+from bigbatch.plan.hardware import DEFAULT_GPU, parse_memory
+from bigbatch.plan.memory import CUDA_ALLOWANCE, GiB, Row
 from bigbatch.plan.timing import Cluster, Estimate, estimate
 from bigbatch.resolve import phase_recipe
 from bigbatch.run.metrics import read_metrics
-
-# the device `bigbatch plan` times on without --gpu: the one the calibration rows ran on
-DEFAULT_GPU = "A100-80GB"
 
 
 def cmd_plan(args: list[str]) -> int:
@@ -34,13 +41,11 @@ def cmd_plan(args: list[str]) -> int:
     if unknown:
         raise ConfigError(f"unknown argument {unknown[0]!r}; recipe keys look like --batch.global_batch=8192, "
                           "see `bigbatch plan --help`.")
-    if known.json:  # stdout carries the JSON alone: DeepSpeed's import-time warning goes to stderr
-        with contextlib.redirect_stdout(sys.stderr):
-            out, fits = _plan_and_time(known, overrides)
-        print(json.dumps(out, indent=1))
-        return 0 if fits else 1
-    out, fits = _plan_and_time(known, overrides)
-    print(out["text"])
+    # stdout carries the answer alone: DeepSpeed's import-time "Setting accelerator" warning (its logger writes to
+    # the sys.stdout of the moment it is imported) and any other chatter go to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        out, fits = _plan_and_time(known, overrides)
+    print(json.dumps(out, indent=1) if known.json else out["text"])
     return 0 if fits else 1
 
 
@@ -72,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--noise-scale", default=None, metavar="RUN_DIR",
                         help="a pilot run whose metrics.jsonl logged noise_scale: time and GPU-hours over a grid of "
                              "global batches x node counts (McCandlish et al. 2018)")
+    parser.add_argument("--detail", action="store_true",
+                        help="add each phase's memory table at every ZeRO stage and precision")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     return parser
 
@@ -80,12 +87,65 @@ def _plan_and_time(known: argparse.Namespace, overrides: dict[str, Any]) -> tupl
     """Everything `bigbatch plan` prints, as one JSON-ready dict ("text": the human report, unless --json), and
     whether every phase fits."""
     recipe = load_recipe(known.recipe, overrides)
-    c = recipe.cluster  # the cluster the recipe was planned for, unless the flags name another
+    cluster, memory = _cluster(known, recipe)
+    try:
+        recipe, auto = choose_auto(recipe, cluster, memory)  # what `bigbatch train` would pick for an "auto"
+        auto_line = [f"auto chose {auto.what}."] if auto else []
+    except ConfigError as err:  # nothing fits: reported at micro-batch 1, as not fitting
+        recipe, auto, auto_line = with_batches(recipe, [1] * (len(recipe.phases) + 1)), None, [f"auto: {err}"]
+    scan = parse_nodes("--scan-nodes", known.scan_nodes) if known.scan_nodes else None
+    pilot = read_noise_scale(known.noise_scale) if known.noise_scale else None
+    # every phase: a later one's longer sequences need more activation memory (a batch ramp keeps the micro-batch,
+    # so the first phase's table already holds the ramp's largest batch)
+    results = [plan(phase_recipe(recipe, i), cluster.nodes, cluster.gpus_per_node, memory)
+               for i in range(len(recipe.phases) + 1)]
+    fits = all(r.fits for r in results)
+    out: dict[str, Any] = {"recipe": recipe.name, "nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node,
+                           "world": cluster.world, "device": dataclasses.asdict(cluster.device),
+                           "interconnect": dataclasses.asdict(cluster.net)}
+    est = None
+    try:
+        if not fits:  # a time for a run that cannot start would read as a promise
+            raise ConfigError(f"{recipe.name} does not fit as written in {_size(memory)} per GPU; no time for a "
+                              "run that cannot start.")
+        est = estimate(recipe, cluster)
+        out.update(phases=[est.phase_dict(p) for p in est.phases], time_to_train_s=est.time_to_train_s,
+                   gpu_hours=est.gpu_hours)
+    except ConfigError as err:
+        out.update(phases=[], time_to_train_s=None, time_error=str(err))
+    change = best_change(recipe, cluster, memory, est)
+    out["best_change"] = change and {"change": change.what, "time_to_train_s": change.estimate.time_to_train_s,
+                                     "gpu_hours": change.estimate.gpu_hours, "speedup": change.speedup}
+    out["auto"] = auto and {"micro_batches": list(auto.micro_batches), "checkpointing": auto.checkpointing,
+                            "reason": auto.what}
+    text = [*answer_lines(recipe.name, results, est, out.get("time_error", ""), change, cluster),
+            *auto_line, *memory_lines(results, memory)]
+    if est is not None:
+        text.extend(["", ("" if known.gpu else f"(--gpu not given: {DEFAULT_GPU}.) ") + time_report(est)])
+    if known.detail:
+        for i, result in enumerate(results):
+            text.extend(["", f"phase {i + 1}, every ZeRO stage and precision:", memory_report(result)])
+    if scan:
+        out["scaling"] = node_scaling(recipe, cluster, scan)
+        text.extend(["", node_scaling_report(out["scaling"])])
+    if pilot is not None:
+        out["noise_scale"] = noise_grid(recipe, cluster, pilot, memory, scan)
+        text.extend(["", noise_report(out["noise_scale"])])
+    out["memory"] = {"fits": fits, "gpu_memory": memory,
+                     "phases": [{**dataclasses.asdict(r), "fits": r.fits} for r in results]}
+    if not known.json:
+        out["text"] = "\n".join(text)
+    return out, fits
+
+
+def _cluster(known: argparse.Namespace, recipe: Recipe) -> tuple[Cluster, int]:
+    """The cluster the flags name (the recipe's own otherwise), and the memory of one of its GPUs in bytes."""
+    c = recipe.cluster
     nodes, per_node = known.nodes or c.nodes, known.gpus_per_node or c.gpus_per_node
     check_world(nodes, per_node)
-    scan = parse_nodes("--scan-nodes", known.scan_nodes) if known.scan_nodes else None
     m = recipe.model
-    shapes = hardware.CpuShapes(recipe.batch.micro_batch * recipe.data.seq_len or 4096, m.hidden_size,
+    micro = recipe.batch.micro_batch if isinstance(recipe.batch.micro_batch, int) else 0  # 0 also for "auto"
+    shapes = hardware.CpuShapes(micro * recipe.data.seq_len or 4096, m.hidden_size,
                                 m.intermediate_size, m.num_heads, recipe.data.seq_len)
     device = hardware.device(known.gpu or DEFAULT_GPU, per_node, peak_tflops=known.peak_tflops,
                              memory_bandwidth_gbps=known.memory_bandwidth,
@@ -95,59 +155,68 @@ def _plan_and_time(known: argparse.Namespace, overrides: dict[str, Any]) -> tupl
         memory = parse_memory(known.gpu_memory)
     else:
         memory = device.memory_bytes if known.gpu else parse_memory(c.gpu_memory)
-    pilot = read_noise_scale(known.noise_scale) if known.noise_scale else None
-    fits, memory_out, text = _memory_per_phase(recipe, nodes, per_node, memory)
-    cluster = Cluster(nodes, per_node, device, net)
-    out: dict[str, Any] = {"recipe": recipe.name, "nodes": nodes, "gpus_per_node": per_node, "world": cluster.world,
-                           "device": dataclasses.asdict(device), "interconnect": dataclasses.asdict(net)}
-    text.append("")
-    try:
-        est = estimate(recipe, cluster)
-        out.update(phases=[est.phase_dict(p) for p in est.phases], time_to_train_s=est.time_to_train_s,
-                   gpu_hours=est.gpu_hours)
-        text.append(("" if known.gpu else f"(--gpu not given: {DEFAULT_GPU}.) ") + time_report(est))
-    except ConfigError as err:
-        out.update(phases=[], time_to_train_s=None, time_error=str(err))
-        text.append(f"No time estimate on {cluster.world} GPUs: {err}")
-    if scan:
-        rows = node_scaling(recipe, cluster, scan)
-        out["scaling"] = rows
-        text.extend(["", node_scaling_report(rows)])
-    if pilot is not None:
-        grid = noise_grid(recipe, cluster, pilot, memory, scan)
-        out["noise_scale"] = grid
-        text.extend(["", noise_report(grid)])
-    out["memory"] = {"fits": fits, "gpu_memory": memory, "phases": memory_out}
-    if not known.json:
-        out["text"] = "\n".join(text)
-    return out, fits
+    return Cluster(nodes, per_node, device, net), memory
 
 
-def _memory_per_phase(recipe: Recipe, nodes: int, per_node: int,
-                      memory: int) -> tuple[bool, list[dict[str, Any]], list[str]]:
-    """(every phase fits, each phase's table as JSON, the text so far)."""
-    fits, memory_out, text = True, [], []
-    # every phase: a later one's longer sequences need more activation memory (a batch ramp keeps the micro-batch,
-    # so the first phase's table already holds the ramp's largest batch)
-    for phase in range(len(recipe.phases) + 1):
-        of_phase = phase_recipe(recipe, phase)
-        result = plan(of_phase, nodes, per_node, memory)
-        if recipe.phases:
-            text.append(f"{'' if phase == 0 else chr(10)}phase {phase + 1} of {len(recipe.phases) + 1}: sequence "
-                        f"length {of_phase.data.seq_len}, global batch {of_phase.batch.global_batch}")
-        text.append(memory_report(result))
-        memory_out.append({**dataclasses.asdict(result), "fits": result.fits})
-        fits = fits and result.fits
-    return fits, memory_out, text
+def answer_lines(name: str, results: list[PlanResult], est: Estimate | None, time_error: str,
+                 change: Change | None, cluster: Cluster) -> list[str]:
+    """The answer, three lines: whether the recipe fits as written; its time to train and GPU-hours on `cluster`;
+    the change that helps most."""
+    first = results[0]
+    setting = (f"ZeRO-{first.stage} {first.precision}, checkpointing {'on' if first.checkpointing else 'off'}, "
+               f"micro-batch {' / '.join(str(r.micro_batch) for r in results)}")
+    worst = max(results, key=lambda r: r.own.total)
+    where = f"{cluster.world} GPUs ({cluster.nodes} x {cluster.gpus_per_node}) of {_size(first.gpu_memory)} each"
+    broken = next((r for r in results if r.batch_error), None)
+    if broken:
+        fit = f"{name} does not run as written on {where}: {broken.batch_error}"
+    elif all(r.fits for r in results):
+        fit = f"{name} fits as written on {where}: {setting} needs {_size(worst.own.total)} per GPU at its peak."
+    else:
+        fit = (f"{name} does not fit as written on {where}: {setting} needs {_size(worst.own.total)} per GPU at its "
+               "peak.")
+    if est is not None:
+        time = (f"Time to train on {cluster.nodes} x {cluster.gpus_per_node} {cluster.device.name}: "
+                f"{duration(est.time_to_train_s)}, {est.gpu_hours:,.0f} GPU-hours "
+                f"({sum(p.steps for p in est.phases):,} steps).")
+    else:
+        time = f"Time to train: none. {time_error}"
+    if change is None:
+        helps = ("Helps most: nothing faster among the largest micro-batch that fits, with checkpointing on or off."
+                 if est is not None else "Helps most: no micro-batch fits and divides every phase's batch, with "
+                 "checkpointing on or off; try a higher ZeRO stage, 16-bit precision or more GPUs.")
+    else:
+        gain = (f"{change.speedup:.2f}x faster" if est is not None else "the change that makes it run")
+        helps = (f"Helps most: {change.what}: {duration(change.estimate.time_to_train_s)}, "
+                 f"{change.estimate.gpu_hours:,.0f} GPU-hours, {gain}.")
+    return [fit, time, helps]
 
 
-def parse_memory(text: str) -> int:
-    """`80GB` (10^9 bytes), `80GiB` (2^30 bytes) or `80` (GiB) -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(gb|gib)?\s*", text, re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
-        raise ConfigError(f"--gpu-memory={text!r} is not a positive memory size; write it as 80GB, 80GiB or 80 (GiB).")
-    unit = 10**9 if (match.group(2) or "").lower() == "gb" else GiB
-    return int(float(match.group(1)) * unit)
+def _step_only(row: Row) -> str:
+    """What the peak leaves out: fp32 gradients that live only in the optimizer step, after the activations."""
+    if not row.step_grads:
+        return ""
+    return f" - {_size(min(row.activations, row.step_grads))} (fp32 gradients live only in the step)"
+
+
+def memory_lines(results: list[PlanResult], memory: int) -> list[str]:
+    """One line per phase at the recipe's own stage and precision: bytes per GPU by kind, and the largest
+    micro-batch that fits either way of checkpointing."""
+    first = results[0]
+    lines = [f"Memory per GPU at ZeRO-{first.stage} {first.precision} (buffers: DeepSpeed's buckets and a "
+             f"{_size(CUDA_ALLOWANCE)} CUDA allowance; --detail: every stage and precision):"]
+    for i, r in enumerate(results, 1):
+        own = r.own
+        ckpt = "on" if r.checkpointing else "off"
+        largest = (f"largest that fits {r.largest_fitting} (divides the batch: {r.largest_valid or 'none'}), "
+                   f"{r.largest_other_checkpointing} with checkpointing {'off' if r.checkpointing else 'on'}"
+                   if r.largest_fitting else "not even micro-batch 1 fits")
+        lines.append(f"  phase {i} of {len(results)} (sequence length {r.seq_len}, global batch {r.global_batch}), "
+                     f"micro-batch {r.micro_batch}: {_size(own.total)} of {_size(memory)}"
+                     f"{'' if own.fits else ' (does not fit)'} = params {_size(own.params)} + grads "
+                     f"{_size(own.grads)} + optimizer {_size(own.optimizer)} + activations {_size(own.activations)} "
+                     f"(checkpointing {ckpt}) + buffers {_size(own.buffers)}{_step_only(own)}; {largest}.")
+    return lines
 
 
 def parse_nodes(key: str, text: str) -> list[int]:
@@ -205,7 +274,7 @@ def memory_report(result: PlanResult) -> str:
     ckpt = "with" if r.checkpointing else "without"
     setting = f"ZeRO-{r.stage} {r.precision} {ckpt} activation checkpointing"
     out = [f"{r.recipe}: {r.num_params / 1e6:.2f}M parameters on {r.world} GPUs of {_size(r.gpu_memory)}; "
-           f"micro-batch {r.micro_batch}, {_size(CUDA_ALLOWANCE)} of buffers are a fixed CUDA allowance "
+           f"micro-batch {r.micro_batch}; buffers: DeepSpeed's buckets and a {_size(CUDA_ALLOWANCE)} CUDA allowance "
            f"(* = the recipe's own stage and precision).", *table, ""]
     own = r.own
     if r.batch_error:
@@ -241,13 +310,15 @@ def time_report(est: Estimate) -> str:
     """The step-time table per phase, then the time to train."""
     c, w = est.cluster, est.workload
     dev = c.device
-    head = ("phase", "seq", "global", "micro x accum", "steps", "step s", "samples/s", "tokens/s", "MFU",
+    head = ("phase", "seq", "global", "micro x accum", "steps", "step s", "samples/s", "tokens/s", "tokens/s/GPU",
+            "MFU",
             "compute", "comm", "optimizer", "time")
     rows = [head]
     for p in est.phases:
         step = p.step_time_s
         rows.append((str(p.phase), str(p.seq_len), f"{p.global_batch:,}", f"{p.micro_batch} x {p.grad_accum}",
                      f"{p.steps:,}", f"{step:.3g}", _rate(p.samples_per_s), _rate(p.tokens_per_s),
+                     _rate(p.tokens_per_s / c.world),
                      f"{est.mfu(p):.1%}", f"{p.compute_s / step:.0%}", f"{p.comm_s / step:.0%}",
                      f"{p.optimizer_s / step:.0%}", duration(p.time_s)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -256,8 +327,8 @@ def time_report(est: Estimate) -> str:
     return "\n".join([
         f"Time on {c.nodes} x {c.gpus_per_node} {dev.name}{net}: {dev.peak_flops[w.precision] / 1e12:,.1f} TFLOP/s "
         f"{w.precision} peak x efficiency {dev.efficiency:.2f} ({dev.efficiency_source}); ZeRO-{w.stage}, "
-        f"{w.optimizer}, checkpointing {'on' if w.checkpointing else 'off'}. compute/comm/optimizer: share of the "
-        "step; comm is what overlap leaves exposed.",
+        f"{w.optimizer}, checkpointing {'on' if w.checkpointing else 'off'}. samples/s and tokens/s: all "
+        f"{c.world} GPUs together; compute/comm/optimizer: share of the step; comm is what overlap leaves exposed.",
         *table,
         f"Time to train: {duration(est.time_to_train_s)} ({est.gpu_hours:,.0f} GPU-hours) for "
         f"{sum(p.steps for p in est.phases):,} steps."])

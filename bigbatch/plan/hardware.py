@@ -72,25 +72,55 @@ class Interconnect:
     source: str
 
 
-def _gpu(name: str, half: float, fp32: float, hbm: float, memory_gb: float, nvlink_total: float, network: str,
-         source: str) -> Device:
+# What the device reports, not the datasheet's decimal "80 GB": cudaDeviceProp.totalGlobalMem, which torch's
+# total_memory and nvidia-smi's memory.total (in MiB) both read; the datasheet's figure counts memory the driver keeps.
+MiB = 2**20
+CAPACITIES = {  # MiB, and where the figure is printed
+    "A100-40GB": (40_339, "deviceQuery on an A100-SXM4-40GB: 40339 MBytes (42298834944 bytes), "
+                          "github.com/bottlerocket-os/bottlerocket/pull/3873"),
+    "A100-80GB": (81_252, "nvidia-smi on A100-SXM-80GB: 81252MiB, github.com/keyu-tian/SparK/issues/8"),
+    "H100-SXM": (81_559, "nvidia-smi on an H100 SXM 80GB (NVIDIA H100 80GB HBM3): 81559MiB"),
+    "H200": (143_771, "nvidia-smi on an H200 SXM (700 W): 143771MiB, as in public nvidia-smi logs"),
+    "B200": (183_359, "nvidia-smi on a B200: 183359MiB, github.com/NVIDIA/TensorRT-LLM/issues/10278"),
+}
+
+
+def _gpu(name: str, half: float, fp32: float, hbm: float, nvlink_total: float, network: str, source: str) -> Device:
     if name.startswith("A100"):
         efficiency, how = A100_EFFICIENCY, A100_CALIBRATION
     else:
         how = H100_CALIBRATION if name.startswith("H100") else f"H100's, {H100_CALIBRATION}; not {name}'s own"
         efficiency = H100_EFFICIENCY
-    return Device(name, {"fp32": fp32, "fp16": half, "bf16": half}, hbm, int(memory_gb * GB), nvlink_total / 2,
-                  network, efficiency, how, source)
+    mib, where = CAPACITIES[name]
+    return Device(name, {"fp32": fp32, "fp16": half, "bf16": half}, hbm, mib * MiB, nvlink_total / 2,
+                  network, efficiency, how, f"{source}; memory {where}")
 
 
 DEVICES: dict[str, Device] = {
-    "A100-40GB": _gpu("A100-40GB", 312 * TB, 19.5 * TB, 1555 * GB, 40, 600 * GB, "hdr200", A100_DATASHEET),
-    "A100-80GB": _gpu("A100-80GB", 312 * TB, 19.5 * TB, 2039 * GB, 80, 600 * GB, "hdr200", A100_DATASHEET),
-    "H100-SXM": _gpu("H100-SXM", 989 * TB, 67 * TB, 3350 * GB, 80, 900 * GB, "ndr400", H100_DATASHEET),
-    "H200": _gpu("H200", 989 * TB, 67 * TB, 4800 * GB, 141, 900 * GB, "ndr400", H200_DATASHEET),
-    "B200": _gpu("B200", 2250 * TB, 75 * TB, 8000 * GB, 180, 1800 * GB, "ndr400", B200_DATASHEET),
+    "A100-40GB": _gpu("A100-40GB", 312 * TB, 19.5 * TB, 1555 * GB, 600 * GB, "hdr200", A100_DATASHEET),
+    "A100-80GB": _gpu("A100-80GB", 312 * TB, 19.5 * TB, 2039 * GB, 600 * GB, "hdr200", A100_DATASHEET),
+    "H100-SXM": _gpu("H100-SXM", 989 * TB, 67 * TB, 3350 * GB, 900 * GB, "ndr400", H100_DATASHEET),
+    "H200": _gpu("H200", 989 * TB, 67 * TB, 4800 * GB, 900 * GB, "ndr400", H200_DATASHEET),
+    "B200": _gpu("B200", 2250 * TB, 75 * TB, 8000 * GB, 1800 * GB, "ndr400", B200_DATASHEET),
 }
 DEVICE_NAMES = (*DEVICES, "cpu")
+# the device `bigbatch plan` times on without --gpu, and `auto` ranks on where CUDA names no catalogue entry: the one
+# the calibration rows ran on
+DEFAULT_GPU = "A100-80GB"
+
+
+def parse_memory(text: str) -> int:
+    """`80GB` (10^9 bytes), `80GiB` (2^30 bytes) or `80` (GiB) -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(gb|gib)?\s*", text, re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"--gpu-memory={text!r} is not a positive memory size; write it as 80GB, 80GiB or 80 (GiB).")
+    unit = 10**9 if (match.group(2) or "").lower() == "gb" else 2**30
+    return int(float(match.group(1)) * unit)
+
+
+def catalogue_name(cuda_name: str) -> str | None:
+    """The catalogue entry of the GPU `torch.cuda.get_device_name()` calls `cuda_name`; None when none matches."""
+    return next((name for pattern, name in CUDA_NAMES if re.search(pattern, cuda_name)), None)
 
 # torch.cuda.get_device_name() of the catalogue's GPUs. The A100's PCIe cards share its SXM peaks (the datasheet's
 # one column of FLOPS); H100 PCIe and NVL and H200 NVL have lower peaks than the SXM entries here, so match none.
@@ -101,10 +131,8 @@ CUDA_NAMES = ((r"A100\b.*\b40GB", "A100-40GB"), (r"A100\b.*\b80GB", "A100-80GB")
 def cuda_peak_flops(cuda_name: str, precision: str) -> float | None:
     """The catalogue's dense peak FLOP/s in `precision` (fp32, fp16, bf16) of the GPU that
     `torch.cuda.get_device_name()` calls `cuda_name` ("NVIDIA H100 80GB HBM3"); None for any other name, cpu too."""
-    for pattern, name in CUDA_NAMES:
-        if re.search(pattern, cuda_name):
-            return DEVICES[name].peak_flops[precision]
-    return None
+    name = catalogue_name(cuda_name)
+    return DEVICES[name].peak_flops[precision] if name else None
 
 
 INTERCONNECTS: dict[str, Interconnect] = {

@@ -26,6 +26,7 @@ MOMENTS = {"adamw": 2, "lamb": 2, "lars": 1}
 # Llama's SwiGLU `silu(gate(x)) * up(x)`: `silu` (one ATen op) saves its input, the gate output, and the product saves
 # both factors, silu(gate) and up(x). The second Linear's input (the product) is counted apart.
 ACT_SAVES = {"bert": 1, "gpt2": 4, "llama": 3}
+MAX_REUSE_DISTANCE = 1_000_000_000  # DeepSpeed's default stage3_max_reuse_distance (zero/config.py)
 
 
 def _element_bytes(precision: str) -> int:
@@ -35,7 +36,7 @@ def _element_bytes(precision: str) -> int:
 
 
 def model_state_bytes(num_params: int, stage: int, precision: str, optimizer: str, world: int,
-                      largest_layer_params: int = 0) -> dict[str, int]:
+                      largest_layer_params: int = 0, live_params: int = 0) -> dict[str, int]:
     """Bytes per GPU of parameters, gradients and optimizer states under ZeRO `stage` on `world` data-parallel GPUs.
 
     ZeRO paper (Rajbhandari et al. 2020, sec. 3.1 and Fig. 1): mixed-precision Adam holds 2 + 2 + K bytes per
@@ -48,7 +49,9 @@ def model_state_bytes(num_params: int, stage: int, precision: str, optimizer: st
     - in fp32 at stages 1-3, a "master" partition anyway: stage_1_and_2.py clones it whatever the dtype, and
       stage3.py's `_create_fp32_partitions` would alias it only when the partition's `torch.device` equals
       `current_device_name()`, a string, which it never does (measured: bench/results/memory-vm.md);
-    - at stage 3, the largest layer's weights and gradients gathered whole (its estimator: 4 x largest_layer_params).
+    - at stage 3, the largest layer's weights and gradients gathered whole (its estimator: 4 x largest_layer_params),
+      and the weights that stay gathered between their forward and backward use, `live_params` of them
+      (`zero3_live_params`): the weights count whichever of the two is larger.
     Its stage-3 estimator counts 18/N where this counts 20/N = 2 + 2 + 4 + 4 + 8: the 16-bit gradient partition
     (stage3.py `grad_partitions_flat_buffer`, in the model's dtype by default) is the difference.
     """
@@ -62,10 +65,39 @@ def model_state_bytes(num_params: int, stage: int, precision: str, optimizer: st
     master = 4 if half or stage >= 1 else 0
     fp32_grad = 4 if half or stage >= 1 else 0
     gathered = w * largest_layer_params if stage == 3 else 0
-    params = w * (part if stage == 3 else num_params) + gathered
+    params = w * (part if stage == 3 else num_params) + (w * max(largest_layer_params, live_params) if stage == 3
+                                                         else 0)
     grads = w * (part if stage >= 2 else num_params) + gathered + fp32_grad * (part if stage >= 1 else num_params)
     optim = (master + 4 * MOMENTS[optimizer]) * (part if stage >= 1 else num_params)
     return {"params": int(params), "grads": int(grads), "optimizer": int(optim)}
+
+
+def zero3_kept_share(num_params: int, zero: dict[str, Any], checkpointing: bool) -> float:
+    """Share of the weights ZeRO-3 keeps gathered from one use to the next within a micro-step.
+
+    DeepSpeed 0.19 (partitioned_param_coordinator.py, `__params_to_release`, ~lines 656-662) releases a module's
+    weights after use unless they recur within the next stage3_max_reuse_distance parameters of the recorded
+    forward+backward trace; stage3_max_live_parameters only bounds prefetching. Layer i's reuse lies 2 S_i further
+    on (S_i: the parameters after it in the forward, met again in the backward), or 3 S_i with checkpointing (each
+    later layer's recompute too, after which its backward follows at once). So the last R / 2 (R / 3) parameters
+    stay gathered and the rest is gathered again: the whole model stays only below R / 2 = 5e8 by default. Read,
+    not measured: it assumes a layer is well below R, as with the default 1e9."""
+    reuse = int(zero.get("stage3_max_reuse_distance", MAX_REUSE_DISTANCE))
+    return min(1.0, reuse / ((3 if checkpointing else 2) * max(num_params, 1)))
+
+
+def zero3_live_params(num_params: int, zero: dict[str, Any], checkpointing: bool) -> int:
+    """Parameters ZeRO-3 holds gathered whole where the forward pass turns into the backward (see
+    `zero3_kept_share`): the whole 16-bit model below the reuse distance, R / 2 (R / 3) of it above."""
+    return round(num_params * zero3_kept_share(num_params, zero, checkpointing))
+
+
+def step_grad_bytes(num_params: int, stage: int, precision: str) -> int:
+    """Bytes of fp32 gradients that exist only inside the optimizer step, when the activations are already freed:
+    at stage 0 in fp16, DeepSpeed's FP16_Optimizer builds them in step() and drops them after it
+    (runtime/fp16/fused_optimizer.py ~lines 285-291 and 355). bf16 at stage 0 (BF16_Optimizer) allocates its fp32
+    gradients once, at start (bf16_optimizer.py `_setup_for_real_optimizer`), so they count all along."""
+    return 4 * num_params if stage == 0 and precision == "fp16" else 0
 
 
 def sdpa_backend(model_cfg: ModelConfig, precision: str, attention: str = "sdpa") -> str:
@@ -228,8 +260,9 @@ class Row:
     optimizer: int
     activations: int
     buffers: int
-    total: int
+    total: int  # the peak: backward's (activations) or the optimizer step's (step_grads), whichever is larger
     fits: bool
+    step_grads: int = 0  # of `grads`, the fp32 gradients alive only inside the optimizer step (`step_grad_bytes`)
 
 
 @dataclass(frozen=True)
@@ -246,11 +279,15 @@ class Footprint:
         """Bytes per GPU at `stage` and `precision`, `micro_batch` sequences a micro-step."""
         r, d = self.recipe, self.recipe.data
         num_params, largest_layer, attention = model_size(r.model, d.vocab_size)
-        states = model_state_bytes(num_params, stage, precision, r.optimizer.type.lower(), self.world, largest_layer)
+        live = zero3_live_params(num_params, self.zero, checkpointing) if stage == 3 else 0
+        states = model_state_bytes(num_params, stage, precision, r.optimizer.type.lower(), self.world, largest_layer,
+                                   live)
         acts = (activation_bytes(r.model, d.vocab_size, d.seq_len, micro_batch, precision, checkpointing, attention,
                                  d.mlm_probability)
                 + logits_grad_bytes(r.model, d.vocab_size, d.seq_len, micro_batch, d.mlm_probability))
         buffers = buffer_bytes(self.zero, stage, precision, num_params)
-        total = sum(states.values()) + acts + buffers
+        step_grads = step_grad_bytes(num_params, stage, precision)
+        # the step-only gradients and the activations are never alive together: the larger of the two sets the peak
+        total = sum(states.values()) + acts + buffers - min(acts, step_grads)
         return Row(stage, precision, states["params"], states["grads"], states["optimizer"], acts, buffers, total,
-                   total <= self.gpu_memory)
+                   total <= self.gpu_memory, step_grads)

@@ -17,13 +17,12 @@ from bigbatch.config import ConfigError, ModelConfig, Recipe
 from bigbatch.config.schedule import BatchSplit
 from bigbatch.models.build import padded_vocab
 from bigbatch.plan.hardware import Device, Interconnect
-from bigbatch.plan.memory import model_size
+from bigbatch.plan.memory import model_size, zero3_kept_share
 from bigbatch.resolve import ResolvedRun, resolve
 
 # bytes per parameter of the optimizer's own passes: bigbatch's fused LAMB 24 + 16 and LARS 8 + 20
 # (bigbatch/optim/kernels.py); torch's fused AdamW reads g, w, m, v and writes w, m, v
 OPTIMIZER_BYTES = {"lamb": 40, "lars": 28, "adamw": 28}
-MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters
 INTRA_LATENCY = 2e-6  # seconds per ring hop over NVLink (NCCL's LL protocol: a few microseconds)
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size and stage3_prefetch_bucket_size
 
@@ -141,11 +140,11 @@ def zero_collectives(stage: int, num_params: int, comm_bytes: int, zero: dict[st
         return Comm((), ((reduce, psi, overlap), ("all_gather", psi, False)))
     if stage == 2:  # partitioned gradients reduced in every micro-step's backward
         return Comm(((reduce, psi, overlap),), (("all_gather", psi, False),))
-    if stage == 3:  # weights gathered in every micro-step: once when they all stay live, else forward and backward
-        # (and again for checkpointing's recompute)
-        live = int(zero.get("stage3_max_live_parameters", MAX_LIVE_PARAMETERS))
-        gathers = 1 if num_params <= live else (3 if checkpointing else 2)
-        return Comm((("reduce_scatter", psi, overlap),) + (("all_gather", psi, True),) * gathers, ())
+    if stage == 3:  # weights gathered in every micro-step: all in the forward, then again (in the backward, or in
+        # checkpointing's recompute) those stage3_max_reuse_distance let go in between (memory.zero3_kept_share)
+        again = 1 - zero3_kept_share(num_params, zero, checkpointing)
+        regather = (("all_gather", again * psi, True),) if again > 0 else ()
+        return Comm((("reduce_scatter", psi, overlap), ("all_gather", psi, True)) + regather, ())
     raise ConfigError(f"zero_optimization.stage={stage} is not one of 0, 1, 2, 3.")
 
 

@@ -139,6 +139,13 @@ class RunDir:
         except (OSError, ValueError, KeyError):
             return None
 
+    def read_resolved(self) -> Optional[dict[str, Any]]:
+        """What the last start resolved from its recipe (recipe.json's "resolved"); None when there is none."""
+        try:
+            return json.loads(self.recipe_file.read_text())["resolved"]
+        except (OSError, ValueError, KeyError):
+            return None
+
     def write_records(self, recipe: dict[str, Any], resolved: dict[str, Any], env: dict[str, Any],
                       ds_config: dict[str, Any]) -> None:
         """Writer rank: this start's recipe.json (the tree and what was resolved from it), env.json, ds_config.json."""

@@ -22,6 +22,7 @@ from bigbatch.data import BatchSource, prepare
 from bigbatch.engine import initialize
 from bigbatch.models.build import build_model, count_parameters, padded_vocab
 from bigbatch.optim import param_groups
+from bigbatch.plan.advice import choose_at_start
 from bigbatch.resolve import ResolvedRun, phase_recipe
 from bigbatch.run import distributed, faults, resume, space
 from bigbatch.run.loop import Trainer
@@ -88,14 +89,19 @@ def _train(recipe: Recipe, path: Optional[Path], resume_run: bool, overwrite: bo
            argv: Optional[list[str]]) -> dict[str, Any]:
     # Everything that can be wrong with the input is checked before the process group starts.
     distributed.ensure_env()
-    run = ready_to_train(recipe, distributed.world_size_from_env())  # the pre-flight `bigbatch check` runs too
-    previous = None
+    world = distributed.world_size_from_env()
+    previous, kept = None, None
     if path is not None:
         run_dir = RunDir(path)
         mode = run_dir.decide_mode(resume_run, overwrite)
         previous = run_dir.read_recipe() if mode == "resume" else None
-        if previous is not None:
-            resume.refuse_changes(previous, recipe.to_dict(), run_dir)
+        kept = (run_dir.read_resolved() or {}).get("auto") if mode == "resume" else None
+    # an "auto" micro-batch and checkpointing: chosen now (a resume on as many GPUs keeps the last start's)
+    asked = recipe  # recipe.json keeps "auto", so that a start on another world size chooses again
+    recipe, auto = choose_at_start(recipe, world, kept)
+    run = ready_to_train(recipe, world)  # the pre-flight `bigbatch check` runs too
+    if previous is not None:
+        resume.refuse_changes(previous, asked.to_dict(), run_dir)
 
     rank, _ = distributed.init()  # the world size is the one resolved above, from the same environment
     if path is None:
@@ -120,7 +126,7 @@ def _train(recipe: Recipe, path: Optional[Path], resume_run: bool, overwrite: bo
     try:
         faults.at("startup", run_dir.path)
         stop.raise_if_requested()  # a request that came during rendezvous or the checks above
-        engine, trainer = _start(run, run_dir, mode, previous, rank, stop, argv)
+        engine, trainer = _start(run, run_dir, mode, previous, rank, stop, argv, (asked, auto))
         last = trainer.fit()
     except Preempted as request:  # during start-up: the run stays as its last checkpoint left it
         if rank == 0:
@@ -147,7 +153,8 @@ def _room(run: ResolvedRun, run_dir: RunDir) -> Optional[StorageFault | str]:
 
 
 def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict[str, Any]], rank: int,
-           stop: StopRequest, argv: Optional[list[str]]) -> tuple[Any, Trainer]:
+           stop: StopRequest, argv: Optional[list[str]],
+           auto: tuple[Optional[Recipe], str] = (None, "")) -> tuple[Any, Trainer]:
     """Every rank: data, model, engine and resume; the trainer, ready for its loop. Stop requests are looked at
     between these stages (raising Preempted)."""
     tell = say if rank == 0 else log.info
@@ -182,7 +189,7 @@ def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict
 
     hostnames = distributed.gather_objects(socket.gethostname())
     space.written_by_writer(lambda: _write_records(run, run_dir, previous, data.vocab_size, n_params, environment(
-        list(argv or sys.argv), world, hostnames)), rank == 0, distributed.broadcast, "the records", run_dir)
+        list(argv or sys.argv), world, hostnames), auto), rank == 0, distributed.broadcast, "the records", run_dir)
     resume_tag = resume.choose(run, run_dir.checkpoints, rank) if mode == "resume" else None
     if resume_tag and resume_tag.endswith("-universal"):
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
@@ -205,9 +212,11 @@ def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict
 
 
 def _write_records(run: ResolvedRun, run_dir: RunDir, previous: Optional[dict[str, Any]], vocab_size: int,
-                   n_params: int, env: dict[str, Any]) -> None:
-    """Writer rank: recipe.json (the tree and what was resolved from it), env.json and ds_config.json; the banner."""
+                   n_params: int, env: dict[str, Any], auto: tuple[Optional[Recipe], str] = (None, "")) -> None:
+    """Writer rank: recipe.json (the tree as asked, and what was resolved from it: an "auto" choice too), env.json
+    and ds_config.json; the banner."""
     recipe, steps = run.recipe, run.steps
+    asked, auto_reason = auto
     resolved = {"lr": run.lr, "lr_rule": run.lr_rule, "world": run.world, "micro_batch": run.batch.micro_batch,
                 "grad_accum": run.batch.grad_accum, "global_batch": run.batch.global_batch,
                 "warmup_steps": run.warmup_steps, "total_steps": len(steps),
@@ -215,10 +224,16 @@ def _write_records(run: ResolvedRun, run_dir: RunDir, previous: Optional[dict[st
                 "vocab_size": vocab_size,
                 "padded_vocab_size": padded_vocab(vocab_size, recipe.model.pad_vocab_to_multiple),
                 "parameters": n_params}
+    if auto_reason:  # the "auto" choice and why; a resume on as many GPUs keeps it (choose_at_start)
+        resolved["auto"] = {"world": run.world, "micro_batches": [run.batch.micro_batch, *(
+            ph.micro_batch for ph in recipe.phases)], "checkpointing": run.ds.checkpointing,
+            "reason": auto_reason}
     if previous is not None:  # what this start changed (the previous start's recipe.json is in starts/<n>/)
-        resolved["changed_on_resume"] = resume.changed_keys(previous, recipe.to_dict())
-    run_dir.write_records(recipe.to_dict(), resolved, env, run.ds_config)
+        resolved["changed_on_resume"] = resume.changed_keys(previous, (asked or recipe).to_dict())
+    run_dir.write_records((asked or recipe).to_dict(), resolved, env, run.ds_config)
     say(_banner(run, run_dir, n_params))
+    if auto_reason:
+        say(f"auto chose {auto_reason}")
     if resolved.get("changed_on_resume"):
         say("changed at this resume: " + ", ".join(f"{k} {a!r} -> {b!r}"
                                                    for k, (a, b) in resolved["changed_on_resume"].items()))

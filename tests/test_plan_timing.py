@@ -366,7 +366,8 @@ def test_mfu_is_model_flops_written_out_over_peak():
 def test_zero_collectives_rows_as_deepspeed_sends_them():
     """Each stage's rows (kind, bytes, overlappable) as the module docstring reads them from DeepSpeed 0.19: the
     stage 1-2 all-gather after the step and stage 0's all-reduce never overlap; `reduce_scatter: false` makes the
-    reduction an all-reduce; a model of exactly stage3_max_live_parameters is gathered once."""
+    reduction an all-reduce; at stage 3 a model within half stage3_max_reuse_distance (a third with checkpointing)
+    is gathered once per micro-step, and beyond it the share past R/2 (R/3) is gathered again."""
     psi = 1000
     rows = lambda stage, zero, ckpt=False: timing.zero_collectives(stage, 500, 2, zero, ckpt)  # noqa: E731
     on = {"overlap_comm": True}
@@ -375,9 +376,11 @@ def test_zero_collectives_rows_as_deepspeed_sends_them():
     assert rows(1, {"reduce_scatter": False}) == timing.Comm((), (("all_reduce", psi, False),
                                                                   ("all_gather", psi, False)))
     assert rows(2, on) == timing.Comm((("reduce_scatter", psi, True),), (("all_gather", psi, False),))
-    assert rows(3, {"stage3_max_live_parameters": 500}) == timing.Comm(
+    assert rows(3, {"stage3_max_reuse_distance": 1000}) == timing.Comm(
         (("reduce_scatter", psi, True), ("all_gather", psi, True)), ())
-    assert len(rows(3, {"stage3_max_live_parameters": 499}, ckpt=True).per_micro) == 1 + 3
+    *first, (kind, again, overlapped) = rows(3, {"stage3_max_reuse_distance": 999}, ckpt=True).per_micro
+    assert first == [("reduce_scatter", psi, True), ("all_gather", psi, True)]
+    assert (kind, overlapped) == ("all_gather", True) and again == pytest.approx((1 - 999 / (3 * 500)) * psi)
     with pytest.raises(ValueError, match=r"^zero_optimization.stage=5 is not one of 0, 1, 2, 3\.$"):
         rows(5, {})
 

@@ -183,7 +183,7 @@ CHANGEABLE_BY_SPEC = {
     "optimizer.weight_decay", "optimizer.grad_clip", "optimizer.max_coeff", "optimizer.min_coeff",
     "optimizer.momentum", "optimizer.trust_coefficient", "schedule.steps", "schedule.warmup", "schedule.decay",
     "schedule.power", "schedule.min_lr_ratio", "batch.micro_batch", "batch.grad_accum", "deepspeed.configs",
-    "batch.adaptive_factor", "batch.adaptive_every", "batch.min", "batch.max",
+    "batch.adaptive_factor", "batch.adaptive_every", "batch.min", "batch.max", "deepspeed.activation_checkpointing",
     "checkpoint.every_steps", "checkpoint.keep_last", "run.eval_every", "run.log_every", "run.trust_ratio_every",
     "run.runs_root", "run.overflow_patience", "run.noise_scale_ema", "cluster.nodes", "cluster.gpus_per_node",
     "cluster.gpu_memory", *(f"phases.1.{k}" for k in ("steps", "samples", "micro_batch", "lr", "warmup", "decay",

@@ -167,6 +167,20 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015; DistilBERT, Sanh et al. 2019): the recipe's model is the student of
+    `teacher`; an empty teacher switches the section off."""
+
+    teacher: str = ""  # a bigbatch run directory, a `bigbatch export` directory, or hf:<name> from the local cache
+    temperature: float = 2.0
+    alpha_kd: float = 1.0  # T^2 * KL(teacher || student) on the soft targets
+    alpha_hard: float = 0.5  # the MLM / LM loss on the labels
+    alpha_hidden: float = 0.0  # 1 - cosine between the last hidden states (needs equal widths)
+    init: str = "teacher_layers"  # none | teacher_layers
+    layers: tuple[int, ...] = ()  # teacher layers the student's layers start from; empty: every other (0, 2, 4, ...)
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "recipe"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -179,6 +193,7 @@ class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     phases: tuple[PhaseConfig, ...] = ()  # phases after the first; override as --phases.1.seq_len=512 (1-based)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -191,6 +206,7 @@ class Recipe:
         self._check_data()
         self._check_phases()
         self._check_ramp()
+        self._check_distill()
         return self
 
     def _check_counts(self) -> None:
@@ -297,6 +313,23 @@ class Recipe:
                 raise ConfigError(
                     f"batch.global_batch={b.global_batch} - batch.ramp_start={b.ramp_start} is not a multiple of "
                     f"batch.ramp_increment={b.ramp_increment}; the ramp must land on the global batch.")
+
+    def _check_distill(self) -> None:
+        """The distill section: a positive temperature, non-negative weights of which one at least is positive."""
+        d = self.distill
+        if not d.teacher:
+            return
+        _choice("distill.init", d.init, ("none", "teacher_layers"))
+        if not d.temperature > 0:
+            raise ConfigError(f"distill.temperature={d.temperature} must be positive; 2.0 is the usual choice.")
+        alphas = {"alpha_kd": d.alpha_kd, "alpha_hard": d.alpha_hard, "alpha_hidden": d.alpha_hidden}
+        if min(alphas.values()) < 0 or not sum(alphas.values()) > 0:
+            raise ConfigError("distill " + ", ".join(f"{k}={v}" for k, v in alphas.items()) + " must be >= 0 with "
+                              "one at least positive, or the student learns nothing; set e.g. --distill.alpha_kd=1.")
+        if d.layers and (len(d.layers) != self.model.num_layers or min(d.layers) < 0):
+            raise ConfigError(f"distill.layers={','.join(map(str, d.layers))} must name one teacher layer (0-based) "
+                              f"for each of the student's {self.model.num_layers} layers; leave it empty for every "
+                              "other layer.")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

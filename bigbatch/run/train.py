@@ -23,7 +23,7 @@ from bigbatch.engine import initialize
 from bigbatch.models.build import build_model, count_parameters, padded_vocab
 from bigbatch.optim import param_groups
 from bigbatch.resolve import ResolvedRun, phase_recipe
-from bigbatch.run import distributed, faults, resume
+from bigbatch.run import distributed, faults, resume, teacher
 from bigbatch.run.loop import Trainer
 from bigbatch.run.metrics import MetricsLog, log, plot_loss, say
 from bigbatch.run.preemption import (
@@ -88,6 +88,10 @@ def _train(recipe: Recipe, path: Optional[Path], resume_run: bool, overwrite: bo
            argv: Optional[list[str]]) -> dict[str, Any]:
     # Everything that can be wrong with the input is checked before the process group starts.
     distributed.ensure_env()
+    recipe.validate()
+    tutor = teacher.load(recipe.distill.teacher) if recipe.distill.teacher else None
+    if tutor is not None:  # the student takes the teacher's tokenizer
+        recipe = teacher.student_recipe(recipe, tutor)
     run = ready_to_train(recipe, distributed.world_size_from_env())  # the pre-flight `bigbatch check` runs too
     previous = None
     if path is not None:
@@ -96,6 +100,8 @@ def _train(recipe: Recipe, path: Optional[Path], resume_run: bool, overwrite: bo
         previous = run_dir.read_recipe() if mode == "resume" else None
         if previous is not None:
             resume.refuse_changes(previous, recipe.to_dict(), run_dir)
+            if tutor is not None:
+                teacher.refuse_changed(run_dir, tutor)
 
     rank, _ = distributed.init()  # the world size is the one resolved above, from the same environment
     if path is None:
@@ -114,7 +120,7 @@ def _train(recipe: Recipe, path: Optional[Path], resume_run: bool, overwrite: bo
     try:
         faults.at("startup", run_dir.path)
         stop.raise_if_requested()  # a request that came during rendezvous or the checks above
-        engine, trainer = _start(run, run_dir, mode, previous, rank, stop, argv)
+        engine, trainer = _start(run, run_dir, mode, previous, rank, stop, argv, tutor)
         last = trainer.fit()
     except Preempted as request:  # during start-up: the run stays as its last checkpoint left it
         if rank == 0:
@@ -133,7 +139,7 @@ def _train(recipe: Recipe, path: Optional[Path], resume_run: bool, overwrite: bo
 
 
 def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict[str, Any]], rank: int,
-           stop: StopRequest, argv: Optional[list[str]]) -> tuple[Any, Trainer]:
+           stop: StopRequest, argv: Optional[list[str]], tutor: Optional[teacher.Teacher]) -> tuple[Any, Trainer]:
     """Every rank: data, model, engine and resume; the trainer, ready for its loop. Stop requests are looked at
     between these stages (raising Preempted)."""
     tell = say if rank == 0 else log.info
@@ -159,6 +165,8 @@ def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict
     stop.raise_if_requested()
     torch.manual_seed(recipe.run.seed)
     model = build_model(recipe.model, data.vocab_size, pad_id=0, checkpointing=run.ds.checkpointing)
+    if tutor is not None:
+        model = teacher.student(model, tutor, recipe, run.ds.precision, data.vocab_size)
     n_params = count_parameters(model)
 
     def schedule(opt: Any) -> Any:
@@ -169,7 +177,8 @@ def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict
     hostnames = distributed.gather_objects(socket.gethostname())
     if rank == 0:
         _write_records(run, run_dir, previous, data.vocab_size, n_params, environment(list(argv or sys.argv), world,
-                                                                                      hostnames))
+                                                                                      hostnames),
+                       tutor.record if tutor else None)
     resume_tag = resume.choose(run, run_dir.checkpoints, rank) if mode == "resume" else None
     if resume_tag and resume_tag.endswith("-universal"):
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
@@ -191,7 +200,7 @@ def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict
 
 
 def _write_records(run: ResolvedRun, run_dir: RunDir, previous: Optional[dict[str, Any]], vocab_size: int,
-                   n_params: int, env: dict[str, Any]) -> None:
+                   n_params: int, env: dict[str, Any], teacher_record: Optional[dict[str, Any]] = None) -> None:
     """Writer rank: recipe.json (the tree and what was resolved from it), env.json and ds_config.json; the banner."""
     recipe, steps = run.recipe, run.steps
     resolved = {"lr": run.lr, "lr_rule": run.lr_rule, "world": run.world, "micro_batch": run.batch.micro_batch,
@@ -201,6 +210,8 @@ def _write_records(run: ResolvedRun, run_dir: RunDir, previous: Optional[dict[st
                 "vocab_size": vocab_size,
                 "padded_vocab_size": padded_vocab(vocab_size, recipe.model.pad_vocab_to_multiple),
                 "parameters": n_params}
+    if teacher_record is not None:
+        resolved["teacher"] = teacher_record
     if previous is not None:  # what this start changed (the previous start's recipe.json is in starts/<n>/)
         resolved["changed_on_resume"] = resume.changed_keys(previous, recipe.to_dict())
     run_dir.write_records(recipe.to_dict(), resolved, env, run.ds_config)

@@ -9,7 +9,9 @@ teacher changed is refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +69,8 @@ def _from_run(path: Path) -> Teacher:
     tokenizer = tokenizer_file_of(recipe, run)
     vocab = Tokenizer(tokenizer).vocab_size
     model = build_model(recipe.model, vocab, pad_id=PAD)
-    model.load_state_dict(consolidate(run.checkpoints / tag))
+    with contextlib.redirect_stderr(io.StringIO()):  # zero_to_fp32's progress bars: the teacher is one step of start-up
+        model.load_state_dict(consolidate(run.checkpoints / tag))
     return _teacher(model.hf, recipe.model.arch, tokenizer, vocab,
                     {"source": str(path.resolve()), "kind": "run", "checkpoint": tag})
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import math
 from typing import Any
 
@@ -110,10 +109,8 @@ def prune(hf: nn.Module, arch: str, kind: str, sparsity: float) -> None:
 
 
 def quiet_torchao() -> Any:
-    """torchao, imported with its load failures of CUDA-only libraries (logged as warnings on a CPU machine) and torch's
-    pytree deprecation notes kept off the user's screen."""
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """torchao's quantization API (its logs are quieted in `bigbatch.models`), with anything it prints on import kept
+    off the user's screen."""
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         import torchao.quantization as quantization
     return quantization

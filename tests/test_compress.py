@@ -148,3 +148,12 @@ def test_an_existing_out_or_a_source_that_is_no_run_is_refused(tmp_path, capsys)
     assert "neither a bigbatch run" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
+
+
+def test_check_points_a_compression_training_config_to_these_commands(tmp_path, capsys):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"train_batch_size": 8, "compression_training": {"weight_quantization": {}}}))
+    assert main(["check", str(config)]) == 2
+    found = [line for line in capsys.readouterr().out.splitlines() if "compression_training" in line]
+    assert len(found) == 1
+    assert "--distill.teacher=" in found[0] and "bigbatch compress" in found[0] and "--quantize" in found[0]

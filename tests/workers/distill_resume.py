@@ -18,7 +18,7 @@ SMALL = ["--schedule.steps=4", "--batch.global_batch=64", "--batch.micro_batch=1
          "--data.eval_samples=64", "--checkpoint.every_steps=2"]
 
 if __name__ == "__main__":
-    teacher, corpus, root, out = sys.argv[1:5]
+    teacher, corpus, root, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     results = {}
     for stage in (1, 3):
         def args(name):

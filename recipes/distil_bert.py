@@ -4,7 +4,7 @@
 DistilBERT's loss weights (soft targets 5, masked LM 2, cosine of the last hidden states 1) at temperature 2, and its
 start from every other teacher layer (0, 2, 4, 6, 8, 10).
 
-    bigbatch plan distil_bert --distill.teacher=runs/bert_base       # counts the teacher's memory and FLOPs too
+    bigbatch check distil_bert --distill.teacher=runs/bert_base
     deepspeed --num_gpus 8 --module bigbatch train distil_bert --distill.teacher=runs/bert_base
 """
 

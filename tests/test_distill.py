@@ -243,3 +243,11 @@ def test_a_two_rank_distillation_stopped_and_resumed_matches_bit_for_bit(teacher
         assert stopped == plain, stage
         evals = [(m["step"], m["eval_loss"]) for m in r["plain"] if "eval_loss" in m]
         assert evals == [(m["step"], m["eval_loss"]) for m in r["stopped"] if "eval_loss" in m]
+
+
+def test_check_validates_the_distill_section(tmp_path, capsys):
+    assert main(["check", "tiny_distil", f"--distill.teacher={tmp_path / 'nowhere'}"]) == 2
+    assert "distill.teacher=" in capsys.readouterr().out
+    assert main(["check", "tiny_distil", f"--distill.teacher={tmp_path}", "--distill.temperature=0"]) == 2
+    assert "distill.temperature=0.0 must be positive" in capsys.readouterr().err
+    assert main(["check", "tiny_distil"]) == 0  # no teacher: the section is off

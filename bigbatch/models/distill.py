@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,23 @@ class Distilled(nn.Module):
         terms = {k: float(v) / self.micro_batches for k, v in self.sums.items()}
         self.sums, self.micro_batches = {}, 0
         return terms
+
+
+def teacher_kind(spec: str) -> str:
+    """What `distill.teacher` names: "run" (a bigbatch run directory), "export" (a `bigbatch export` directory) or
+    "hf" (`hf:<name>`); a ConfigError when it is none of them. Reads no weights (`bigbatch check` asks it too)."""
+    if spec.startswith("hf:"):
+        return "hf"
+    path = Path(spec)
+    if not path.exists():
+        raise ConfigError(f"distill.teacher={spec} does not exist; give a bigbatch run directory, a `bigbatch export` "
+                          "directory or hf:<name> in the local cache.")
+    if (path / "recipe.json").is_file():
+        return "run"
+    if (path / "config.json").is_file() and (path / "tokenizer.model").is_file():
+        return "export"
+    raise ConfigError(f"distill.teacher={spec} holds neither a bigbatch run (recipe.json) nor a `bigbatch export` "
+                      "directory (config.json and tokenizer.model); point it at one of those.")
 
 
 def every_other(teacher_layers: int, student_layers: int) -> tuple[int, ...]:

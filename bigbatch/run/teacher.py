@@ -24,7 +24,7 @@ from bigbatch.config import ConfigError, Recipe
 from bigbatch.config.files import load_recipe_file
 from bigbatch.data.tokenizer import PAD, Tokenizer
 from bigbatch.models.build import build_model
-from bigbatch.models.distill import Distilled, every_other, init_from_teacher, weights_sha256
+from bigbatch.models.distill import Distilled, every_other, init_from_teacher, teacher_kind, weights_sha256
 from bigbatch.run import checkpoint
 from bigbatch.run.export import AUTO_CLASS, consolidate, tokenizer_file_of
 from bigbatch.run.rundir import RunDir
@@ -45,18 +45,10 @@ class Teacher:
 
 def load(spec: str) -> Teacher:
     """The teacher `spec` names, or a ConfigError saying what is wrong with it."""
-    if spec.startswith("hf:"):
+    kind = teacher_kind(spec)
+    if kind == "hf":
         return _from_hub(spec[3:])
-    path = Path(spec)
-    if not path.exists():
-        raise ConfigError(f"distill.teacher={spec} does not exist; give a bigbatch run directory, a `bigbatch export` "
-                          "directory or hf:<name> in the local cache.")
-    if (path / "recipe.json").is_file():
-        return _from_run(path)
-    if (path / "config.json").is_file() and (path / "tokenizer.model").is_file():
-        return _from_export(path)
-    raise ConfigError(f"distill.teacher={spec} holds neither a bigbatch run (recipe.json) nor a `bigbatch export` "
-                      "directory (config.json and tokenizer.model); point it at one of those.")
+    return _from_run(Path(spec)) if kind == "run" else _from_export(Path(spec))
 
 
 def _from_run(path: Path) -> Teacher:

@@ -227,23 +227,37 @@ def test_bad_input_is_one_sentence_and_exit_2_with_nothing_written(case, teacher
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-def test_a_two_rank_distillation_stopped_and_resumed_matches_bit_for_bit(teacher_run, corpus_file, tmp_path):
-    """One launch: ZeRO-1 and ZeRO-3, each uninterrupted and stopped at step 3 then resumed."""
+def test_two_rank_distillation_and_pruned_recovery_stopped_and_resumed_match_bit_for_bit(teacher_run, corpus_file,
+                                                                                         tmp_path):
+    """One launch (tests/workers/distill_resume.py): at ZeRO-1 and ZeRO-3, a distillation and a pruned model's recovery
+    (`--model.init_from --model.hold_zeros`, what `bigbatch compress --recover` trains), each uninterrupted and stopped
+    at step 3 then resumed. Losses equal bit for bit; every pruned weight exactly zero in every checkpoint."""
+    from bigbatch.models.compression import prune_unstructured
+    from bigbatch.run.compress import open_source
+
+    model = open_source(teacher_run)[0]
+    prune_unstructured(model.hf, 0.5)
+    model.hf.save_pretrained(tmp_path / "pruned")
     out = tmp_path / "result.json"
     deepspeed_launch([str(WORKERS / "distill_resume.py"), str(teacher_run), str(corpus_file), str(tmp_path),
-                      str(out)], world=2)
+                      str(out), str(tmp_path / "pruned")], world=2)
     results = json.loads(out.read_text())
-    keys = ("step", "loss", "loss_kd", "loss_hard", "loss_hidden", "grad_norm")
     for stage in ("1", "3"):
-        r = results[stage]
-        assert r["codes"] == [0, 0, 0]
-        plain = [{k: m[k] for k in keys} for m in r["plain"] if "loss" in m]
-        stopped = [{k: m[k] for k in keys} for m in r["stopped"] if "loss" in m]
-        assert [m["step"] for m in plain] == [1, 2, 3, 4]
-        assert stopped == plain, stage
-        evals = [(m["step"], m["eval_loss"]) for m in r["plain"] if "eval_loss" in m]
-        assert evals == [(m["step"], m["eval_loss"]) for m in r["stopped"] if "eval_loss" in m]
-
+        for case, keys in ((stage, ("loss_kd", "loss_hard", "loss_hidden")), (f"recover{stage}", ())):
+            r = results[case]
+            assert r["codes"] == [0, 0, 0]
+            fields = ("step", "loss", "grad_norm", *keys)
+            plain = [{k: m[k] for k in fields} for m in r["plain"] if "loss" in m]
+            stopped = [{k: m[k] for k in fields} for m in r["stopped"] if "loss" in m]
+            assert [m["step"] for m in plain] == [1, 2, 3, 4]
+            assert stopped == plain, case
+            evals = [(m["step"], m["eval_loss"]) for m in r["plain"] if "eval_loss" in m]
+            assert evals == [(m["step"], m["eval_loss"]) for m in r["stopped"] if "eval_loss" in m]
+        for name, tags in results[f"recover{stage}"]["zeros"].items():
+            assert set(tags) == {"step00000002", "step00000004"}, name
+            for tag, (held, still, moved) in tags.items():
+                assert held > 1000 and still == held, (stage, name, tag)  # every pruned weight still exactly zero
+                assert moved > 1000, (stage, name, tag)  # and the others trained
 
 def test_check_validates_the_distill_section(tmp_path, capsys):
     assert main(["check", "tiny_distil", f"--distill.teacher={tmp_path / 'nowhere'}"]) == 2

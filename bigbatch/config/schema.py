@@ -30,6 +30,10 @@ class ModelConfig:
     dropout: float = 0.1
     # Embedding rows are padded to a multiple of this (tensor-core friendly GEMMs); 1 disables it.
     pad_vocab_to_multiple: int = 8
+    # A transformers directory (an export, a `bigbatch compress` output) the weights start from instead of a fresh
+    # initialisation; with hold_zeros, Linear weights that are zero there stay zero (a pruned model's recovery).
+    init_from: str = ""
+    hold_zeros: bool = False
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,9 @@ class Recipe:
     def _check_model_shape(self) -> None:
         """Heads divide the width (and key/value heads the heads); the sequence fits the positions."""
         kv = self.model.num_kv_heads
+        if self.model.hold_zeros and not self.model.init_from:
+            raise ConfigError("model.hold_zeros=true holds the zeros of the weights the run starts from; set "
+                              "--model.init_from=<a transformers directory> too.")
         if kv < 0 or (kv and self.model.num_heads % kv):
             raise ConfigError(f"model.num_kv_heads={kv} must divide model.num_heads={self.model.num_heads} "
                               "(0 means as many as num_heads).")

@@ -94,6 +94,25 @@ def prune_neurons(hf: nn.Module, arch: str, sparsity: float) -> list[torch.Tenso
     return kept
 
 
+def start_from(model: nn.Module, directory: str, hold_zeros: bool) -> int:
+    """Loads a transformers directory's weights into the freshly built `model` (its `hf`); with hold_zeros, every
+    Linear weight that is zero there stays zero through training: its gradient is masked by a hook on the parameter,
+    so LAMB, LARS and AdamW (zero moments, zero weight decay term) never move it, whichever ZeRO stage partitions the
+    optimizer state. Returns how many weights are held."""
+    loaded = type(model.hf).from_pretrained(directory)
+    missing, unexpected = model.hf.load_state_dict(loaded.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"model.init_from={directory} does not fit the recipe's model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); give the recipe that directory's shape.")
+    held = 0
+    for _, m in prunable_linears(model.hf) if hold_zeros else ():
+        keep = m.weight.detach() != 0
+        if not keep.all():
+            held += int((~keep).sum())
+            m.weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device, grad.dtype))
+    return held
+
+
 def prune(hf: nn.Module, arch: str, kind: str, sparsity: float) -> None:
     """Prunes `hf` in place; sparsity 0 leaves it as it is."""
     if not sparsity:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigbatch.config import ConfigError, Recipe
+from bigbatch.config import ConfigError, DistillConfig, Recipe
 from bigbatch.config.files import load_recipe_file
 from bigbatch.data import prepare
 from bigbatch.data.tokenizer import PAD, Tokenizer
@@ -42,6 +43,7 @@ from bigbatch.models.compression import (
 from bigbatch.run import checkpoint
 from bigbatch.run.export import AUTO_CLASS, consolidate, tokenizer_file_of, write_tokenizer
 from bigbatch.run.rundir import RunDir
+from bigbatch.run.train import train
 
 LATENCY_BATCH = 32  # sequences per timed forward pass
 
@@ -67,6 +69,9 @@ def cmd_compress(args: list[str]) -> int:
         return int(exit_.code or 0)
     report = compress(known.source, known.out, known.prune, known.prune_kind, known.recover, known.quantize,
                       known.overwrite)
+    if report.get("preempted"):
+        print(f"recovery stopped; the same command resumes it from {recovery_paths(known.out)[1]}")
+        return 0
     print(format_report(report))
     return 0
 
@@ -78,9 +83,8 @@ def _check_arguments(out: Path, sparsity: float, kind: str, recover: int, quanti
         raise ConfigError(f"--prune-kind {kind!r} is not one of {', '.join(PRUNE_KINDS)}.")
     if quantize not in QUANTIZE:
         raise ConfigError(f"--quantize {quantize!r} is not one of {', '.join(QUANTIZE)}.")
-    if recover:
-        raise ConfigError(f"--recover {recover}: recovery training after pruning is not available yet; compress "
-                          "without it.")
+    if recover < 0 or (recover and not sparsity):
+        raise ConfigError(f"--recover {recover} needs a whole number of steps >= 1 and a --prune to recover from.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"--out {out} already exists and is not empty; choose another --out or pass --overwrite to "
                           "replace it.")
@@ -133,6 +137,10 @@ def compress(source: Path, out: Path, sparsity: float = 0.0, kind: str = "unstru
     with tempfile.TemporaryDirectory() as scratch:
         before = measure(model, batches, Path(scratch) / "before")
         prune(model.hf, arch, kind, sparsity)
+        if recover:
+            model = _recover(model, recipe, tokenizer, kind, recover, out)
+            if model is None:
+                return {"preempted": True}
         staging = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
         if quantize == "none":
@@ -157,6 +165,35 @@ def compress(source: Path, out: Path, sparsity: float = 0.0, kind: str = "unstru
         out.unlink()
     os.replace(staging, out)
     return report
+
+
+def recovery_paths(out: Path) -> tuple[Path, Path]:
+    """Where --recover keeps the pruned weights it starts from and its run (kept, so a stopped recovery resumes)."""
+    return out.with_name(f"{out.name}.pruned"), out.with_name(f"{out.name}.recover")
+
+
+def _recover(model: nn.Module, recipe: Recipe, tokenizer: Path, kind: str, steps: int, out: Path) -> Any:
+    """Continued pretraining of the pruned model through the normal trainer: the run's recipe (its LAMB, batch, ZeRO
+    stage and data) for `steps` steps, starting from the pruned weights, the pruned weights held at zero. A second
+    call with the same --out resumes a stopped recovery. Returns the recovered model, None when it was stopped."""
+    pruned, run_dir = recovery_paths(out)
+    if not (run_dir / "recipe.json").is_file():
+        model.hf.save_pretrained(pruned)
+    shape = dataclasses.replace(recipe.model, init_from=str(pruned.resolve()), hold_zeros=kind == "unstructured",
+                                intermediate_size=model.hf.config.n_inner if recipe.model.arch == "gpt2" else
+                                model.hf.config.intermediate_size)
+    data = dataclasses.replace(recipe.data, tokenizer=str(tokenizer.resolve()),
+                               vocab_size=Tokenizer(tokenizer).vocab_size)
+    rec = dataclasses.replace(recipe, name=f"{recipe.name}-recover", model=shape, data=data, phases=(),
+                              schedule=dataclasses.replace(recipe.schedule, steps=steps), distill=DistillConfig())
+    last = train(rec, run_dir, resume=(run_dir / "recipe.json").is_file())
+    if last.get("preempted"):
+        return None
+    recovered = build_model(rec.model, data.vocab_size, pad_id=PAD)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        recovered.load_state_dict(consolidate(run_dir / "checkpoints" / checkpoint.newest_complete(
+            run_dir / "checkpoints")))
+    return recovered.eval()
 
 
 def _eval_batches(recipe: Recipe, run_dir: Path) -> list[dict[str, torch.Tensor]]:

@@ -21,6 +21,7 @@ from bigbatch.config.schedule import ScheduledStep
 from bigbatch.data import BatchSource, prepare
 from bigbatch.engine import initialize
 from bigbatch.models.build import build_model, count_parameters, padded_vocab
+from bigbatch.models.compression import start_from
 from bigbatch.optim import param_groups
 from bigbatch.resolve import ResolvedRun, phase_recipe
 from bigbatch.run import distributed, faults, resume, teacher
@@ -164,9 +165,7 @@ def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict
                    stop_requested=requested)
     stop.raise_if_requested()
     torch.manual_seed(recipe.run.seed)
-    model = build_model(recipe.model, data.vocab_size, pad_id=0, checkpointing=run.ds.checkpointing)
-    if tutor is not None:
-        model = teacher.student(model, tutor, recipe, run.ds.precision, data.vocab_size)
+    model = _model(run, data.vocab_size, tutor)
     n_params = count_parameters(model)
 
     def schedule(opt: Any) -> Any:
@@ -197,6 +196,18 @@ def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict
                       load_phase, stop, start_step=resumed.step, precision=run.ds.precision,
                       overflow_in_a_row=resumed.overflow_in_a_row)
     return engine, trainer
+
+
+def _model(run: ResolvedRun, vocab_size: int, tutor: Optional[teacher.Teacher]) -> Any:
+    """The model the run trains: built fresh from the recipe's shape (seeded by the caller), or from the weights of
+    model.init_from; a distillation's student carrying its teacher."""
+    recipe = run.recipe
+    model = build_model(recipe.model, vocab_size, pad_id=0, checkpointing=run.ds.checkpointing)
+    if recipe.model.init_from:
+        start_from(model, recipe.model.init_from, recipe.model.hold_zeros)
+    if tutor is not None:
+        model = teacher.student(model, tutor, recipe, run.ds.precision, vocab_size)
+    return model
 
 
 def _write_records(run: ResolvedRun, run_dir: RunDir, previous: Optional[dict[str, Any]], vocab_size: int,

@@ -14,6 +14,7 @@ from bigbatch.cli import main
 from bigbatch.config import ModelConfig
 from bigbatch.models.build import build_model
 from bigbatch.models.compression import prunable_linears, prune_neurons, prune_unstructured
+from bigbatch.run.metrics import read_metrics
 
 CFG = ModelConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=40, max_position=16, dropout=0.0)
 
@@ -157,3 +158,16 @@ def test_check_points_a_compression_training_config_to_these_commands(tmp_path, 
     found = [line for line in capsys.readouterr().out.splitlines() if "compression_training" in line]
     assert len(found) == 1
     assert "--distill.teacher=" in found[0] and "bigbatch compress" in found[0] and "--quantize" in found[0]
+
+
+@pytest.mark.slow
+def test_recovery_trains_through_the_trainer_and_keeps_the_zeros(run_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compress", str(run_dir), "--out", str(out), "--prune", "0.5", "--recover", "2"]) == 0
+    report = json.loads((out / "compression.json").read_text())
+    linear = report["before"]["linear_weight_bytes"] // 4
+    assert report["after"]["parameters"] - report["after"]["nonzero_parameters"] == pytest.approx(0.5 * linear, abs=2)
+    recovery = out.with_name("out.recover")
+    steps = [r["step"] for r in read_metrics(recovery / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2]
+    assert json.loads((recovery / "recipe.json").read_text())["recipe"]["model"]["hold_zeros"] is True

@@ -265,3 +265,22 @@ def test_check_validates_the_distill_section(tmp_path, capsys):
     assert main(["check", "tiny_distil", f"--distill.teacher={tmp_path}", "--distill.temperature=0"]) == 2
     assert "distill.temperature=0.0 must be positive" in capsys.readouterr().err
     assert main(["check", "tiny_distil"]) == 0  # no teacher: the section is off
+
+
+@pytest.mark.slow
+def test_plan_counts_the_teachers_weights_activations_and_forward_flops(teacher_run, capsys):
+    from bigbatch.config.files import load_recipe
+    from bigbatch.plan.teacher import teacher_cost
+
+    recipe = load_recipe("tiny_distil", {"distill.teacher": str(teacher_run)})
+    cost = teacher_cost(recipe, micro_batch=256, grad_accum=16, precision="bf16")
+    teacher = teacher_module.load(str(teacher_run)).hf
+    assert cost["parameters"] == sum(p.numel() for p in teacher.parameters())
+    assert cost["weight_bytes"] == 2 * cost["parameters"]  # bf16, nothing else: no gradients, no optimizer state
+    h, f, s, v, tokens = 64, 128, 64, 400, 256 * 64  # the tiny teacher: width 64, MLP 128, 400 pieces (padded: 400)
+    per_layer = tokens * (2 * h * 3 * h + 2 * h * h + 2 * 2 * h * f) + tokens * 4 * s * h
+    head = round(0.15 * tokens) * (2 * h * h + 2 * h * v)  # BERT's head at the masked rows only
+    assert cost["forward_flops_per_step"] == 16 * (2 * per_layer + head)
+    assert 0 < cost["forward_activation_bytes"]
+    assert main(["plan", "tiny_distil", f"--distill.teacher={teacher_run}"]) == 0
+    assert "teacher (" in capsys.readouterr().out

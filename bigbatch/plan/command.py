@@ -18,8 +18,9 @@ from bigbatch.config.overrides import parse_override_args
 from bigbatch.plan import hardware
 from bigbatch.plan.advice import PlanResult, check_world, node_scaling, noise_grid, plan
 from bigbatch.plan.memory import CUDA_ALLOWANCE, GiB
+from bigbatch.plan.teacher import teacher_cost
 from bigbatch.plan.timing import Cluster, Estimate, estimate
-from bigbatch.resolve import phase_recipe
+from bigbatch.resolve import phase_recipe, resolve
 from bigbatch.run.metrics import read_metrics
 
 # the device `bigbatch plan` times on without --gpu: the one the calibration rows ran on
@@ -118,9 +119,23 @@ def _plan_and_time(known: argparse.Namespace, overrides: dict[str, Any]) -> tupl
         out["noise_scale"] = grid
         text.extend(["", noise_report(grid)])
     out["memory"] = {"fits": fits, "gpu_memory": memory, "phases": memory_out}
+    if recipe.distill.teacher:
+        out["teacher"] = _teacher(recipe, cluster.world, text)
     if not known.json:
         out["text"] = "\n".join(text)
     return out, fits
+
+
+def _teacher(recipe: Recipe, world: int, text: list[str]) -> dict[str, Any]:
+    """A distillation's teacher, per GPU (bigbatch.plan.teacher), as JSON and one line of the report."""
+    run = resolve(recipe, world)
+    cost = teacher_cost(recipe, run.batch.micro_batch, run.batch.grad_accum, run.ds.precision)
+    weights, activations = _size(cost["weight_bytes"]), _size(cost["forward_activation_bytes"])
+    text.extend(["", f"teacher ({recipe.distill.teacher}): {cost['parameters'] / 1e6:.1f}M params, {weights} of "
+                     f"{run.ds.precision} weights + {activations} of forward activations per GPU (no gradients, no "
+                     "optimizer state; not in the table above), "
+                     f"{cost['forward_flops_per_step'] / 1e12:.2f} TFLOPs of forward per GPU and step"])
+    return cost
 
 
 def _memory_per_phase(recipe: Recipe, nodes: int, per_node: int,

@@ -41,8 +41,9 @@ def teacher_cost(recipe: Recipe, micro_batch: int, grad_accum: int, precision: s
     seq = recipe.data.seq_len
     params = model_size(shape, vocab)[0]
     one_layer = dataclasses.replace(shape, num_layers=1)
-    forward = activation_bytes(one_layer, vocab, seq, micro_batch, precision,
-                               mlm_probability=recipe.data.mlm_probability)
-    flops = forward_flops(shape, vocab, seq, micro_batch, recipe.data.mlm_probability).model * grad_accum
+    activations = activation_bytes(one_layer, vocab, seq, micro_batch, precision,
+                                   mlm_probability=recipe.data.mlm_probability)
+    forward = forward_flops(shape, vocab, seq, micro_batch, recipe.data.mlm_probability)
+    flops = (forward.layers + forward.head) * grad_accum  # the forward alone: `.model` counts training (3x)
     return {"parameters": params, "weight_bytes": params * _element_bytes(precision),
-            "forward_activation_bytes": forward, "forward_flops_per_step": flops}
+            "forward_activation_bytes": activations, "forward_flops_per_step": flops}

@@ -40,6 +40,7 @@ COMMANDS = {
     "sweep": _lazy("bigbatch.run.sweep", "cmd_sweep"),
     "tokenizer": _lazy("bigbatch.data.tokenizer", "cmd_tokenizer"),
     "export": _lazy("bigbatch.run.export", "cmd_export"),
+    "compress": _lazy("bigbatch.run.compress", "cmd_compress"),
 }
 
 
@@ -63,7 +64,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "  plan    memory per GPU for each ZeRO stage, precision and phase; step time and time to train\n"
               "  sweep   a grid of overrides as one SLURM job array; --report tabulates final eval losses\n"
               "  tokenizer train   a SentencePiece model for --data.tokenizer\n"
-              "  export  a run's newest checkpoint as a transformers directory (from_pretrained), with its tokenizer\n")
+              "  export  a run's newest checkpoint as a transformers directory (from_pretrained), with its tokenizer\n"
+              "  compress  prune and/or quantize a run or an export; compression.json reports before and after\n")
         return 0 if argv else EXIT_BAD_INPUT
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

@@ -18,6 +18,7 @@ from bigbatch.config import ConfigError, Recipe
 from bigbatch.config.dsconfig import find_fragment
 from bigbatch.data.corpus import HubUnreachable, check_sources
 from bigbatch.data.tokenizer import check_tokenizer
+from bigbatch.models.distill import teacher_kind
 from bigbatch.plan.advice import choose_at_start
 from bigbatch.resolve import ResolvedRun, resolve
 
@@ -53,7 +54,8 @@ def _input_findings(recipe: Recipe, hub_required: bool) -> list[Finding]:
     for step in (lambda: check_sources(hub, data.cache_dir or None),
                  lambda: check_sources(local),
                  lambda: check_tokenizer(data.tokenizer, data.vocab_size),
-                 lambda: [find_fragment(f) for f in recipe.deepspeed.configs]):
+                 lambda: [find_fragment(f) for f in recipe.deepspeed.configs],
+                 lambda: recipe.distill.teacher and teacher_kind(recipe.distill.teacher)):
         try:
             step()
         except ConfigError as err:

@@ -266,6 +266,12 @@ STAGE3_KEYS = ("sub_group_size", "zero_hpz_partition_size", "zero_quantized_weig
                "zero_quantized_nontrainable_weights")
 
 
+# What bigbatch offers in place of a removed DeepSpeed block.
+INSTEAD = {"compression_training": "bigbatch distils with a recipe's distill section (`bigbatch train tiny_distil "
+                                   "--distill.teacher=<run>`) and prunes and quantizes with `bigbatch compress <run> "
+                                   "--out DIR --prune 0.5 --quantize int8-dynamic`"}
+
+
 def _removed_sentence(path: str, message: str, version: str) -> str:
     """DeepSpeed's own words for a removed block, as one sentence that ends with the fix."""
     sentences = [s.strip() for s in message.split(". ") if s.strip()]
@@ -274,8 +280,9 @@ def _removed_sentence(path: str, message: str, version: str) -> str:
     alternative = f" and {instead[0][0].lower()}{instead[0][1:]}" if instead else ""
     link = re.search(r"https://\S+", message)
     see = f" (see {link.group(0).rstrip('.')})" if link else ""
+    instead_here = f"; {INSTEAD[path]}" if path in INSTEAD else ""
     return (f"{path}: {what} in DeepSpeed {version}, which refuses any config that still holds it; "
-            f"delete {path}{alternative}{see}.")
+            f"delete {path}{alternative}{see}{instead_here}.")
 
 
 def removed_blocks(config: dict[str, Any], out: list[Finding]) -> None:

@@ -11,6 +11,7 @@ from bigbatch.config.schema import (
     ConfigError,
     DataConfig,
     DeepSpeedSection,
+    DistillConfig,
     ModelConfig,
     OptimizerConfig,
     PhaseConfig,
@@ -20,4 +21,4 @@ from bigbatch.config.schema import (
 )
 
 __all__ = ["BatchConfig", "CheckpointConfig", "ClusterConfig", "ConfigError", "DataConfig", "DeepSpeedSection",
-           "ModelConfig", "OptimizerConfig", "PhaseConfig", "Recipe", "RunConfig", "ScheduleConfig"]
+           "DistillConfig", "ModelConfig", "OptimizerConfig", "PhaseConfig", "Recipe", "RunConfig", "ScheduleConfig"]

@@ -30,6 +30,10 @@ class ModelConfig:
     dropout: float = 0.1
     # Embedding rows are padded to a multiple of this (tensor-core friendly GEMMs); 1 disables it.
     pad_vocab_to_multiple: int = 8
+    # A transformers directory (an export, a `bigbatch compress` output) the weights start from instead of a fresh
+    # initialisation; with hold_zeros, Linear weights that are zero there stay zero (a pruned model's recovery).
+    init_from: str = ""
+    hold_zeros: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,20 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015; DistilBERT, Sanh et al. 2019): the recipe's model is the student of
+    `teacher`; an empty teacher switches the section off."""
+
+    teacher: str = ""  # a bigbatch run directory, a `bigbatch export` directory, or hf:<name> from the local cache
+    temperature: float = 2.0
+    alpha_kd: float = 1.0  # T^2 * KL(teacher || student) on the soft targets
+    alpha_hard: float = 0.5  # the MLM / LM loss on the labels
+    alpha_hidden: float = 0.0  # 1 - cosine between the last hidden states (needs equal widths)
+    init: str = "teacher_layers"  # none | teacher_layers
+    layers: tuple[int, ...] = ()  # teacher layers the student's layers start from; empty: every other (0, 2, 4, ...)
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "recipe"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -193,6 +211,7 @@ class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     phases: tuple[PhaseConfig, ...] = ()  # phases after the first; override as --phases.1.seq_len=512 (1-based)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -206,6 +225,7 @@ class Recipe:
         self._check_phases()
         self._check_ramp()
         self._check_adaptive()
+        self._check_distill()
         return self
 
     def _check_counts(self) -> None:
@@ -236,6 +256,9 @@ class Recipe:
     def _check_model_shape(self) -> None:
         """Heads divide the width (and key/value heads the heads); the sequence fits the positions."""
         kv = self.model.num_kv_heads
+        if self.model.hold_zeros and not self.model.init_from:
+            raise ConfigError("model.hold_zeros=true holds the zeros of the weights the run starts from; set "
+                              "--model.init_from=<a transformers directory> too.")
         if kv < 0 or (kv and self.model.num_heads % kv):
             raise ConfigError(f"model.num_kv_heads={kv} must divide model.num_heads={self.model.num_heads} "
                               "(0 means as many as num_heads).")
@@ -339,6 +362,23 @@ class Recipe:
         if b.ramp_start:
             raise ConfigError(f"batch.adaptive=true and batch.ramp_start={b.ramp_start} both steer the batch; keep "
                               "one of them (--batch.ramp_start=0 --batch.ramp_increment=0 --batch.ramp_samples=0).")
+
+    def _check_distill(self) -> None:
+        """The distill section: a positive temperature, non-negative weights of which one at least is positive."""
+        d = self.distill
+        if not d.teacher:
+            return
+        _choice("distill.init", d.init, ("none", "teacher_layers"))
+        if not d.temperature > 0:
+            raise ConfigError(f"distill.temperature={d.temperature} must be positive; 2.0 is the usual choice.")
+        alphas = {"alpha_kd": d.alpha_kd, "alpha_hard": d.alpha_hard, "alpha_hidden": d.alpha_hidden}
+        if min(alphas.values()) < 0 or not sum(alphas.values()) > 0:
+            raise ConfigError("distill " + ", ".join(f"{k}={v}" for k, v in alphas.items()) + " must be >= 0 with "
+                              "one at least positive, or the student learns nothing; set e.g. --distill.alpha_kd=1.")
+        if d.layers and (len(d.layers) != self.model.num_layers or min(d.layers) < 0):
+            raise ConfigError(f"distill.layers={','.join(map(str, d.layers))} must name one teacher layer (0-based) "
+                              f"for each of the student's {self.model.num_layers} layers; leave it empty for every "
+                              "other layer.")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

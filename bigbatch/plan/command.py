@@ -28,8 +28,9 @@ from bigbatch.plan.advice import (
 )
 from bigbatch.plan.hardware import DEFAULT_GPU, parse_memory
 from bigbatch.plan.memory import CUDA_ALLOWANCE, GiB, Row
+from bigbatch.plan.teacher import teacher_cost
 from bigbatch.plan.timing import Cluster, Estimate, estimate
-from bigbatch.resolve import phase_recipe
+from bigbatch.resolve import phase_recipe, resolve
 from bigbatch.run.metrics import read_metrics
 
 
@@ -133,9 +134,23 @@ def _plan_and_time(known: argparse.Namespace, overrides: dict[str, Any]) -> tupl
         text.extend(["", noise_report(out["noise_scale"])])
     out["memory"] = {"fits": fits, "gpu_memory": memory,
                      "phases": [{**dataclasses.asdict(r), "fits": r.fits} for r in results]}
+    if recipe.distill.teacher:
+        out["teacher"] = _teacher(recipe, cluster.world, text)
     if not known.json:
         out["text"] = "\n".join(text)
     return out, fits
+
+
+def _teacher(recipe: Recipe, world: int, text: list[str]) -> dict[str, Any]:
+    """A distillation's teacher, per GPU (bigbatch.plan.teacher), as JSON and one line of the report."""
+    run = resolve(recipe, world)
+    cost = teacher_cost(recipe, run.batch.micro_batch, run.batch.grad_accum, run.ds.precision)
+    weights, activations = _size(cost["weight_bytes"]), _size(cost["forward_activation_bytes"])
+    text.extend(["", f"teacher ({recipe.distill.teacher}): {cost['parameters'] / 1e6:.1f}M params, {weights} of "
+                     f"{run.ds.precision} weights + {activations} of forward activations per GPU (no gradients, no "
+                     "optimizer state; not in the table above), "
+                     f"{cost['forward_flops_per_step'] / 1e12:.2f} TFLOPs of forward per GPU and step"])
+    return cost
 
 
 def _cluster(known: argparse.Namespace, recipe: Recipe) -> tuple[Cluster, int]:

@@ -69,7 +69,7 @@ def export(run_dir: Path, out: Optional[Path] = None, overwrite: bool = False) -
         raise ConfigError(f"{run_dir} has no complete checkpoint in {root}; a run saves one when it finishes, or "
                           "every --checkpoint.every_steps steps.")
     recipe = load_recipe_file(run.recipe_file)
-    tokenizer_file = _tokenizer_file(recipe, run)
+    tokenizer_file = tokenizer_file_of(recipe, run)
     vocab_size = _vocab_size(tokenizer_file, json.loads(run.recipe_file.read_text()).get("resolved", {}))
     model = build_model(recipe.model, vocab_size, pad_id=PAD)
     missing, unexpected = model.load_state_dict(consolidate(root / tag), strict=False)
@@ -125,7 +125,7 @@ def consolidate(tag_dir: Path) -> dict[str, Any]:
     return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
 
-def _tokenizer_file(recipe: Recipe, run: RunDir) -> Path:
+def tokenizer_file_of(recipe: Recipe, run: RunDir) -> Path:
     """The SentencePiece model the run trained with: the recipe's data.tokenizer, else the one trained in the run."""
     path = Path(recipe.data.tokenizer) if recipe.data.tokenizer else run.data() / "tokenizer.model"
     if not path.is_file():

@@ -240,6 +240,7 @@ class Trainer:
             "samples_per_s": sp.global_batch / result.seconds,
             "tokens_per_s": sp.global_batch * sp.seq_len / result.seconds,
             **result.noise,
+            **result.terms,
         }
         if torch.cuda.is_available():
             record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30

@@ -41,7 +41,8 @@ from bigbatch.run.rundir import RunDir
 # Recipe keys fixed for the life of a run (dotted paths into recipe.json's "recipe"); `phases.*` covers each phase.
 FIXED = (
     "model.arch", "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-    "model.intermediate_size", "model.max_position", "model.pad_vocab_to_multiple",
+    "model.intermediate_size", "model.max_position", "model.pad_vocab_to_multiple", "model.init_from",
+    "model.hold_zeros",
     "data.sources", "data.weights", "data.tokenizer", "data.vocab_size", "data.seq_len", "data.eval_fraction",
     "data.eval_samples", "data.streaming", "data.shuffle_buffer",
     "optimizer.type",

@@ -47,6 +47,7 @@ class StepRecord:
     skipped_steps: int  # DeepSpeed's running count
     seconds: float
     noise: dict[str, Any] = field(default_factory=dict)  # the gradient noise scale's entries, when it is on
+    terms: dict[str, float] = field(default_factory=dict)  # a distillation's loss terms (mean over ranks)
 
 
 @dataclass
@@ -115,6 +116,9 @@ def train_step(ctx: StepContext, data: Any, sp: ScheduledStep) -> StepRecord:
                         was_at_minimum=was_at_minimum, grad_norm=float(norm) if norm is not None else None,
                         loss_scale=float(getattr(engine.optimizer, "cur_scale", 1.0) or 1.0),
                         skipped_steps=int(engine.skipped_steps), seconds=seconds)
+    if hasattr(engine.module, "take_terms"):  # a distillation (bigbatch.models.distill.Distilled)
+        terms = engine.module.take_terms()
+        record.terms = dict(zip(terms, (v / ctx.world for v in distributed.sum_across_ranks(list(terms.values())))))
     if noise is not None:
         record.noise = noise.update(*summed[1:], sp.micro_batch, sp.global_batch,
                                     big_norm if ctx.stage0 else record.grad_norm, applied=not record.skipped)

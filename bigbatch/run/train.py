@@ -21,10 +21,11 @@ from bigbatch.config.schedule import ScheduledStep
 from bigbatch.data import BatchSource, prepare
 from bigbatch.engine import initialize
 from bigbatch.models.build import build_model, count_parameters, padded_vocab
+from bigbatch.models.compression import start_from
 from bigbatch.optim import param_groups
 from bigbatch.plan.advice import choose_at_start
 from bigbatch.resolve import ResolvedRun, phase_recipe
-from bigbatch.run import distributed, faults, resume, space
+from bigbatch.run import distributed, faults, resume, space, teacher
 from bigbatch.run.loop import Trainer
 from bigbatch.run.metrics import MetricsLog, RankLog, log, plot_loss, say
 from bigbatch.run.preemption import (
@@ -90,6 +91,10 @@ def _train(recipe: Recipe, path: Optional[Path], resume_run: bool, overwrite: bo
     # Everything that can be wrong with the input is checked before the process group starts.
     distributed.ensure_env()
     world = distributed.world_size_from_env()
+    recipe.validate()
+    tutor = teacher.load(recipe.distill.teacher) if recipe.distill.teacher else None
+    if tutor is not None:  # the student takes the teacher's tokenizer
+        recipe = teacher.student_recipe(recipe, tutor)
     previous, kept = None, None
     if path is not None:
         run_dir = RunDir(path)
@@ -102,31 +107,21 @@ def _train(recipe: Recipe, path: Optional[Path], resume_run: bool, overwrite: bo
     run = ready_to_train(recipe, world)  # the pre-flight `bigbatch check` runs too
     if previous is not None:
         resume.refuse_changes(previous, asked.to_dict(), run_dir)
+        if tutor is not None:
+            teacher.refuse_changed(run_dir, tutor)
 
     rank, _ = distributed.init()  # the world size is the one resolved above, from the same environment
     if path is None:
         run_dir = RunDir(Path(distributed.broadcast(str(default_run_dir(recipe.run.runs_root, recipe.name)))))
         mode = run_dir.decide_mode(resume_run, overwrite)
-    # the writer looks at the storage before anything is written; every rank ends the same way on its answer
-    room = distributed.broadcast(_room(run, run_dir) if rank == 0 else None)
-    if isinstance(room, StorageFault):
-        raise room
-    distributed.barrier()  # every rank has read the directory before the writer changes it
-    if rank == 0:
-        if room:
-            say(room)
-        run_dir.claim(mode)
-        if mode == "resume":
-            run_dir.keep_records()
-        clear_markers(run_dir)
-    distributed.barrier()
+    _claim(run, run_dir, mode, rank)
     _setup_logging(run_dir, rank)
     stop = StopRequest(run_dir.path, distributed.sum_across_ranks)
     engine = None
     try:
         faults.at("startup", run_dir.path)
         stop.raise_if_requested()  # a request that came during rendezvous or the checks above
-        engine, trainer = _start(run, run_dir, mode, previous, rank, stop, argv, (asked, auto))
+        engine, trainer = _start(run, run_dir, mode, previous, rank, stop, argv, (asked, auto), tutor)
         last = trainer.fit()
     except Preempted as request:  # during start-up: the run stays as its last checkpoint left it
         if rank == 0:
@@ -144,6 +139,23 @@ def _train(recipe: Recipe, path: Optional[Path], resume_run: bool, overwrite: bo
     return last
 
 
+def _claim(run: ResolvedRun, run_dir: RunDir, mode: str, rank: int) -> None:
+    """Every rank: the writer looks at the storage before anything is written (every rank ends the same way on its
+    answer), then claims the directory for this start."""
+    room = distributed.broadcast(_room(run, run_dir) if rank == 0 else None)
+    if isinstance(room, StorageFault):
+        raise room
+    distributed.barrier()  # every rank has read the directory before the writer changes it
+    if rank == 0:
+        if room:
+            say(room)
+        run_dir.claim(mode)
+        if mode == "resume":
+            run_dir.keep_records()
+        clear_markers(run_dir)
+    distributed.barrier()
+
+
 def _room(run: ResolvedRun, run_dir: RunDir) -> Optional[StorageFault | str]:
     """Writer rank: the storage fault that refuses this start (returned, to be broadcast), or a note, or None."""
     try:
@@ -153,8 +165,8 @@ def _room(run: ResolvedRun, run_dir: RunDir) -> Optional[StorageFault | str]:
 
 
 def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict[str, Any]], rank: int,
-           stop: StopRequest, argv: Optional[list[str]],
-           auto: tuple[Optional[Recipe], str] = (None, "")) -> tuple[Any, Trainer]:
+           stop: StopRequest, argv: Optional[list[str]], auto: tuple[Optional[Recipe], str] = (None, ""),
+           tutor: Optional[teacher.Teacher] = None) -> tuple[Any, Trainer]:
     """Every rank: data, model, engine and resume; the trainer, ready for its loop. Stop requests are looked at
     between these stages (raising Preempted)."""
     tell = say if rank == 0 else log.info
@@ -179,7 +191,7 @@ def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict
                    stop_requested=requested)
     stop.raise_if_requested()
     torch.manual_seed(recipe.run.seed)
-    model = build_model(recipe.model, data.vocab_size, pad_id=0, checkpointing=run.ds.checkpointing)
+    model = _model(run, data.vocab_size, tutor)
     n_params = count_parameters(model)
 
     def schedule(opt: Any) -> Any:
@@ -189,7 +201,8 @@ def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict
 
     hostnames = distributed.gather_objects(socket.gethostname())
     space.written_by_writer(lambda: _write_records(run, run_dir, previous, data.vocab_size, n_params, environment(
-        list(argv or sys.argv), world, hostnames), auto), rank == 0, distributed.broadcast, "the records", run_dir)
+        list(argv or sys.argv), world, hostnames), auto, tutor.record if tutor else None), rank == 0,
+        distributed.broadcast, "the records", run_dir)
     resume_tag = resume.choose(run, run_dir.checkpoints, rank) if mode == "resume" else None
     if resume_tag and resume_tag.endswith("-universal"):
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
@@ -211,10 +224,23 @@ def _start(run: ResolvedRun, run_dir: RunDir, mode: str, previous: Optional[dict
     return engine, trainer
 
 
+def _model(run: ResolvedRun, vocab_size: int, tutor: Optional[teacher.Teacher]) -> Any:
+    """The model the run trains: built fresh from the recipe's shape (seeded by the caller), or from the weights of
+    model.init_from; a distillation's student carrying its teacher."""
+    recipe = run.recipe
+    model = build_model(recipe.model, vocab_size, pad_id=0, checkpointing=run.ds.checkpointing)
+    if recipe.model.init_from:
+        start_from(model, recipe.model.init_from, recipe.model.hold_zeros)
+    if tutor is not None:
+        model = teacher.student(model, tutor, recipe, run.ds.precision, vocab_size)
+    return model
+
+
 def _write_records(run: ResolvedRun, run_dir: RunDir, previous: Optional[dict[str, Any]], vocab_size: int,
-                   n_params: int, env: dict[str, Any], auto: tuple[Optional[Recipe], str] = (None, "")) -> None:
-    """Writer rank: recipe.json (the tree as asked, and what was resolved from it: an "auto" choice too), env.json
-    and ds_config.json; the banner."""
+                   n_params: int, env: dict[str, Any], auto: tuple[Optional[Recipe], str] = (None, ""),
+                   teacher_record: Optional[dict[str, Any]] = None) -> None:
+    """Writer rank: recipe.json (the tree as asked, and what was resolved from it: an "auto" choice and a teacher
+    too), env.json and ds_config.json; the banner."""
     recipe, steps = run.recipe, run.steps
     asked, auto_reason = auto
     resolved = {"lr": run.lr, "lr_rule": run.lr_rule, "world": run.world, "micro_batch": run.batch.micro_batch,
@@ -228,6 +254,8 @@ def _write_records(run: ResolvedRun, run_dir: RunDir, previous: Optional[dict[st
         resolved["auto"] = {"world": run.world, "micro_batches": [run.batch.micro_batch, *(
             ph.micro_batch for ph in recipe.phases)], "checkpointing": run.ds.checkpointing,
             "reason": auto_reason}
+    if teacher_record is not None:
+        resolved["teacher"] = teacher_record
     if previous is not None:  # what this start changed (the previous start's recipe.json is in starts/<n>/)
         resolved["changed_on_resume"] = resume.changed_keys(previous, (asked or recipe).to_dict())
     run_dir.write_records((asked or recipe).to_dict(), resolved, env, run.ds_config)

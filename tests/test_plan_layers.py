@@ -11,7 +11,7 @@ import sys
 
 from conftest import ROOT, launch_env
 
-LAYERS = ("hardware", "memory", "timing", "advice", "command")
+LAYERS = ("hardware", "memory", "timing", "advice", "teacher", "command")
 
 
 def _bigbatch_imports(node: ast.AST) -> list[str]:

@@ -175,7 +175,7 @@ FIXED_BY_SPEC = {
     "data.sources", "data.weights", "data.tokenizer", "data.vocab_size", "data.seq_len", "data.eval_fraction",
     "data.eval_samples", "data.streaming", "data.shuffle_buffer", "optimizer.type",
     "batch.global_batch", "batch.ramp_start", "batch.ramp_increment", "batch.ramp_samples", "run.seed",
-    "phases", "phases.1.global_batch", "phases.1.seq_len", "batch.adaptive",
+    "phases", "phases.1.global_batch", "phases.1.seq_len", "batch.adaptive", "model.init_from", "model.hold_zeros",
 }
 CHANGEABLE_BY_SPEC = {
     "name", "model.dropout", "data.mlm_probability", "data.whole_word_masking", "data.num_proc", "data.cache_dir",
@@ -184,6 +184,8 @@ CHANGEABLE_BY_SPEC = {
     "optimizer.momentum", "optimizer.trust_coefficient", "schedule.steps", "schedule.warmup", "schedule.decay",
     "schedule.power", "schedule.min_lr_ratio", "batch.micro_batch", "batch.grad_accum", "deepspeed.configs",
     "batch.adaptive_factor", "batch.adaptive_every", "batch.min", "batch.max", "deepspeed.activation_checkpointing",
+    # a distillation's teacher is held to its weights (teacher.refuse_changed, by sha256), not to its path
+    *(f"distill.{k}" for k in ("teacher", "temperature", "alpha_kd", "alpha_hard", "alpha_hidden", "init", "layers")),
     "checkpoint.every_steps", "checkpoint.keep_last", "run.eval_every", "run.log_every", "run.trust_ratio_every",
     "run.runs_root", "run.overflow_patience", "run.noise_scale_ema", "cluster.nodes", "cluster.gpus_per_node",
     "cluster.gpu_memory", *(f"phases.1.{k}" for k in ("steps", "samples", "micro_batch", "lr", "warmup", "decay",

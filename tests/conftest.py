@@ -195,3 +195,28 @@ def pinned(name: str, overrides: dict | None = None):
     """The shipped recipe `name` at the micro-batch and checkpointing it had before "auto" (tiny: as shipped)."""
     extra = {"deepspeed.activation_checkpointing": ""} if name in PINNED else {}
     return load_recipe(name, {**PINNED.get(name, {}), **extra, **(overrides or {})})
+
+
+def step_nan_gapped(make: Any, weights: list[list[float]], grads: list[list[list[float]]],
+                    gap: int = 2) -> tuple[list, Any]:
+    """The parameters `weights` as one flat fp64 tensor with `gap` NaN elements after each (the alignment gaps of a
+    ZeRO flat partition), given to the optimizer `make([flat])` with its layout (names a, b, c, ...) and stepped once
+    per entry of `grads` (NaN in the gaps too); returns each parameter's values after the steps, and the optimizer."""
+    import torch
+
+    from bigbatch.optim.layerwise import FlatLayout
+
+    starts = [sum(len(w) + gap for w in weights[:i]) for i in range(len(weights))]
+    flat = torch.full((starts[-1] + len(weights[-1]) + gap,), math.nan, dtype=torch.float64)
+    for s, w in zip(starts, weights):
+        flat[s:s + len(w)] = torch.tensor(w, dtype=torch.float64)
+    opt = make([flat])
+    opt.set_layout(flat, FlatLayout(tuple("abcdefgh"[:len(weights)]), tuple(
+        (s, len(w), i) for i, (s, w) in enumerate(zip(starts, weights))), None))
+    for step_grads in grads:
+        g = torch.full_like(flat, math.nan)
+        for s, gi in zip(starts, step_grads):
+            g[s:s + len(gi)] = torch.tensor(gi, dtype=torch.float64)
+        flat.grad = g
+        opt.step()
+    return [flat[s:s + len(w)].tolist() for s, w in zip(starts, weights)], opt

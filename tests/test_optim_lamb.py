@@ -10,9 +10,8 @@ import torch
 from torch._dynamo.exc import BackendCompilerFailed
 
 from bigbatch.optim import LAMB, kernels, param_groups
-from bigbatch.optim.layerwise import FlatLayout
 
-from conftest import compiled_calls
+from conftest import compiled_calls, step_nan_gapped
 
 
 def lamb_reference(weights, grads_per_step, lr, betas=(0.9, 0.999), eps=1e-6, wd=0.01, bias_correction=True,
@@ -257,21 +256,7 @@ def test_a_flat_partition_steps_each_parameter_by_its_own_ratio(fused):
     weights, grads = random_case(3, shapes=(7, 12, 3))
     weights = [[x * s for x in w] for w, s in zip(weights, (1.0, 30.0, 0.01))]
     expected, ratios = lamb_reference(weights, grads, lr=0.05)
-    gap = 2
-    starts = [sum(len(w) + gap for w in weights[:i]) for i in range(len(weights))]
-    flat = torch.full((starts[-1] + len(weights[-1]) + gap,), math.nan, dtype=torch.float64)
-    for s, w in zip(starts, weights):
-        flat[s:s + len(w)] = torch.tensor(w, dtype=torch.float64)
-    opt = LAMB([flat], lr=0.05, fused=fused)
-    opt.set_layout(flat, FlatLayout(("a", "b", "c"), tuple((s, len(w), i) for i, (s, w) in
-                                                         enumerate(zip(starts, weights))), None))
-    for step_grads in grads:
-        g = torch.full_like(flat, math.nan)
-        for s, gi in zip(starts, step_grads):
-            g[s:s + len(gi)] = torch.tensor(gi, dtype=torch.float64)
-        flat.grad = g
-        opt.step()
-    got = [flat[s:s + len(w)].tolist() for s, w in zip(starts, weights)]
+    got, opt = step_nan_gapped(lambda params: LAMB(params, lr=0.05, fused=fused), weights, grads)
     assert_close(got, expected)
     assert opt.trust_ratios() == pytest.approx(dict(zip("abc", ratios)), rel=1e-12)
     assert len(set(ratios)) == 3

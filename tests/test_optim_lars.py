@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from bigbatch.optim import LARS
-from bigbatch.optim.layerwise import FlatLayout
 
-from conftest import compiled_calls
+from conftest import compiled_calls, step_nan_gapped
 
 
 def lars_reference(weights, grads_per_step, lr, momentum=0.9, wd=1e-4, tc=0.001, eps=0.0, adapt=True):
@@ -111,19 +110,7 @@ def test_a_flat_partition_steps_each_parameter_by_its_own_local_lr(fused):
     weights, grads = case(4)
     weights = [[x * s for x in w] for w, s in zip(weights, (1.0, 30.0, 0.01))]
     expected, ratios = lars_reference(weights, grads, lr=1.0)
-    starts = [sum(len(w) + 2 for w in weights[:i]) for i in range(len(weights))]
-    flat = torch.full((starts[-1] + len(weights[-1]) + 2,), math.nan, dtype=torch.float64)
-    for s, w in zip(starts, weights):
-        flat[s:s + len(w)] = torch.tensor(w, dtype=torch.float64)
-    opt = LARS([flat], lr=1.0, fused=fused)
-    opt.set_layout(flat, FlatLayout(("a", "b", "c"), tuple((s, len(w), i) for i, (s, w) in
-                                                         enumerate(zip(starts, weights))), None))
-    for step_grads in grads:
-        g = torch.full_like(flat, math.nan)
-        for s, gi in zip(starts, step_grads):
-            g[s:s + len(gi)] = torch.tensor(gi, dtype=torch.float64)
-        flat.grad = g
-        opt.step()
-    assert close([flat[s:s + len(w)].tolist() for s, w in zip(starts, weights)], expected)
+    got, opt = step_nan_gapped(lambda params: LARS(params, lr=1.0, fused=fused), weights, grads)
+    assert close(got, expected)
     assert opt.trust_ratios() == pytest.approx(dict(zip("abc", ratios)), rel=1e-12)
     assert len(set(ratios)) == 3

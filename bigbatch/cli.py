@@ -11,14 +11,7 @@ import importlib
 import sys
 from typing import Callable, Optional
 
-from bigbatch.config.errors import (
-    EXIT_BAD_INPUT,
-    EXIT_STOPPED,
-    EXIT_STORAGE,
-    ConfigError,
-    StorageFault,
-    TrainingStopped,
-)
+from bigbatch.config.errors import EXIT_BAD_INPUT, exit_code
 from bigbatch.run.distributed import shutdown
 from bigbatch.run.launch import drop_local_rank
 from bigbatch.run.preemption import install_handlers, trains
@@ -71,23 +64,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command not in COMMANDS:
         print(f"bigbatch: error: unknown command {command!r}; commands: {', '.join(COMMANDS)}.", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return _exit_code(lambda: COMMANDS[command](rest))
-
-
-def _exit_code(run: Callable[[], int]) -> int:
-    """Bad input is one sentence and exit 2; a run that stopped itself, its sentence and exit 3; a storage fault, its
-    sentence and exit 4."""
-    try:
-        return run()
-    except ConfigError as err:
-        print(f"bigbatch: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except TrainingStopped as err:
-        print(f"bigbatch: {err}", file=sys.stderr)
-        return EXIT_STOPPED
-    except StorageFault as err:
-        print(f"bigbatch: storage fault: {err}", file=sys.stderr)
-        return EXIT_STORAGE
+    return exit_code(lambda: COMMANDS[command](rest))
 
 
 def run_recipe(recipe_file: str, argv: Optional[list[str]] = None) -> int:
@@ -96,4 +73,4 @@ def run_recipe(recipe_file: str, argv: Optional[list[str]] = None) -> int:
         install_handlers()
         return _as_program(run_recipe(recipe_file, sys.argv[1:]))
     command = importlib.import_module("bigbatch.run.command")
-    return _exit_code(lambda: command.cmd_train(drop_local_rank(list(argv)), recipe_path=recipe_file))
+    return exit_code(lambda: command.cmd_train(drop_local_rank(list(argv)), recipe_path=recipe_file))

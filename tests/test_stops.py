@@ -294,7 +294,7 @@ def test_every_rank_agrees_on_a_request_and_names_whose_it_was(tmp_path, monkeyp
 
     def others(flags):  # the other ranks: one of them asks once `others.asking` is set
         sent.append(flags[0])
-        return [flags[0] + others.asking]
+        return [flags[0] + others.asking, *flags[1:]]
 
     others.asking = 0.0
     request = StopRequest(tmp_path, others)
@@ -324,3 +324,25 @@ def test_preempted_reads_the_marker_or_none(tmp_path):
     assert run.preempted() is None
     run.mark_preempted(7, "SIGTERM", "training", consume_stop=False)
     assert run.preempted() == {"step": 7, "reason": "SIGTERM", "during": "training"}
+
+
+def test_one_all_reduce_carries_the_stop_request_and_a_failed_record(tmp_path, monkeypatch):
+    """The loop's per-step check: whether any rank was asked to stop and whether the writer's record failed travel
+    in the same all-reduce (one collective a step), each summed over the ranks independently of the other."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(preemption, "_requested", None)
+    calls = []
+
+    def total(flags):  # another rank adds its own failed-record flag
+        calls.append(list(flags))
+        return [flags[0], flags[1] + total.other_failing]
+
+    total.other_failing = 0.0
+    request = StopRequest(tmp_path, total)
+    assert request.agree() == (False, False)
+    assert request.agree(failing=True) == (False, True)
+    total.other_failing = 1.0
+    assert request.agree(failing=False) == (False, True)
+    (tmp_path / STOP).write_text("")
+    assert request.agree() == (True, True) and request.reason == "STOP file"
+    assert calls == [[0.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]]

@@ -7,6 +7,9 @@ run directory; not requeued), and a stop request every rank agreed on (0, requeu
 
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 EXIT_BAD_INPUT = 2  # bad input: one sentence, nothing written
 EXIT_STOPPED = 3  # the run stopped itself (overflow policy, divergence): not bad input (2), not a crash (1)
 EXIT_STORAGE = 4  # the run directory's storage failed it (full, unwritable, damaged): a requeue would fail the same way
@@ -32,3 +35,25 @@ class Preempted(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def exit_code(run: Callable[[], int], prog: str = "bigbatch") -> int:
+    """`run()`'s exit code, with the endings above turned into theirs: bad input is one sentence and 2, a run that
+    stopped itself its sentence and 3, a storage fault its sentence and 4, and argparse's own exit (--help, a bad
+    flag) its code, so that a command called in-process returns instead of leaving the interpreter."""
+    try:
+        return run()
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        print(exit_.code, file=sys.stderr)  # sys.exit("sentence"): the interpreter would print it and exit 1
+        return 1
+    except ConfigError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingStopped as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return EXIT_STOPPED
+    except StorageFault as err:
+        print(f"{prog}: storage fault: {err}", file=sys.stderr)
+        return EXIT_STORAGE

@@ -128,10 +128,7 @@ def cmd_tokenizer(args: list[str]) -> int:
     t.add_argument("--out", type=Path, required=True, help="model prefix: writes <out>.model and <out>.vocab")
     t.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"))
     t.add_argument("--overwrite", action="store_true", help="replace an existing <out>.model")
-    try:
-        known = p.parse_args(args)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    known = p.parse_args(args)
     model = Path(f"{known.out}.model")
     if model.exists() and not known.overwrite:
         raise ConfigError(f"{model} already exists; choose another --out or pass --overwrite to replace it.")

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from bigbatch.config.errors import EXIT_BAD_INPUT, ConfigError
+from bigbatch.config.errors import ConfigError, exit_code
 from bigbatch.data.tokenizer import CLS, PAD, SEP, Tokenizer
 from bigbatch.optim import param_groups
 
@@ -241,15 +241,11 @@ def _save(model: Any, export: Path, out: Path) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    try:
-        finetune(args)
-    except ConfigError as err:
-        print(f"bigbatch.finetune: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return exit_code(lambda: _run(argv), prog="bigbatch.finetune")
+
+
+def _run(argv: Optional[list[str]]) -> int:
+    finetune(_parser().parse_args(argv))
     return 0
 
 

@@ -63,10 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_compress(args: list[str]) -> int:
-    try:
-        known = _parser().parse_args(args)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    known = _parser().parse_args(args)
     report = compress(known.source, known.out, known.prune, known.prune_kind, known.recover, known.quantize,
                       known.overwrite)
     if report.get("preempted"):

@@ -37,10 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_export(args: list[str]) -> int:
-    try:
-        known = _parser().parse_args(args)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    known = _parser().parse_args(args)
     out = export(known.run_dir, known.out, known.overwrite)
     info = json.loads((out / "export.json").read_text())
     print(f"exported {info['checkpoint']} (step {info['step']}) to {out}; load it with "

@@ -117,6 +117,7 @@ class Trainer:
         """Every rank: checkpoint the current (last good) state as step `step`, say why (`message(saved tag, tag to
         resume from)`) and stop the run. A state that is not finite on some rank is not saved as the last good one:
         the sentence names the checkpoint `latest` still points to."""
+        self._stop_if_unwritten()  # a full disk first: it is why this step's record is missing
         if distributed.sum_across_ranks([float(not state_is_finite(self.engine))])[0] == 0:
             self.save(step)
             sentence = message(checkpoint.tag_for(step), None)
@@ -180,26 +181,35 @@ class Trainer:
                 if done % self.recipe.run.eval_every == 0 or done == self.total_steps:
                     last.update(self._timed_evaluation(sp.micro_batch))
                 self.metrics.write(last)
-                self._stop_if_unwritten()
                 faults.at(f"step{done}", self.run_dir.path)
                 if self.guard.update(result.skipped, result.was_at_minimum):
                     self._halt(done, partial(self.guard.overflow_message, done))
                 every = self.recipe.checkpoint.every_steps
                 if every and done % every == 0 and done != self.total_steps:
+                    self._stop_if_unwritten()  # no checkpoint claims a step whose record is missing
                     self.save(done)
-                if done != self.total_steps and self.preemption.agreed():
-                    return {**last, **self.preempt(done, self.preemption.reason or "")}
+                if done != self.total_steps:
+                    asked, unwritten = self.preemption.agree(failing=self.metrics.failed is not None)
+                    if unwritten:
+                        self._stop_unwritten()
+                    if asked:
+                        return {**last, **self.preempt(done, self.preemption.reason or "")}
                 self._report(last, bar)
         if self.start_step < self.total_steps:
+            self._stop_if_unwritten()
             self.save(self.total_steps)
             self._stop_if_unwritten()
         return last
 
     def _stop_if_unwritten(self) -> None:
-        """Every rank: a record the writer could not write (a full disk) stops the run as a failed checkpoint does."""
-        failed = distributed.broadcast(self.metrics.failed)
-        if failed:
-            raise StorageFault(space.record_failed(self.run_dir, failed))
+        """Every rank (one small all-reduce): a record the writer could not write (a full disk) stops the run as a
+        failed checkpoint does. Each step's check rides on the stop request's all-reduce instead (`fit`)."""
+        if distributed.sum_across_ranks([1.0 if self.metrics.failed else 0.0])[0] > 0:
+            self._stop_unwritten()
+
+    def _stop_unwritten(self) -> None:
+        """Every rank, once all know the writer's record failed: its reason, sent only now, in one sentence."""
+        raise StorageFault(space.record_failed(self.run_dir, distributed.broadcast(self.metrics.failed)))
 
     def _adapt(self, done: int) -> dict[str, Any]:
         """A decision of the adaptive batch when one falls after `done` steps: the rest of the phase's step table

@@ -105,13 +105,18 @@ class StopRequest:
         self.sum_across_ranks = sum_across_ranks
         self.reason: Optional[str] = None
 
+    def agree(self, failing: bool = False) -> tuple[bool, bool]:
+        """Collective, one all-reduce: (was any rank asked to stop, is `failing` true on any rank), the same on every
+        rank. The loop folds its records' write check into this stop check, which it runs every step anyway."""
+        self.reason = self.reason or local_request(self.run_dir)
+        asked, failed = self.sum_across_ranks([1.0 if self.reason else 0.0, 1.0 if failing else 0.0])
+        if asked > 0 and self.reason is None:
+            self.reason = "another rank"
+        return asked > 0, failed > 0
+
     def agreed(self) -> bool:
         """True on every rank when any rank was asked to stop (one all-reduce; collective)."""
-        self.reason = self.reason or local_request(self.run_dir)
-        anyone = self.sum_across_ranks([1.0 if self.reason else 0.0])[0] > 0
-        if anyone and self.reason is None:
-            self.reason = "another rank"
-        return anyone
+        return self.agree()[0]
 
     def raise_if_requested(self) -> None:
         """Collective: raises Preempted on every rank when any rank was asked to stop."""

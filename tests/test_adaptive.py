@@ -1,7 +1,9 @@
 """The adaptive batch (bigbatch/config/adaptive.py and its use by the step table, the loop and resume).
 
-The controller's arithmetic runs under hypothesis against the rule written out here; one 2-rank launch trains `tiny`
-adaptively under ZeRO-1 and ZeRO-3, stops one run between two decisions and resumes it.
+The controller's arithmetic runs under hypothesis against the rule written out here, a later phase's start (own or
+carried, `phases.N.batch_from`) with it; one world-1 run carries its adapted batch into a second phase and resumes
+inside it; one 2-rank launch trains `tiny` adaptively under ZeRO-1 and ZeRO-3, stops one run between two decisions
+and resumes it, and resumes a world-1 run on 2 ranks (the batch re-rounded).
 """
 
 from __future__ import annotations

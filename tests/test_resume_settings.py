@@ -188,8 +188,10 @@ CHANGEABLE_BY_SPEC = {
     *(f"distill.{k}" for k in ("teacher", "temperature", "alpha_kd", "alpha_hard", "alpha_hidden", "init", "layers")),
     "checkpoint.every_steps", "checkpoint.keep_last", "run.eval_every", "run.log_every", "run.trust_ratio_every",
     "run.runs_root", "run.overflow_patience", "run.noise_scale_ema", "cluster.nodes", "cluster.gpus_per_node",
+    # a phase's batch_from: the batch it carried is a decision in the checkpoint once taken; a change moves only
+    # boundaries still ahead
     "cluster.gpu_memory", *(f"phases.1.{k}" for k in ("steps", "samples", "micro_batch", "lr", "warmup", "decay",
-                                                       "power", "min_lr_ratio")),
+                                                       "power", "min_lr_ratio", "batch_from")),
 }
 
 

@@ -6,7 +6,9 @@ Here a decision is plain arithmetic on the step table: every `batch.adaptive_eve
 clamp(k B_noise, max(current, batch.min), batch.max), rounded down to a multiple of micro-batch x world, and the rest
 of that phase is the step table recomputed with that decision (`step_table(..., decisions)`), so offsets, warmup in
 samples and the LR rule follow it exactly as they follow the batch ramp. A decision is (first step at the new batch,
-new global batch); the run's decisions are saved with each checkpoint and replayed on resume.
+new global batch); the run's decisions are saved with each checkpoint and replayed on resume. A later phase whose
+recipe says `batch_from="adapted"` starts from the batch the previous phase reached: one more decision, at its first
+step, saved and replayed as the others are.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-from bigbatch.config import BatchConfig
+from bigbatch.config import BatchConfig, Recipe
 from bigbatch.config.schedule import ScheduledStep
 
 Decision = tuple[int, int]  # (first step run at the new batch, the new global batch)
@@ -31,7 +33,7 @@ def decide(current: int, noise_scale: Optional[float], batch: BatchConfig, unit:
 
 def due(steps: Sequence[ScheduledStep], done: int, every: int) -> bool:
     """Whether a decision falls after `done` steps: `every` steps into a phase, never at a phase's first step (a
-    later phase starts from its own batch)."""
+    later phase starts from its own batch, or from the adapted one: `carried`)."""
     if not 0 < done < len(steps):
         return False
     nxt = steps[done]
@@ -48,3 +50,19 @@ def rerounded(steps: Sequence[ScheduledStep], at: int, world: int) -> Optional[D
     if sp.global_batch % unit == 0:
         return None
     return at, max(unit, sp.global_batch // unit * unit)
+
+
+def carry(reached: int, unit: int, top: int) -> int:
+    """The batch a phase with `batch_from="adapted"` starts from: the previous phase's `reached` batch, at most `top`
+    (`batch.max`), rounded down to a multiple of `unit` (this phase's micro-batch x world), at least one unit."""
+    return max(unit, min(reached, top) // unit * unit)
+
+
+def carried(recipe: Recipe, steps: Sequence[ScheduledStep], done: int, world: int) -> Optional[int]:
+    """The batch a later phase starts from when its first step is `done` and its recipe says `batch_from="adapted"`
+    (see `carry`); None at every other step and for a phase that starts from its own batch."""
+    if not 0 < done < len(steps) or steps[done].phase == steps[done - 1].phase:
+        return None
+    if recipe.phases[steps[done].phase - 1].batch_from != "adapted":
+        return None
+    return carry(steps[done - 1].global_batch, steps[done].micro_batch * world, recipe.batch.max)

@@ -128,6 +128,10 @@ class PhaseConfig:
     """A phase after the first (the first is the recipe's batch, schedule and data.seq_len), as in the LAMB paper's and
     NVIDIA's BERT seq-128 -> seq-512 switch. It starts with its own warmup at a step boundary, keeps model and
     optimizer state, and rebuilds the data (packed at `seq_len`), the batch and the schedule.
+
+    Under `batch.adaptive`, `batch_from` says where the phase's batch starts: "own" (its `global_batch`) or "adapted"
+    (the batch the previous phase ended at, rounded down to a multiple of this phase's micro_batch x world and at most
+    `batch.max`; the phase keeps its number of steps and its LR follows `optimizer.lr_rule` at that batch).
     """
 
     global_batch: int = 4096
@@ -140,6 +144,7 @@ class PhaseConfig:
     decay: str = "poly"  # poly | cosine | constant
     power: float = 1.0
     min_lr_ratio: float = 0.0
+    batch_from: str = "own"  # own | adapted (needs batch.adaptive): where the phase's global batch starts
 
     def num_steps(self) -> int:
         return self.steps or -(-self.samples // self.global_batch)
@@ -312,6 +317,11 @@ class Recipe:
         for i, ph in enumerate(self.phases, start=1):
             key = f"phases.{i}"
             _choice(f"{key}.decay", ph.decay, ("poly", "cosine", "constant"))
+            _choice(f"{key}.batch_from", ph.batch_from, ("own", "adapted"))
+            if ph.batch_from == "adapted" and not self.batch.adaptive:
+                raise ConfigError(f"{key}.batch_from='adapted' starts the phase from the batch the adaptive batch "
+                                  f"reached, but batch.adaptive is false; set --batch.adaptive=true or --{key}"
+                                  ".batch_from=own.")
             _micro_batch(f"{key}.micro_batch", ph.micro_batch)
             if ph.global_batch < 1 or ph.seq_len < 1 or ph.lr < 0 or ph.warmup < 0:
                 raise ConfigError(f"{key} needs global_batch >= 1, seq_len >= 1, micro_batch >= 0, lr >= 0 and "

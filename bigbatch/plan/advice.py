@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from bigbatch.config import BatchConfig, ConfigError, DeepSpeedSection, Recipe
-from bigbatch.config.adaptive import decide
+from bigbatch.config.adaptive import carry, decide
 from bigbatch.config.schedule import BatchSplit, solve_batch
 from bigbatch.plan import hardware
 from bigbatch.plan.memory import PRECISIONS, STAGES, Footprint, Row, model_size
@@ -319,16 +319,34 @@ def adaptive_prediction(recipe: Recipe, cluster: Cluster, b_noise: float, s_min:
                         memory: int) -> dict[str, Any]:
     """An adaptive run (`batch.adaptive`) by the same laws, taking the pilot's B_noise as constant: `adaptive_every`
     steps at the recipe's batch, then the batch its first decision sets (bigbatch.config.adaptive.decide); steps
-    until S_min's progress is made, each step at batch B counting 1 / (1 + B_noise / B) of a step at infinite batch."""
+    until S_min's progress is made, each step at batch B counting 1 / (1 + B_noise / B) of a step at infinite batch.
+    Later phases keep their steps and are timed at the batch `adapted_phases` predicts for them."""
     b = recipe.batch
     first = solve_batch(b.global_batch, cluster.world, b.micro_batch, b.grad_accum)
     batch = decide(first.global_batch, b_noise, b, first.micro_batch * cluster.world)
     early = min(b.adaptive_every, math.ceil(mccandlish_steps(s_min, b_noise, first.global_batch)))
     left = max(s_min - early / (1 + b_noise / first.global_batch), 0.0)
     steps = early + math.ceil(left * (1 + b_noise / batch))
-    point = _grid_point(recipe, cluster, batch, steps, memory)
+    phases = adapted_phases(recipe, b_noise, batch, first.micro_batch, cluster.world)
+    steered = dataclasses.replace(recipe, phases=tuple(
+        dataclasses.replace(ph, global_batch=p["adapted_batch"], steps=ph.num_steps(), samples=0)
+        for ph, p in zip(recipe.phases, phases)))
+    point = _grid_point(steered, cluster, batch, steps, memory)
     samples = early * first.global_batch + (steps - early) * batch
-    return {**point, "adapted_batch": batch, "factor": b.adaptive_factor, "samples": samples}
+    return {**point, "adapted_batch": batch, "factor": b.adaptive_factor, "samples": samples, "phases": phases}
+
+
+def adapted_phases(recipe: Recipe, b_noise: float, reached: int, micro: int, world: int) -> list[dict[str, Any]]:
+    """Each later phase's batch under `batch.adaptive` with B_noise constant, after a first phase that `reached` its
+    batch: where the phase starts (its own batch, or with `batch_from="adapted"` the one the phase before reached,
+    bigbatch.config.adaptive.carry) and the batch its first decision sets."""
+    b, out = recipe.batch, []
+    for n, ph in enumerate(recipe.phases, start=2):
+        unit = (ph.micro_batch if isinstance(ph.micro_batch, int) and ph.micro_batch else micro) * world
+        start = carry(reached, unit, b.max) if ph.batch_from == "adapted" else ph.global_batch
+        reached = decide(start, b_noise, b, unit)
+        out.append({"phase": n, "batch_from": ph.batch_from, "start_batch": start, "adapted_batch": reached})
+    return out
 
 
 def _grid_point(recipe: Recipe, c: Cluster, batch: int, steps: int, memory: int) -> dict[str, Any]:

@@ -398,4 +398,7 @@ def noise_report(grid: dict[str, Any]) -> str:
         lines.append(f"Adaptive batch (batch.adaptive, factor {a['factor']:g}): {grid['recipe_batch']:,} "
                      f"-> {a['adapted_batch']:,} at its first decision; {a['steps']:,} steps, {a['samples']:,} "
                      f"samples on {a['nodes']} node(s): {when} (the pilot's noise scale taken as constant).")
+        for p in a.get("phases", []):
+            lines.append(f"  phase {p['phase']} starts from {p['start_batch']:,} (batch_from={p['batch_from']}) -> "
+                         f"{p['adapted_batch']:,} at its first decision.")
     return "\n".join(lines)

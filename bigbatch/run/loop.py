@@ -214,25 +214,31 @@ class Trainer:
     def _adapt(self, done: int) -> dict[str, Any]:
         """A decision of the adaptive batch when one falls after `done` steps: the rest of the phase's step table
         follows it (batch, sampler offsets, LR by the rule), the scheduler's LR with it; its record for metrics.jsonl.
-        Every rank decides on the writer's estimate (one small broadcast every `adaptive_every` steps)."""
+        Every rank decides on the writer's estimate (one small broadcast every `adaptive_every` steps); a later phase
+        with `batch_from="adapted"` starts from the batch the previous one reached (no estimate needed)."""
         b = self.recipe.batch
-        if not (b.adaptive and adaptive.due(self.steps, done, b.adaptive_every)):
+        carry = adaptive.carried(self.recipe, self.steps, done, self.world) if b.adaptive else None
+        if carry is None and not (b.adaptive and adaptive.due(self.steps, done, b.adaptive_every)):
             return {}
-        noise = distributed.broadcast(self.ctx.noise.estimate if self.ctx.noise else None)
-        old = self.steps[done].global_batch
-        new = adaptive.decide(old, noise, b, self.steps[done].micro_batch * self.world)
+        old, phase = self.steps[done].global_batch, self.steps[done].phase
+        if carry is None:
+            noise = distributed.broadcast(self.ctx.noise.estimate if self.ctx.noise else None)
+            new = adaptive.decide(old, noise, b, self.steps[done].micro_batch * self.world)
+            why = ("noise scale " + (f"{noise:,.0f}" if noise is not None else "not estimated yet")
+                   + f", factor {b.adaptive_factor:g}")
+        else:
+            noise, new = None, carry
+            why = f"phase {phase + 1} starts from the batch phase {phase} reached: batch_from=adapted"
         if new != old:
             self.decisions.append((done, new))
             self.steps[:] = step_table(self.recipe, self.world, decisions=self.decisions)
             lr_at_position(self.engine.lr_scheduler, client_optimizer(self.engine))
         nxt = self.steps[done]
         if self.is_writer:
-            say(f"step {done}: adaptive batch {old} -> {new} (noise scale "
-                + (f"{noise:,.0f}" if noise is not None else "not estimated yet")
-                + f", factor {b.adaptive_factor:g}); {nxt.micro_batch} x {nxt.grad_accum} x {self.world}, "
-                f"lr {nxt.lr:.4g}")
+            say(f"step {done}: adaptive batch {old} -> {new} ({why}); {nxt.micro_batch} x {nxt.grad_accum} x "
+                f"{self.world}, lr {nxt.lr:.4g}")
         return {"decision_noise_scale": noise, "decision_old_batch": old, "decision_new_batch": new,
-                "decision_lr": nxt.lr}
+                "decision_lr": nxt.lr, **({"decision_carried": True} if carry is not None else {})}
 
     def _record(self, sp: ScheduledStep, result: StepRecord) -> dict[str, Any]:
         """The step's metrics.jsonl record, with the trust ratios every few steps (evaluation is `fit`'s decision)."""

@@ -1,9 +1,10 @@
 """Worker for tests/test_adaptive.py: adaptive-batch runs of `tiny` on the ranks of one `deepspeed` launch, under
 ZeRO-1 and ZeRO-3. Per stage: an uninterrupted run, and the same run stopped between two decisions (a STOP file after
-step `--stop-at`, as SLURM's preemption warning leaves it) and resumed. Writes every run's metrics.jsonl records into
-one JSON result (rank 0), which the test compares.
+step `--stop-at`, as SLURM's preemption warning leaves it) and resumed. Then, with `--reround RUN`, the resume on
+these 2 ranks of an adaptive run the test stopped at world 1 (its batch re-rounded to 2 ranks). Writes every run's
+metrics.jsonl records into one JSON result (rank 0), which the test compares.
 
-    deepspeed --num_gpus 2 tests/workers/adaptive_resume.py --out R.json --corpus docs.txt --root DIR
+    deepspeed --num_gpus 2 tests/workers/adaptive_resume.py --out R.json --corpus docs.txt --root DIR [--reround RUN]
 """
 
 import argparse
@@ -39,6 +40,7 @@ if __name__ == "__main__":
     parser.add_argument("--corpus", required=True)
     parser.add_argument("--root", required=True)
     parser.add_argument("--stop-at", type=int, default=23)
+    parser.add_argument("--reround", default="")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     root = Path(args.root)
@@ -57,5 +59,9 @@ if __name__ == "__main__":
             "resumed": read_metrics(parted / "metrics.jsonl"),
             "checkpoints": sorted(p.name for p in (parted / "checkpoints").iterdir()),
         }
+    if args.reround:
+        other = Path(args.reround)
+        result["reround"] = {"code": run(["train", str(other / "recipe.json"), "--run-dir", str(other), "--resume"]),
+                             "records": read_metrics(other / "metrics.jsonl")}
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.out).write_text(json.dumps(result))

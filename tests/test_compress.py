@@ -100,6 +100,8 @@ def _attention_blocks(hf, arch: str, layer: int, d: int, group: int, n: int) -> 
 
 @pytest.mark.parametrize("arch,kv", [("bert", 0), ("gpt2", 0), ("llama", 0), ("llama", 2)])
 def test_head_pruning_removes_the_weakest_heads_globally_and_matches_smaller_and_masked_models(arch, kv, tmp_path):
+    import transformers
+
     cfg = dataclasses.replace(HEADS, arch=arch, num_kv_heads=kv)
     torch.manual_seed(0)
     big = build_model(cfg, 60, pad_id=0).hf.eval()
@@ -142,7 +144,9 @@ def test_head_pruning_removes_the_weakest_heads_globally_and_matches_smaller_and
         assert torch.allclose(got, small(input_ids=ids).logits, atol=1e-6)
         assert torch.allclose(got, full(input_ids=ids).logits, atol=1e-5)
     big.save_pretrained(tmp_path)
-    loaded = from_pretrained(type(big), tmp_path).eval()
+    auto = transformers.AutoModelForMaskedLM if arch == "bert" else transformers.AutoModelForCausalLM
+    loaded = from_pretrained(auto, tmp_path).eval()
+    assert type(loaded).__mro__[1] is type(big)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, got)
 

@@ -121,13 +121,17 @@ def from_pretrained(cls: Any, directory: Any, **kwargs: Any) -> nn.Module:
     """`cls.from_pretrained(directory, **kwargs)` that also loads a head-pruned model: when the directory's config
     records HEADS_KEY, the model is built through a subclass whose constructor shrinks the attention first, so
     transformers' own loading (quantization included) fills the smaller shapes."""
-    config = cls.config_class.from_pretrained(directory)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory)
     heads = getattr(config, HEADS_KEY, None)
     if not heads:
         return cls.from_pretrained(directory, **kwargs)
+    # an Auto class (AutoModelForMaskedLM): the model class it would pick for this config, to subclass
+    model_class = cls._model_mapping[type(config)] if hasattr(cls, "_model_mapping") else cls
 
     def __init__(self: nn.Module, config: Any, *args: Any, **kw: Any) -> None:
-        cls.__init__(self, config, *args, **kw)
+        model_class.__init__(self, config, *args, **kw)
         shrink_heads(self, config.model_type, heads)
 
-    return type(cls.__name__, (cls,), {"__init__": __init__}).from_pretrained(directory, **kwargs)
+    return type(model_class.__name__, (model_class,), {"__init__": __init__}).from_pretrained(directory, **kwargs)

@@ -295,6 +295,10 @@ def test_head_pruning_through_compress_recovers_quantizes_and_loads_back(run_dir
     loaded = from_pretrained(transformers.AutoModelForMaskedLM, out).eval()
     assert loaded.config.heads_per_layer == [1, 1]
     assert held_out_loss(loaded, run_dir) == pytest.approx(report["after"]["eval_loss"], rel=1e-5)
+    # the recovery is a normal run: its export is the same head-pruned model
+    assert main(["export", str(tmp_path / "out.recover"), "--out", str(tmp_path / "export")]) == 0
+    exported = from_pretrained(transformers.AutoModelForMaskedLM, tmp_path / "export").eval()
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), loaded.state_dict().values()))
 
     quantized = tmp_path / "int8"
     assert main(["compress", str(run_dir), "--out", str(quantized), "--prune", "0.5", "--prune-kind", "heads",

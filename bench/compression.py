@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/compression.py --run <a finished bigbatch run>   # writes bench/results/compression-<host>.*
 
-`bigbatch compress` on one run for each sparsity (unstructured, global over the Linear weights) with and without
---recover, crossed with --quantize none and int8-dynamic. Each cell is its own compress call, so "before" is the same
-model every time; the table gives the after figures and, once, the before.
+`bigbatch compress` on one run for each pruning kind (unstructured: global over the Linear weights; heads: whole
+attention heads removed) and sparsity, with and without --recover, crossed with --quantize none and int8-dynamic. Each
+cell is its own compress call, so "before" is the same model every time; the table gives the after figures and, once,
+the before.
 """
 
 from __future__ import annotations
@@ -29,18 +30,27 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/bigbatch-bench-compression"))
     p.add_argument("--sparsities", default="0,0.3,0.5,0.7")
     p.add_argument("--recover", type=int, default=5)
+    p.add_argument("--kinds", default="unstructured,heads")
     args = p.parse_args()
     rows = []
-    for sparsity in [float(s) for s in args.sparsities.split(",")]:
-        for recover in ([0, args.recover] if sparsity else [0]):
-            for quantize in ("none", "int8-dynamic"):
-                out = args.work / f"s{sparsity}-r{recover}-{quantize}"
-                argv = ["compress", str(args.run), "--out", str(out), "--overwrite", "--prune", str(sparsity),
-                        "--quantize", quantize, *(["--recover", str(recover)] if recover else [])]
-                if not (out / "compression.json").is_file() and bigbatch(argv) != 0:
-                    raise SystemExit(f"{' '.join(argv)} failed")
-                rows.append(json.loads((out / "compression.json").read_text()))
+    for kind in args.kinds.split(","):
+        for sparsity in [float(s) for s in args.sparsities.split(",") if float(s) or kind == "unstructured"]:
+            for recover in ([0, args.recover] if sparsity else [0]):
+                for quantize in ("none", "int8-dynamic"):
+                    rows.append(cell(args, kind, sparsity, recover, quantize))
+    # the control for recovery: the same steps from the unpruned model (a sparsity that rounds to no weight)
+    rows.append(cell(args, "unstructured", 1e-9, args.recover, "none"))
     write(rows)
+
+
+def cell(args: argparse.Namespace, kind: str, sparsity: float, recover: int, quantize: str) -> dict:
+    """One compress call's report (read back when the work directory already holds it)."""
+    out = args.work / f"{kind}-s{sparsity}-r{recover}-{quantize}"
+    argv = ["compress", str(args.run), "--out", str(out), "--overwrite", "--prune", str(sparsity), "--prune-kind",
+            kind, "--quantize", quantize, *(["--recover", str(recover)] if recover else [])]
+    if not (out / "compression.json").is_file() and bigbatch(argv) != 0:
+        raise SystemExit(f"{' '.join(argv)} failed")
+    return json.loads((out / "compression.json").read_text())
 
 
 def write(rows: list[dict]) -> None:
@@ -51,11 +61,12 @@ def write(rows: list[dict]) -> None:
     lines = [f"# Compression ({machine()['cpu']}, {machine()['cores']} cores)", "",
              f"Before: held-out loss {b['eval_loss']:.4f}, {b['parameters']:,} parameters, {b['bytes_on_disk']:,} "
              f"bytes on disk, {b['latency_s_per_batch'] * 1e3:.1f} ms per batch of {rows[0]['latency_batch']}.", "",
-             "| sparsity | recover steps | quantize | held-out loss | non-zero params | Linear bytes | bytes on disk | "
-             "ms / batch |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| pruned | sparsity | recover steps | quantize | held-out loss | params | non-zero params | "
+             "Linear bytes | bytes on disk | ms / batch |", "|" + " --- |" * 10]
     for r in rows:
         a = r["after"]
-        lines.append(f"| {r['prune']} | {r['recover']} | {r['quantize']} | {a['eval_loss']:.4f} | "
+        lines.append(f"| {r['prune_kind']} | {r['prune']} | {r['recover']} | {r['quantize']} | {a['eval_loss']:.4f} | "
+                     f"{a['parameters']:,} | "
                      f"{a['nonzero_parameters']:,} | {a['linear_weight_bytes']:,} | {a['bytes_on_disk']:,} | "
                      f"{a['latency_s_per_batch'] * 1e3:.1f} |")
     (RESULTS / f"compression-{host}.md").write_text("\n".join(lines) + "\n")

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from bigbatch.cli import main
-from bigbatch.config import ModelConfig
+from bigbatch.config import ConfigError, ModelConfig
 from bigbatch.models.build import build_model
-from bigbatch.models.compression import prunable_linears, prune_neurons, prune_unstructured
+from bigbatch.models.compression import prunable_linears, prune_heads, prune_neurons, prune_unstructured
+from bigbatch.models.shrink import HEADS_KEY, from_pretrained
 from bigbatch.run.metrics import read_metrics
 
 CFG = ModelConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=40, max_position=16, dropout=0.0)
@@ -69,6 +70,109 @@ def test_neuron_pruning_shrinks_the_mlp_and_matches_a_smaller_model_built_by_han
     loaded = type(big).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, big(input_ids=ids).logits)
+
+
+HEADS = ModelConfig(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=40, max_position=16, dropout=0.0)
+
+
+def _span(start: int, width: int) -> range:
+    return range(start, start + width)
+
+
+def _attention_blocks(hf, arch: str, layer: int, d: int, group: int, n: int) -> dict[int, list]:
+    """By hand, per unit u of one layer (a head; Llama: a key-value group): (parameter name, dim, indices) of its
+    rows in the query, key and value weights and biases and its columns in the output projection."""
+    if arch == "bert":
+        p = f"bert.encoder.layer.{layer}.attention."
+        ins = [p + f"self.{m}.{t}" for m in ("query", "key", "value") for t in ("weight", "bias")]
+        return {u: [(name, 0, _span(u * d, d)) for name in ins] + [(p + "output.dense.weight", 1, _span(u * d, d))]
+                for u in range(n)}
+    if arch == "gpt2":  # Conv1D weight [in, out]; c_attn's outputs: q of every head, then k, then v
+        p = f"transformer.h.{layer}.attn."
+        return {u: [(p + f"c_attn.{t}", 1 if t == "weight" else 0, _span(k * n * d + u * d, d))
+                    for t in ("weight", "bias") for k in range(3)] + [(p + "c_proj.weight", 0, _span(u * d, d))]
+                for u in range(n)}
+    p = f"model.layers.{layer}.self_attn."
+    return {u: [(p + "q_proj.weight", 0, _span(u * group * d, group * d)), (p + "k_proj.weight", 0, _span(u * d, d)),
+                (p + "v_proj.weight", 0, _span(u * d, d)), (p + "o_proj.weight", 1, _span(u * group * d, group * d))]
+            for u in range(n)}
+
+
+@pytest.mark.parametrize("arch,kv", [("bert", 0), ("gpt2", 0), ("llama", 0), ("llama", 2)])
+def test_head_pruning_removes_the_weakest_heads_globally_and_matches_smaller_and_masked_models(arch, kv, tmp_path):
+    import transformers
+
+    cfg = dataclasses.replace(HEADS, arch=arch, num_kv_heads=kv)
+    torch.manual_seed(0)
+    big = build_model(cfg, 60, pad_id=0).hf.eval()
+    original = {k: v.clone() for k, v in big.state_dict().items()}
+    group = 4 // (kv or 4)
+    n, d = 4 // group, 8
+    blocks = [_attention_blocks(big, arch, layer, d, group, n) for layer in range(3)]
+    norms = [[sum(float(original[name].index_select(dim, torch.tensor(list(idx))).pow(2).sum())
+                  for name, dim, idx in blocks[layer][u] if name.endswith("weight")) for u in range(n)]
+             for layer in range(3)]
+    # by hand: each layer's strongest unit stays; of the rest, the round(0.5 * 3n) weakest over all layers go
+    rest = sorted((norms[layer][u], layer, u) for layer in range(3) for u in range(n)
+                  if norms[layer][u] < max(norms[layer]))
+    gone = {(layer, u) for _, layer, u in rest[:round(0.5 * 3 * n)]}
+    kept = prune_heads(big, arch, 0.5)
+    assert [k.tolist() for k in kept] == [[u for u in range(n) if (layer, u) not in gone] for layer in range(3)]
+    assert sum(len(k) for k in kept) == 3 * n - round(0.5 * 3 * n) and min(len(k) for k in kept) >= 1
+    heads = [len(k) * group for k in kept]
+    assert getattr(big.config, HEADS_KEY) == heads
+
+    small = build_model(dataclasses.replace(cfg, heads_per_layer=tuple(heads)), 60, pad_id=0).hf.eval()
+    state = dict(original)
+    masked = {k: v.clone() for k, v in original.items()}
+    for layer in range(3):
+        rows: dict[str, list[int]] = {}  # a name's entries in order: GPT-2's q of the kept heads, then k, then v
+        for j, (name, dim, _) in enumerate(blocks[layer][0]):
+            rows.setdefault(name, []).extend(i for u in kept[layer].tolist() for i in blocks[layer][u][j][2])
+            state[name] = original[name].index_select(dim, torch.tensor(rows[name]))
+        for u in range(n):  # the removed heads' share of the output projection zeroed in the full model
+            if u not in kept[layer].tolist():
+                name, dim, idx = blocks[layer][u][-1]
+                masked[name].index_fill_(dim, torch.tensor(list(idx)), 0.0)
+    assert {k: v.shape for k, v in big.state_dict().items()} == {k: v.shape for k, v in state.items()}
+    small.load_state_dict(state)
+    full = build_model(cfg, 60, pad_id=0).hf.eval()
+    full.load_state_dict(masked)
+    ids = torch.randint(5, 60, (2, 12))
+    with torch.no_grad():
+        got = big(input_ids=ids).logits
+        assert torch.allclose(got, small(input_ids=ids).logits, atol=1e-6)
+        assert torch.allclose(got, full(input_ids=ids).logits, atol=1e-5)
+    big.save_pretrained(tmp_path)
+    auto = transformers.AutoModelForMaskedLM if arch == "bert" else transformers.AutoModelForCausalLM
+    loaded = from_pretrained(auto, tmp_path).eval()
+    assert type(loaded).__mro__[1] is type(big)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, got)
+
+
+def test_a_head_pruned_start_needs_its_heads_per_layer(tmp_path):
+    from bigbatch.models.compression import start_from
+
+    torch.manual_seed(0)
+    pruned = build_model(HEADS, 60, pad_id=0)
+    prune_heads(pruned.hf, "bert", 0.5)
+    pruned.hf.save_pretrained(tmp_path)
+    heads = tuple(getattr(pruned.hf.config, HEADS_KEY))
+    with pytest.raises(ConfigError, match=rf"set --model.heads_per_layer={','.join(map(str, heads))} "):
+        start_from(build_model(HEADS, 60, pad_id=0), str(tmp_path), hold_zeros=False)
+    again = build_model(dataclasses.replace(HEADS, heads_per_layer=heads), 60, pad_id=0)
+    assert start_from(again, str(tmp_path), hold_zeros=False) == 0
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), pruned.state_dict().values()))
+
+
+def test_head_pruning_keeps_a_head_in_every_layer_or_refuses():
+    torch.manual_seed(0)
+    hf = build_model(HEADS, 60, pad_id=0).hf
+    with pytest.raises(ConfigError, match=r"--prune 0.8 with --prune-kind heads would remove 10 of the 12 heads.*"
+                                          r"give --prune <= 0.750"):
+        prune_heads(hf, "bert", 0.8)
+    assert [len(k) for k in prune_heads(hf, "bert", 0.75)] == [1, 1, 1]
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +275,38 @@ def test_recovery_trains_through_the_trainer_and_keeps_the_zeros(run_dir, tmp_pa
     steps = [r["step"] for r in read_metrics(recovery / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2]
     assert json.loads((recovery / "recipe.json").read_text())["recipe"]["model"]["hold_zeros"] is True
+
+
+@pytest.mark.slow
+def test_head_pruning_through_compress_recovers_quantizes_and_loads_back(run_dir, tmp_path, capsys):
+    import transformers
+
+    from tests.conftest import held_out_loss
+
+    out = tmp_path / "out"
+    assert main(["compress", str(run_dir), "--out", str(out), "--prune", "0.5", "--prune-kind", "heads",
+                 "--recover", "2"]) == 0
+    report = json.loads((out / "compression.json").read_text())
+    assert report["after"]["parameters"] < report["before"]["parameters"]
+    recovery = json.loads((tmp_path / "out.recover" / "recipe.json").read_text())["recipe"]["model"]
+    assert recovery["heads_per_layer"] == [1, 1] and recovery["hold_zeros"] is False
+    steps = [r["step"] for r in read_metrics(tmp_path / "out.recover" / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2]
+    loaded = from_pretrained(transformers.AutoModelForMaskedLM, out).eval()
+    assert loaded.config.heads_per_layer == [1, 1]
+    assert held_out_loss(loaded, run_dir) == pytest.approx(report["after"]["eval_loss"], rel=1e-5)
+    # the recovery is a normal run: its export is the same head-pruned model
+    assert main(["export", str(tmp_path / "out.recover"), "--out", str(tmp_path / "export")]) == 0
+    exported = from_pretrained(transformers.AutoModelForMaskedLM, tmp_path / "export").eval()
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), loaded.state_dict().values()))
+
+    quantized = tmp_path / "int8"
+    assert main(["compress", str(run_dir), "--out", str(quantized), "--prune", "0.5", "--prune-kind", "heads",
+                 "--quantize", "int8-dynamic"]) == 0
+    report = json.loads((quantized / "compression.json").read_text())
+    assert report["after"]["linear_weight_bytes"] < 0.3 * report["before"]["linear_weight_bytes"]
+    loaded = from_pretrained(transformers.AutoModelForMaskedLM, quantized).eval()
+    assert held_out_loss(loaded, run_dir) == pytest.approx(report["after"]["eval_loss"], rel=1e-5)
+    assert main(["compress", str(run_dir), "--out", str(tmp_path / "no"), "--prune", "0.9", "--prune-kind",
+                 "heads"]) == 2
+    assert "each of the 2 layers keeps one" in capsys.readouterr().err and not (tmp_path / "no").exists()

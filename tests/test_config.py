@@ -81,3 +81,22 @@ def test_the_users_own_recipes_and_fragments_come_before_the_shipped_ones(tmp_pa
     assert dsconfig.find_fragment("bf16.json") == dsconfig.DS_CONFIGS / "bf16.json"
     with pytest.raises(ConfigError, match="not found .*shipped: act_ckpt.json"):
         dsconfig.find_fragment("zero9.json")
+
+
+@pytest.mark.parametrize("overrides,ok", [
+    ({"model.heads_per_layer": "1,2"}, True),
+    ({"model.heads_per_layer": "2"}, False),  # one count for two layers
+    ({"model.heads_per_layer": "0,2"}, False),
+    ({"model.heads_per_layer": "3,2"}, False),  # more than num_heads
+    ({"model.arch": "llama", "model.num_heads": "4", "model.num_kv_heads": "2", "model.heads_per_layer": "2,4"},
+     True),
+    ({"model.arch": "llama", "model.num_heads": "4", "model.num_kv_heads": "2", "model.heads_per_layer": "1,4"},
+     False),  # half a key-value group
+])
+def test_heads_per_layer_gives_one_count_per_layer_within_the_heads(overrides, ok):
+    if ok:
+        assert load_recipe("tiny", overrides).model.heads_per_layer == tuple(
+            int(h) for h in overrides["model.heads_per_layer"].split(","))
+        return
+    with pytest.raises(ConfigError, match=r"model.heads_per_layer=.* must give 2 counts \(one per layer\)"):
+        load_recipe("tiny", overrides)

@@ -182,3 +182,45 @@ def test_auto_that_finds_nothing_is_a_report_that_does_not_fit(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("gpt2_xl does not fit as written") and "micro-batch 1 needs" in lines[0]
     assert lines[3].startswith("auto: recipe gpt2_xl: no micro-batch fits in 3.73 GiB per GPU")
+
+
+def test_the_teachers_memory_decides_whether_a_distillation_fits_and_its_auto_micro_batch(tmp_path, capsys):
+    """A teacher of BERT-large's shape: its fp32 weights on every GPU (ZeRO partitions none of it) and its forward
+    activations are in the total, so tiny_distil, which fits 4 GiB alone, does not with it, and "auto" picks a smaller
+    micro-batch."""
+    import torch
+    from transformers import AutoConfig, BertForMaskedLM
+
+    from bigbatch.config import ModelConfig
+    from bigbatch.plan.memory import activation_bytes
+
+    teacher = tmp_path / "teacher"
+    config = AutoConfig.for_model("bert", vocab_size=400, hidden_size=1024, num_hidden_layers=24,
+                                  num_attention_heads=16, intermediate_size=4096, max_position_embeddings=512)
+    config.save_pretrained(teacher)
+    (teacher / "tokenizer.model").write_bytes(b"")  # the planner reads the teacher's shape only
+
+    def planned(*extra: str) -> tuple[int, dict, dict]:
+        code = main(["plan", "tiny_distil", "--json", "--gpu-memory=4", *extra])
+        out = json.loads(capsys.readouterr().out)
+        phase = out["memory"]["phases"][0]
+        own = next(r for r in phase["rows"] if (r["stage"], r["precision"]) == (phase["stage"], phase["precision"]))
+        return code, out, own
+
+    code, alone, own = planned()
+    assert code == 0 and alone["memory"]["fits"] and own["teacher"] == 0 and own["total"] < 4 * 2**30
+    code, taught, with_teacher = planned(f"--distill.teacher={teacher}")
+    phase = taught["memory"]["phases"][0]
+    assert phase["precision"] == "fp32"
+    with torch.device("meta"):
+        weights = 4 * sum(p.numel() for p in BertForMaskedLM(config).parameters())
+    layer = ModelConfig(hidden_size=1024, num_layers=1, num_heads=16, intermediate_size=4096, pad_vocab_to_multiple=1)
+    activations = activation_bytes(layer, 400, 64, phase["micro_batch"], "fp32")  # no_grad: one layer at a time
+    assert with_teacher["teacher"] == weights + activations
+    assert with_teacher["total"] == own["total"] + weights + activations > 4 * 2**30
+    assert code == 1 and not taught["memory"]["fits"]
+
+    _, alone, _ = planned("--batch.micro_batch=auto")
+    _, taught, own = planned("--batch.micro_batch=auto", f"--distill.teacher={teacher}")
+    assert taught["auto"]["micro_batches"][0] < alone["auto"]["micro_batches"][0]
+    assert taught["memory"]["fits"] and own["teacher"] > weights and own["total"] <= 4 * 2**30

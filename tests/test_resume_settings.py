@@ -176,6 +176,7 @@ FIXED_BY_SPEC = {
     "data.eval_samples", "data.streaming", "data.shuffle_buffer", "optimizer.type",
     "batch.global_batch", "batch.ramp_start", "batch.ramp_increment", "batch.ramp_samples", "run.seed",
     "phases", "phases.1.global_batch", "phases.1.seq_len", "batch.adaptive", "model.init_from", "model.hold_zeros",
+    "model.heads_per_layer",
 }
 CHANGEABLE_BY_SPEC = {
     "name", "model.dropout", "data.mlm_probability", "data.whole_word_masking", "data.num_proc", "data.cache_dir",

@@ -34,6 +34,9 @@ class ModelConfig:
     # initialisation; with hold_zeros, Linear weights that are zero there stay zero (a pruned model's recovery).
     init_from: str = ""
     hold_zeros: bool = False
+    # Query heads in each layer when some were pruned (`bigbatch compress --prune-kind heads`); empty: num_heads in
+    # every layer.
+    heads_per_layer: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,7 @@ class Recipe:
         if kv < 0 or (kv and self.model.num_heads % kv):
             raise ConfigError(f"model.num_kv_heads={kv} must divide model.num_heads={self.model.num_heads} "
                               "(0 means as many as num_heads).")
+        self._check_heads_per_layer()
         if self.model.hidden_size % self.model.num_heads:
             raise ConfigError(
                 f"model.hidden_size={self.model.hidden_size} is not divisible by model.num_heads="
@@ -277,6 +281,15 @@ class Recipe:
                 f"data.seq_len={self.data.seq_len} exceeds model.max_position={self.model.max_position}; "
                 f"raise --model.max_position or lower --data.seq_len."
             )
+
+    def _check_heads_per_layer(self) -> None:
+        """One count per layer, each at least one head (Llama: one key-value group) and at most num_heads."""
+        m = self.model
+        heads, group = m.heads_per_layer, m.num_heads // (m.num_kv_heads or m.num_heads)
+        if heads and (len(heads) != m.num_layers or any(not 1 <= h <= m.num_heads or h % group for h in heads)):
+            raise ConfigError(f"model.heads_per_layer={','.join(map(str, heads))} must give {m.num_layers} counts "
+                              f"(one per layer), each a multiple of {group} between {group} and {m.num_heads}; "
+                              "leave it empty for num_heads in every layer.")
 
     def _check_ranges(self) -> None:
         """The optimizer's, data's, run's and schedule's numbers within their ranges."""

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigbatch.config import ModelConfig
+from bigbatch.models.shrink import shrink_heads
 
 
 def padded_vocab(vocab_size: int, multiple: int) -> int:
@@ -88,6 +89,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int, checkpointing: b
         hf, wrapper = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa"), MaskedLM
     else:
         hf, wrapper = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"), CausalLM
+    if cfg.heads_per_layer:  # a head-pruned model's layout
+        shrink_heads(hf, cfg.arch, cfg.heads_per_layer)
     if checkpointing:  # transformers 5.x renamed gradient_checkpointing_enable (deprecated, removed in 6)
         if hasattr(hf, "activation_checkpointing_enable"):
             hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -1,12 +1,10 @@
-"""Model compression after pretraining: magnitude pruning (global unstructured over the Linear weights, or whole MLP
-neurons removed) and post-training int8 quantization with torchao, on a transformers model.
+"""Model compression after pretraining: magnitude pruning (global unstructured over the Linear weights, whole MLP
+neurons or whole attention heads removed) and post-training int8 quantization with torchao, on a transformers model.
 
 Unstructured pruning is torch's own (`torch.nn.utils.prune.global_unstructured`, L1 magnitude), made permanent. Neuron
-pruning is by hand: transformers 5 dropped `prune_heads` and has no MLP pruning, and torch-pruning rewrites a model
-through a dependency graph it traces, where the MLP of these three architectures is two (Llama: three) Linear layers
-whose shared dimension we can cut directly. Quantization is torchao's `quantize_` (the eager `torch.ao.quantization`
-API is deprecated); torchao 0.18.0 with torch 2.13 runs both int8 configurations on CPU.
-"""
+and head pruning choose by hand what `bigbatch.models.shrink` cuts out (why by hand is said there). Quantization is
+torchao's `quantize_` (the eager `torch.ao.quantization` API is deprecated); torchao 0.18.0 with torch 2.13 runs both
+int8 configurations on CPU."""
 
 from __future__ import annotations
 
@@ -20,6 +18,17 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from bigbatch.config import ConfigError
+from bigbatch.models.shrink import (
+    HEADS_KEY,
+    attention_modules,
+    from_pretrained,
+    keep_heads,
+    keep_inputs,
+    keep_outputs,
+    out_weight,
+    slices,
+    units,
+)
 
 PRUNE_KINDS = ("unstructured", "heads", "neurons")
 QUANTIZE = ("none", "int8-weight", "int8-dynamic")
@@ -49,48 +58,60 @@ def _mlp_layers(hf: nn.Module, arch: str) -> list[tuple[list[nn.Module], list[nn
     return [([layer.mlp.gate_proj, layer.mlp.up_proj], [layer.mlp.down_proj]) for layer in hf.model.layers]
 
 
-def _out_weight(m: nn.Module) -> torch.Tensor:
-    """The weight as [outputs, inputs] (transformers' GPT-2 Conv1D stores its transpose)."""
-    return m.weight if isinstance(m, nn.Linear) else m.weight.T
-
-
-def _keep_outputs(m: nn.Module, keep: torch.Tensor) -> None:
-    if isinstance(m, nn.Linear):
-        m.weight = nn.Parameter(m.weight.data[keep].clone())
-        m.out_features = len(keep)
-    else:
-        m.weight = nn.Parameter(m.weight.data[:, keep].clone())
-        m.nf = len(keep)
-    if m.bias is not None:
-        m.bias = nn.Parameter(m.bias.data[keep].clone())
-
-
-def _keep_inputs(m: nn.Module, keep: torch.Tensor) -> None:
-    if isinstance(m, nn.Linear):
-        m.weight = nn.Parameter(m.weight.data[:, keep].clone())
-        m.in_features = len(keep)
-    else:
-        m.weight = nn.Parameter(m.weight.data[keep].clone())
-
-
 def prune_neurons(hf: nn.Module, arch: str, sparsity: float) -> list[torch.Tensor]:
     """Removes the `sparsity` share of MLP neurons in every layer (the same count in each, so the model's config
     still describes it), scored by the L2 norm of each neuron's input row(s) and output column; returns each layer's
     kept neuron indices (sorted)."""
     kept = []
     for outs, ins in _mlp_layers(hf, arch):
-        width = _out_weight(outs[0]).shape[0]
+        width = out_weight(outs[0]).shape[0]
         n_keep = max(1, width - int(round(sparsity * width)))
-        score = sum(_out_weight(m).float().pow(2).sum(1) for m in outs) + sum(
-            _out_weight(m).float().pow(2).sum(0) for m in ins)
+        score = sum(out_weight(m).float().pow(2).sum(1) for m in outs) + sum(
+            out_weight(m).float().pow(2).sum(0) for m in ins)
         keep = torch.sort(torch.topk(score, n_keep).indices).values
         for m in outs:
-            _keep_outputs(m, keep)
+            keep_outputs(m, keep)
         for m in ins:
-            _keep_inputs(m, keep)
+            keep_inputs(m, keep)
         kept.append(keep)
     name = "n_inner" if arch == "gpt2" else "intermediate_size"
     setattr(hf.config, name, len(kept[0]))
+    return kept
+
+
+def head_scores(hf: nn.Module, arch: str) -> list[torch.Tensor]:
+    """Per layer, each head's (Llama: key-value group's) squared L2 norm: its rows of the query, key and value
+    weights plus its columns of the output projection's."""
+    scores = []
+    for attention in attention_modules(hf, arch):
+        n = units(attention, arch)[0]
+        total = torch.zeros(n)
+        for module, side, width, starts in slices(attention, arch):
+            w = out_weight(module).detach().float()
+            rows = w if side == "out" else w.T  # one row per feature of the heads' side
+            for start in starts:
+                total += rows[start:start + n * width].pow(2).sum(1).view(n, width).sum(1)
+        scores.append(total)
+    return scores
+
+
+def prune_heads(hf: nn.Module, arch: str, sparsity: float) -> list[torch.Tensor]:
+    """Removes the `sparsity` share of attention heads with the smallest weight norms, counted over all layers at
+    once; each layer keeps its strongest head. Llama's grouped-query attention loses whole key-value groups. Returns
+    each layer's kept heads (groups), sorted."""
+    scores = head_scores(hf, arch)
+    total, layers = sum(len(s) for s in scores), len(scores)
+    remove = int(round(sparsity * total))
+    if remove > total - layers:
+        unit = "key-value groups" if units(attention_modules(hf, arch)[0], arch)[1] > 1 else "heads"
+        raise ConfigError(f"--prune {sparsity} with --prune-kind heads would remove {remove} of the {total} {unit}, "
+                          f"but each of the {layers} layers keeps one; give --prune <= "
+                          f"{(total - layers) / total:.3f}.")
+    candidates = sorted((float(score), layer, u) for layer, s in enumerate(scores) for u, score in enumerate(s)
+                        if u != int(s.argmax()))
+    gone = {(layer, u) for _, layer, u in candidates[:remove]}
+    kept = [torch.tensor([u for u in range(len(s)) if (layer, u) not in gone]) for layer, s in enumerate(scores)]
+    keep_heads(hf, arch, kept)
     return kept
 
 
@@ -99,7 +120,12 @@ def start_from(model: nn.Module, directory: str, hold_zeros: bool) -> int:
     Linear weight that is zero there stays zero through training: its gradient is masked by a hook on the parameter,
     so LAMB, LARS and AdamW (zero moments, zero weight decay term) never move it, whichever ZeRO stage partitions the
     optimizer state. Returns how many weights are held."""
-    loaded = type(model.hf).from_pretrained(directory)
+    loaded = from_pretrained(type(model.hf), directory)
+    heads, mine = (list(getattr(m.config, HEADS_KEY, None) or []) for m in (loaded, model.hf))
+    if heads != mine:
+        raise ConfigError(f"model.init_from={directory} has {heads or 'all its'} attention heads per layer, the recipe "
+                          f"{mine or 'all'}; set --model.heads_per_layer={','.join(map(str, heads))} to give the "
+                          "recipe that shape.")
     missing, unexpected = model.hf.load_state_dict(loaded.state_dict(), strict=False)
     if missing or unexpected:
         raise ConfigError(f"model.init_from={directory} does not fit the recipe's model (missing {missing[:3]}, "
@@ -122,9 +148,7 @@ def prune(hf: nn.Module, arch: str, kind: str, sparsity: float) -> None:
     elif kind == "neurons":
         prune_neurons(hf, arch, sparsity)
     else:
-        raise ConfigError("--prune-kind heads is not available yet: transformers 5 removed prune_heads and its BERT "
-                          "and GPT-2 configs cannot describe layers with fewer heads; use --prune-kind neurons or "
-                          "unstructured.")
+        prune_heads(hf, arch, sparsity)
 
 
 def quiet_torchao() -> Any:

@@ -10,11 +10,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from bigbatch.config import BatchConfig, ConfigError, DeepSpeedSection, Recipe
+from bigbatch.config import BatchConfig, ConfigError, DeepSpeedSection, ModelConfig, Recipe
 from bigbatch.config.adaptive import carry, decide
 from bigbatch.config.schedule import BatchSplit, solve_batch
 from bigbatch.plan import hardware
 from bigbatch.plan.memory import PRECISIONS, STAGES, Footprint, Row, model_size
+from bigbatch.plan.teacher import teacher_shape
 from bigbatch.plan.timing import Cluster, Estimate, estimate
 from bigbatch.resolve import phase_recipe, resolve
 
@@ -108,7 +109,7 @@ def plan(recipe: Recipe, nodes: int, gpus_per_node: int, gpu_memory_bytes: int) 
         split, batch_error = BatchSplit(micro * world, micro, 1, world), str(err)
     # Later phases and the ramp change no byte of that JSON: left out, they cannot fail to solve where this one does.
     ds = resolve(dataclasses.replace(recipe, phases=(), batch=_without_ramp(batch)), world, batch=split).ds
-    footprint = Footprint(recipe, world, ds.zero, gpu_memory_bytes)
+    footprint = Footprint(recipe, world, ds.zero, gpu_memory_bytes, _teacher(recipe))
 
     def fits(checkpointing: bool) -> Callable[[int], bool]:
         return lambda micro: footprint.row(ds.stage, ds.precision, micro, checkpointing).fits
@@ -121,6 +122,11 @@ def plan(recipe: Recipe, nodes: int, gpus_per_node: int, gpu_memory_bytes: int) 
     return PlanResult(recipe.name, world, gpu_memory_bytes, num_params, ds.stage, ds.precision, ds.checkpointing,
                       batch.global_batch, split.micro_batch, batch_error, rows, fitting, valid, other, other_valid,
                       recipe.data.seq_len)
+
+
+def _teacher(recipe: Recipe) -> Optional[tuple[ModelConfig, int]]:
+    """A distillation's teacher (shape, vocabulary), whose memory counts on every GPU; None without one."""
+    return teacher_shape(recipe.distill.teacher) if recipe.distill.teacher else None
 
 
 # ------------------------------------------------------------------------------------------- the change that helps
@@ -368,7 +374,7 @@ def _grid_point(recipe: Recipe, c: Cluster, batch: int, steps: int, memory: int)
     except ConfigError as err:
         point["why"] = str(err)
         return point
-    footprint = Footprint(dataclasses.replace(variant, phases=()), c.world, ds.zero, memory)
+    footprint = Footprint(dataclasses.replace(variant, phases=()), c.world, ds.zero, memory, _teacher(recipe))
 
     def fits(micro: int) -> bool:
         return footprint.row(ds.stage, ds.precision, micro, ds.checkpointing).fits

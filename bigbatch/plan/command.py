@@ -148,7 +148,7 @@ def _teacher(recipe: Recipe, world: int, text: list[str]) -> dict[str, Any]:
     weights, activations = _size(cost["weight_bytes"]), _size(cost["forward_activation_bytes"])
     text.extend(["", f"teacher ({recipe.distill.teacher}): {cost['parameters'] / 1e6:.1f}M params, {weights} of "
                      f"{run.ds.precision} weights + {activations} of forward activations per GPU (no gradients, no "
-                     "optimizer state; not in the table above), "
+                     "optimizer state; counted in the memory above), "
                      f"{cost['forward_flops_per_step'] / 1e12:.2f} TFLOPs of forward per GPU and step"])
     return cost
 
@@ -230,7 +230,8 @@ def memory_lines(results: list[PlanResult], memory: int) -> list[str]:
                      f"micro-batch {r.micro_batch}: {_size(own.total)} of {_size(memory)}"
                      f"{'' if own.fits else ' (does not fit)'} = params {_size(own.params)} + grads "
                      f"{_size(own.grads)} + optimizer {_size(own.optimizer)} + activations {_size(own.activations)} "
-                     f"(checkpointing {ckpt}) + buffers {_size(own.buffers)}{_step_only(own)}; {largest}.")
+                     f"(checkpointing {ckpt}) + buffers {_size(own.buffers)}"
+                     f"{f' + teacher {_size(own.teacher)}' if own.teacher else ''}{_step_only(own)}; {largest}.")
     return lines
 
 

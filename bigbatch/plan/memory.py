@@ -4,9 +4,10 @@ of one micro-batch + DeepSpeed's communication buckets + a fixed CUDA allowance.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -249,6 +250,18 @@ def model_size(model_cfg: ModelConfig, vocab_size: int) -> tuple[int, int, str]:
     return total, largest, model.hf.config._attn_implementation
 
 
+def teacher_bytes(shape: ModelConfig, vocab_size: int, seq_len: int, micro_batch: int, precision: str,
+                  mlm_probability: float = 0.15) -> tuple[int, int]:
+    """(weight bytes, peak forward activation bytes) per GPU of a distillation's teacher of `shape`: every weight on
+    every GPU in the run's precision (it stays outside DeepSpeed, so ZeRO partitions none of it), and under no_grad one
+    layer's live tensors and the head (nothing kept for a backward pass); no gradients, no optimizer state."""
+    params = model_size(shape, vocab_size)[0]
+    one_layer = dataclasses.replace(shape, num_layers=1)
+    activations = activation_bytes(one_layer, vocab_size, seq_len, micro_batch, precision,
+                                   mlm_probability=mlm_probability)
+    return params * _element_bytes(precision), activations
+
+
 @dataclass(frozen=True)
 class Row:
     """Bytes per GPU at one ZeRO stage and precision, and whether they fit."""
@@ -263,17 +276,20 @@ class Row:
     total: int  # the peak: backward's (activations) or the optimizer step's (step_grads), whichever is larger
     fits: bool
     step_grads: int = 0  # of `grads`, the fp32 gradients alive only inside the optimizer step (`step_grad_bytes`)
+    teacher: int = 0  # a distillation's teacher: its weights and forward activations (`teacher_bytes`), in `total`
 
 
 @dataclass(frozen=True)
 class Footprint:
     """What a recipe's first phase needs per GPU on `world` GPUs of `gpu_memory` bytes, at any stage, precision,
-    micro-batch and checkpointing; `zero`: the resolved DeepSpeed JSON's zero_optimization section."""
+    micro-batch and checkpointing; `zero`: the resolved DeepSpeed JSON's zero_optimization section; `teacher`: a
+    distillation's teacher (shape, vocabulary), whose bytes every row adds."""
 
     recipe: Recipe
     world: int
     zero: dict[str, Any]
     gpu_memory: int
+    teacher: Optional[tuple[ModelConfig, int]] = None
 
     def row(self, stage: int, precision: str, micro_batch: int, checkpointing: bool) -> Row:
         """Bytes per GPU at `stage` and `precision`, `micro_batch` sequences a micro-step."""
@@ -287,7 +303,11 @@ class Footprint:
                 + logits_grad_bytes(r.model, d.vocab_size, d.seq_len, micro_batch, d.mlm_probability))
         buffers = buffer_bytes(self.zero, stage, precision, num_params)
         step_grads = step_grad_bytes(num_params, stage, precision)
+        # The teacher's whole forward counted at the student's peak: an upper bound (its activations are freed but
+        # for its logits before the student's backward), the safe side for a verdict of "fits".
+        tutor = sum(teacher_bytes(*self.teacher, d.seq_len, micro_batch, precision, d.mlm_probability)) \
+            if self.teacher else 0
         # the step-only gradients and the activations are never alive together: the larger of the two sets the peak
-        total = sum(states.values()) + acts + buffers - min(acts, step_grads)
+        total = sum(states.values()) + acts + buffers + tutor - min(acts, step_grads)
         return Row(stage, precision, states["params"], states["grads"], states["optimizer"], acts, buffers, total,
-                   total <= self.gpu_memory, step_grads)
+                   total <= self.gpu_memory, step_grads, tutor)

@@ -4,7 +4,6 @@ state, and its forward FLOPs. The shape is read from the teacher's recipe.json o
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 from bigbatch.config import ModelConfig, Recipe
 from bigbatch.config.files import load_recipe_file
 from bigbatch.models.distill import teacher_kind
-from bigbatch.plan.memory import _element_bytes, activation_bytes, model_size
+from bigbatch.plan.memory import model_size, teacher_bytes
 from bigbatch.plan.timing import forward_flops
 
 
@@ -39,11 +38,8 @@ def teacher_cost(recipe: Recipe, micro_batch: int, grad_accum: int, precision: s
     the head: under no_grad nothing is kept for a backward pass) and forward FLOPs per optimizer step."""
     shape, vocab = teacher_shape(recipe.distill.teacher)
     seq = recipe.data.seq_len
-    params = model_size(shape, vocab)[0]
-    one_layer = dataclasses.replace(shape, num_layers=1)
-    activations = activation_bytes(one_layer, vocab, seq, micro_batch, precision,
-                                   mlm_probability=recipe.data.mlm_probability)
+    weights, activations = teacher_bytes(shape, vocab, seq, micro_batch, precision, recipe.data.mlm_probability)
     forward = forward_flops(shape, vocab, seq, micro_batch, recipe.data.mlm_probability)
     flops = (forward.layers + forward.head) * grad_accum  # the forward alone: `.model` counts training (3x)
-    return {"parameters": params, "weight_bytes": params * _element_bytes(precision),
+    return {"parameters": model_size(shape, vocab)[0], "weight_bytes": weights,
             "forward_activation_bytes": activations, "forward_flops_per_step": flops}

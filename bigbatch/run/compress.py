@@ -40,6 +40,7 @@ from bigbatch.models.compression import (
     quiet_torchao,
     torchao_config,
 )
+from bigbatch.models.shrink import HEADS_KEY, from_pretrained
 from bigbatch.run import checkpoint
 from bigbatch.run.export import AUTO_CLASS, consolidate, tokenizer_file_of, write_tokenizer
 from bigbatch.run.rundir import RunDir
@@ -55,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the directory to write")
     p.add_argument("--prune", type=float, default=0.0, help="the share of weights (or neurons) removed, in [0, 1)")
     p.add_argument("--prune-kind", default="unstructured", help="unstructured (global over the Linear weights) | "
-                   "heads | neurons (MLP rows and columns removed)")
+                   "heads (whole attention heads removed, global) | neurons (MLP rows and columns removed)")
     p.add_argument("--recover", type=int, default=0, help="steps of continued pretraining after pruning")
     p.add_argument("--quantize", default="none", help="none | int8-weight | int8-dynamic (torchao, post-training)")
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
@@ -109,7 +110,7 @@ def open_source(source: Path) -> tuple[nn.Module, Recipe, Path, Path]:
         import transformers
 
         recipe = load_recipe_file(run_dir / "recipe.json")
-        hf = getattr(transformers, AUTO_CLASS[recipe.model.arch]).from_pretrained(source)
+        hf = from_pretrained(getattr(transformers, AUTO_CLASS[recipe.model.arch]), source)
         return _wrap(hf, recipe.model.arch).eval(), recipe, run_dir, source / "tokenizer.model"
     raise ConfigError(f"{source} is neither a bigbatch run directory (recipe.json) nor a `bigbatch export` "
                       "directory (export.json); give one of those.")
@@ -146,8 +147,8 @@ def compress(source: Path, out: Path, sparsity: float = 0.0, kind: str = "unstru
             import transformers
 
             model.hf.save_pretrained(Path(scratch) / "pruned")
-            hf = getattr(transformers, AUTO_CLASS[arch]).from_pretrained(
-                Path(scratch) / "pruned", quantization_config=torchao_config(quantize))
+            hf = from_pretrained(getattr(transformers, AUTO_CLASS[arch]), Path(scratch) / "pruned",
+                                 quantization_config=torchao_config(quantize))
             hf.save_pretrained(staging)
             model = _wrap(hf, arch).eval()
     after = measure(model, batches, staging)
@@ -178,7 +179,8 @@ def _recover(model: nn.Module, recipe: Recipe, tokenizer: Path, kind: str, steps
         model.hf.save_pretrained(pruned)
     shape = dataclasses.replace(recipe.model, init_from=str(pruned.resolve()), hold_zeros=kind == "unstructured",
                                 intermediate_size=model.hf.config.n_inner if recipe.model.arch == "gpt2" else
-                                model.hf.config.intermediate_size)
+                                model.hf.config.intermediate_size,
+                                heads_per_layer=tuple(getattr(model.hf.config, HEADS_KEY, None) or ()))
     data = dataclasses.replace(recipe.data, tokenizer=str(tokenizer.resolve()),
                                vocab_size=Tokenizer(tokenizer).vocab_size)
     rec = dataclasses.replace(recipe, name=f"{recipe.name}-recover", model=shape, data=data, phases=(),

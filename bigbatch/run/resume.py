@@ -42,7 +42,7 @@ from bigbatch.run.rundir import RunDir
 FIXED = (
     "model.arch", "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
     "model.intermediate_size", "model.max_position", "model.pad_vocab_to_multiple", "model.init_from",
-    "model.hold_zeros",
+    "model.hold_zeros", "model.heads_per_layer",
     "data.sources", "data.weights", "data.tokenizer", "data.vocab_size", "data.seq_len", "data.eval_fraction",
     "data.eval_samples", "data.streaming", "data.shuffle_buffer",
     "optimizer.type",

@@ -23,7 +23,6 @@ ROWS = [
 ]
 
 
-@pytest.mark.slow
 def test_gpu_check_runs_every_path_on_the_cpu_and_writes_every_row(tmp_path):
     out = tmp_path / "gpu_check-cpu.md"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny",

@@ -11,8 +11,6 @@ import math
 import subprocess
 import sys
 
-import pytest
-
 from conftest import ROOT, launch_env
 
 ROWS = [

@@ -91,9 +91,12 @@ class Budget:
     def __init__(self, seconds: float) -> None:
         self.end = time.perf_counter() + seconds
 
+    def spent(self) -> bool:
+        return time.perf_counter() > self.end
+
     def run(self, rows: list[Row], names: list[str], check: Callable[[], list[Row]]) -> None:
         start = time.perf_counter()
-        if start > self.end:
+        if self.spent():
             rows.extend(Row(n, note="skipped: --budget-s spent") for n in names)
             return
         try:
@@ -297,13 +300,8 @@ def peer_optimizers(device: torch.device) -> dict[str, Callable[[list[torch.Tens
     """Each optimizer's factory, or why it cannot run here (the row's note)."""
     peers: dict[str, Callable[[list[torch.Tensor]], Any] | str] = {
         "bigbatch LAMB": lambda ps: LAMB(ps, **LAMB_KW),  # foreach: what fused=None picks on a GPU
-        "bigbatch LAMB (fused)": lambda ps: LAMB(ps, fused=True, **LAMB_KW),
         "bigbatch LARS": lambda ps: LARS(ps, lr=0.1),
-        "bigbatch LARS (fused)": lambda ps: LARS(ps, lr=0.1, fused=True),
     }
-    if device.type != "cuda":  # torch.compile's CPU build alone would take longer than the rest; optim_step.py times it
-        for name in ("bigbatch LAMB (fused)", "bigbatch LARS (fused)"):
-            peers[name] = "skipped: needs CUDA here (the CPU's fused path is timed by bench/optim_step.py)"
     if device.type != "cuda":
         peers["DeepSpeed FusedLamb"] = "skipped: needs CUDA (deepspeed.ops.lamb is a CUDA kernel)"
     else:
@@ -322,10 +320,16 @@ def peer_optimizers(device: torch.device) -> dict[str, Callable[[list[torch.Tens
             clamp_value=LAMB_KW["max_coeff"], debias=True)
     except ImportError:
         peers["torch_optimizer.Lamb"] = "not installed (bench/requirements.txt)"
+    # last, as they compile first (torch.compile); on the CPU that alone would take longer than the rest of --tiny
+    fused = {"bigbatch LAMB (fused)": lambda ps: LAMB(ps, fused=True, **LAMB_KW),
+             "bigbatch LARS (fused)": lambda ps: LARS(ps, lr=0.1, fused=True)}
+    for name, factory in fused.items():
+        peers[name] = factory if device.type == "cuda" else \
+            "skipped: needs CUDA here (the CPU's fused path is timed by bench/optim_step.py)"
     return peers
 
 
-def optimizer_check(args: argparse.Namespace, device: torch.device) -> list[Row]:
+def optimizer_check(args: argparse.Namespace, device: torch.device, budget: Budget) -> list[Row]:
     """One step of each optimizer over the cut bert_large's parameters (fp32), median of --steps after --warmup;
     LAMB's two first updates against `lamb_reference`."""
     recipe = shape_recipe("bert_large", args.layers, args.tiny)
@@ -338,8 +342,9 @@ def optimizer_check(args: argparse.Namespace, device: torch.device) -> list[Row]
     times: dict[str, float] = {}
     rows = []
     for name, factory in peer_optimizers(device).items():
-        if isinstance(factory, str):
-            rows.append(Row(f"optimizer step: {name}", note=factory))
+        if isinstance(factory, str) or budget.spent():
+            rows.append(Row(f"optimizer step: {name}", note=factory if isinstance(factory, str)
+                            else "skipped: --budget-s spent"))
             continue
         params = [torch.nn.Parameter(w.clone()) for w in start]
         try:
@@ -438,7 +443,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     for name in SHAPES:
         budget.run(rows, [f"{name} peak memory", f"{name} step time"], lambda: shape_check(name, args, device, dev))
     budget.run(rows, ["fp16 overflow: skip, halve, regrow"], lambda: overflow_check(args, device))
-    budget.run(rows, [f"optimizer step: {n}" for n in peer_optimizers(device)], lambda: optimizer_check(args, device))
+    budget.run(rows, [f"optimizer step: {n}" for n in peer_optimizers(device)],
+               lambda: optimizer_check(args, device, budget))
     wall = time.perf_counter() - started
     figures = {"device": label, "cuda_name": torch.cuda.get_device_name() if device.type == "cuda" else None,
                "tiny": args.tiny, "layers": args.layers, "wall_s": wall, "machine": machine(),

@@ -15,9 +15,9 @@ from conftest import ROOT, launch_env
 
 ROWS = [
     "bert_large peak memory", "bert_large step time", "gpt2_medium peak memory", "gpt2_medium step time",
-    "fp16 overflow: skip, halve, regrow", "optimizer step: bigbatch LAMB", "optimizer step: bigbatch LAMB (fused)",
-    "optimizer step: bigbatch LARS", "optimizer step: bigbatch LARS (fused)", "optimizer step: DeepSpeed FusedLamb",
-    "optimizer step: torch_optimizer.Lamb",
+    "fp16 overflow: skip, halve, regrow", "optimizer step: bigbatch LAMB", "optimizer step: bigbatch LARS",
+    "optimizer step: DeepSpeed FusedLamb", "optimizer step: torch_optimizer.Lamb",
+    "optimizer step: bigbatch LAMB (fused)", "optimizer step: bigbatch LARS (fused)",
 ]
 
 
@@ -48,3 +48,15 @@ def test_gpu_check_runs_every_path_on_the_cpu_and_writes_every_row(tmp_path):
     # the planner's bytes against the tensors the engine held and allocated: the same magnitude
     for shape in ("bert_large", "gpt2_medium"):
         assert 0.5 < rows[f"{shape} peak memory"]["ratio"] < 2.0
+
+
+def test_gpu_check_starts_no_check_once_its_budget_is_spent(tmp_path):
+    """--budget-s 0: every row is written, each saying the budget stopped it (a lent GPU's minutes are counted)."""
+    out = tmp_path / "gpu_check-cpu.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny",
+                           "--budget-s", "0", "--out", str(out)], cwd=tmp_path, env=launch_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["check"] for r in rows] == ROWS
+    assert all(r["note"] == "skipped: --budget-s spent" and r["ratio"] is None for r in rows)

@@ -11,6 +11,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, launch_env
 
 ROWS = [
@@ -21,6 +23,7 @@ ROWS = [
 ]
 
 
+@pytest.mark.slow  # 13-19 s under the heavy lock on the VM
 def test_gpu_check_runs_every_path_on_the_cpu_and_writes_every_row(tmp_path):
     out = tmp_path / "gpu_check-cpu.md"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny",

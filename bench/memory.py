@@ -208,7 +208,8 @@ def report(args: argparse.Namespace, data: dict[str, Any], load: tuple[float, fl
         f"micro-batch {args.micro} per rank, no gradient accumulation, dropout 0, SDPA attention: "
         f"{plan0['num_params'] / 1e6:.2f}M parameters, largest layer {plan0['largest_layer'] / 1e6:.2f}M (the word "
         "embeddings). Optimizer: bigbatch's LAMB through bigbatch.engine.initialize; at ZeRO-0 in 16 bit, which "
-        "bigbatch refuses for LAMB (below), DeepSpeed's AdamW (torch's), which keeps the same bytes. DeepSpeed "
+        "bigbatch refuses for every optimizer (below), DeepSpeed's AdamW (torch's) through deepspeed.initialize, "
+        "which keeps the same bytes. DeepSpeed "
         "JSON: the shipped ds_configs/ fragments (zero*.json, fp32/fp16/bf16.json, act_ckpt.json) resolved by "
         "bigbatch.config.dsconfig. Planner: bigbatch/plan/memory.py's functions for the same model, world, stage and "
         "precision.",

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import deepspeed
 import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
@@ -434,8 +435,11 @@ def run(args: argparse.Namespace, stage: int, precision: str, checkpointing: boo
     recipe, ds_config = resolve(args, stage, precision, checkpointing, optimizer, world)
     torch.manual_seed(0)
     model = build_model(recipe.model, args.vocab, pad_id=0, checkpointing=DeepSpeedView.of(ds_config).checkpointing)
-    engine, *_ = initialize(model=model, config=ds_config,
-                            model_parameters=param_groups(model, recipe.optimizer.weight_decay))
+    # ZeRO-0 in 16 bits: bigbatch refuses every optimizer there (bigbatch.engine.refuse_unfused_16bit); its bytes
+    # are still measured, on DeepSpeed's own initialize
+    init = deepspeed.initialize if stage == 0 and precision != "fp32" else initialize
+    engine, *_ = init(model=model, config=ds_config,
+                      model_parameters=param_groups(model, recipe.optimizer.weight_decay))
     first = Inventory(engine)  # ZeRO-3 has no module trace to prefetch by in its first step
     handles = [m.register_forward_pre_hook(first.on_forward) for m in model.modules()]
     warmup = train_step(engine, args, 0, rank)

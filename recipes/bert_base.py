@@ -22,7 +22,8 @@ RECIPE = dataclasses.replace(
     LARGE,
     name="bert_base",
     model=shape("bert-base"),
-    cluster=ClusterConfig(nodes=4, gpus_per_node=8, gpu_memory="80GB"),  # 32 A100/H100 80GB
+    # 32 A100/H100 80GB; memory: the smaller card (81,252 MiB), as the device reports it
+    cluster=ClusterConfig(nodes=4, gpus_per_node=8, gpu_memory="A100-80GB"),
 )
 
 if __name__ == "__main__":

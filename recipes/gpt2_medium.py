@@ -23,8 +23,8 @@ RECIPE = dataclasses.replace(
     # 4,096 sequences x 1,024 tokens = 4.2M tokens a step; 4,800 steps = 20B tokens
     schedule=dataclasses.replace(SMALL.schedule, steps=4800),
     deepspeed=DeepSpeedSection(configs=("zero1.json", "bf16.json"), activation_checkpointing="auto"),
-    # 64 A100/H100 80GB
-    cluster=ClusterConfig(nodes=8, gpus_per_node=8, gpu_memory="80GB"),
+    # 64 A100/H100 80GB; memory: the smaller card (81,252 MiB), as the device reports it
+    cluster=ClusterConfig(nodes=8, gpus_per_node=8, gpu_memory="A100-80GB"),
 )
 
 if __name__ == "__main__":

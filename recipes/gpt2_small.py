@@ -43,7 +43,8 @@ RECIPE = Recipe(
     deepspeed=DeepSpeedSection(configs=("zero1.json", "bf16.json"), activation_checkpointing="auto"),
     checkpoint=CheckpointConfig(every_steps=500, keep_last=3),
     run=RunConfig(eval_every=500, log_every=10, trust_ratio_every=100),
-    cluster=ClusterConfig(nodes=4, gpus_per_node=8, gpu_memory="80GB"),  # 32 A100/H100 80GB
+    # 32 A100/H100 80GB; memory: the smaller card (81,252 MiB), as the device reports it
+    cluster=ClusterConfig(nodes=4, gpus_per_node=8, gpu_memory="A100-80GB"),
 )
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ RECIPE = dataclasses.replace(
     batch=dataclasses.replace(SMALL.batch, ramp_start=512, ramp_increment=512, ramp_samples=2_000_000),
     # micro-batch "auto" (gpt2_small's) takes at most 4 on 128 GPUs: every ramp batch must be a multiple of micro x 128
     deepspeed=DeepSpeedSection(configs=("zero2.json", "bf16.json"), activation_checkpointing="auto"),
-    # 128 A100/H100 80GB
-    cluster=ClusterConfig(nodes=16, gpus_per_node=8, gpu_memory="80GB"),
+    # 128 A100/H100 80GB; memory: the smaller card (81,252 MiB), as the device reports it
+    cluster=ClusterConfig(nodes=16, gpus_per_node=8, gpu_memory="A100-80GB"),
 )
 
 if __name__ == "__main__":

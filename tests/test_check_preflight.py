@@ -6,9 +6,13 @@ import itertools
 import json
 
 import pytest
+import torch
 
+from bigbatch.check.preflight import chosen_in_free_memory
 from bigbatch.cli import main
+from bigbatch.config import ConfigError
 from bigbatch.config.dsconfig import DS_CONFIGS
+from bigbatch.config.files import load_recipe
 
 STAGES = sorted(p.name for p in DS_CONFIGS.glob("zero*.json"))
 PRECISIONS = ("fp32.json", "fp16.json", "bf16.json")
@@ -94,3 +98,17 @@ def test_an_unreachable_hub_is_a_note_for_check_and_the_error_that_stops_train(t
     err = capsys.readouterr().err
     assert err.endswith(f"bigbatch: error: {note.removeprefix('note: ').removesuffix(unverified)}\n"), err
     assert not (tmp_path / "run").exists()
+
+
+def test_train_on_gpus_chooses_again_in_the_free_memory_the_ranks_agree_on(monkeypatch):
+    """What `bigbatch train` does once its process group exists on GPUs (faked: no GPU here): the "auto" choice made
+    again in the ranks' least free memory, resolved and checked; a batch no micro-batch fits is refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * 2**30, 81_559 * 2**20))
+    recipe = load_recipe("gpt2_xl", {"batch.micro_batch": "auto", "deepspeed.activation_checkpointing": "auto"})
+    run, why = chosen_in_free_memory(recipe, 128, lambda free: min(free, 20 * 2**30))
+    assert (run.batch.micro_batch, run.batch.grad_accum, run.ds_config["train_micro_batch_size_per_gpu"]) == (2, 16, 2)
+    assert "of 20.0 GiB free (the least of 128 ranks)" in why
+    with pytest.raises(ConfigError, match="no micro-batch fits in 1.00 GiB per GPU"):
+        chosen_in_free_memory(recipe, 128, lambda free: 2**30)

@@ -79,3 +79,9 @@ def test_a_non_finite_gradient_is_skipped_at_every_stage_and_precision(result):
         assert c["identical"] == {"2": True, "4": True}, f"{label}: a skipped step changed the state"
         assert c["counted"] == {"2": 1, "4": 1}, f"{label}: not counted in skipped_steps"
         assert c["applied"] == [True, True, True] and c["finite"], label
+
+
+def test_min_across_ranks_agrees_on_the_least(result):
+    """`bigbatch.run.distributed.min_across_ranks`, which `auto` agrees on free memory through, rides this launch:
+    rank r offered 1000 + 7 (world - r), so rank 0 (1014) reads rank 1's 1007."""
+    assert result["world"] == 2 and result["min_across_ranks"] == 1007

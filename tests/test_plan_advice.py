@@ -8,6 +8,7 @@ import dataclasses
 import math
 
 import pytest
+import torch
 
 from bigbatch.cli import main
 from bigbatch.config import ConfigError
@@ -16,6 +17,7 @@ from bigbatch.plan import hardware
 from bigbatch.plan.advice import (
     choose_at_start,
     choose_auto,
+    device_memory,
     largest_micro_batch,
     mccandlish_samples,
     mccandlish_steps,
@@ -148,6 +150,31 @@ def test_auto_at_start_keeps_the_last_choice_on_as_many_gpus_and_chooses_again_o
     other, why = choose_at_start(recipe, 64, kept)  # no GPU here: the recipe's cluster.gpu_memory, 80GB
     assert other.batch.micro_batch == 8 and why.startswith("micro-batch 8, checkpointing off: fits in ")
     assert choose_at_start(pinned("gpt2_xl"), 64, kept) == (pinned("gpt2_xl"), "")
+
+
+def test_auto_on_a_gpu_fits_the_free_memory_the_ranks_agree_on(monkeypatch):
+    """A fake H100 (torch.cuda monkeypatched): this rank has 70 GiB free, another rank only 20. Once the ranks agree
+    (an all-reduce MIN, here a stand-in), the choice is the one for 20 GiB, and its reason says so; before they can
+    agree, every rank reads the same total; one rank alone takes its own free memory."""
+    total = hardware.DEVICES["H100-SXM"].memory_bytes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * 2**30, total))
+    recipe = load_recipe("gpt2_xl", AUTO)
+
+    def least(free):
+        return min(free, 20 * 2**30)
+
+    words = "free (the least of 128 ranks)"
+    assert device_memory(recipe, 128, least) == (20 * 2**30, words, "H100-SXM")
+    agreed, why = choose_at_start(recipe, 128, agree=least)
+    expected, change = choose_auto(recipe, XL, 20 * 2**30, words)
+    assert (agreed, why) == (expected, change.what) and agreed.batch.micro_batch == 2
+    assert f"of 20.0 GiB {words}," in why
+    assert device_memory(recipe, 128)[:2] == (total, "in all (free memory is agreed over the 128 ranks once they "
+                                                     "start)")
+    assert choose_at_start(recipe, 128)[0].batch.micro_batch == 4  # the total: as much as 79.65 GiB allows
+    assert device_memory(recipe, 1) == (70 * 2**30, "free", "H100-SXM")
 
 
 def test_auto_is_parsed_resolved_only_after_the_choice_and_shown_by_check_and_plan(capsys):

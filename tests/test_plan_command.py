@@ -10,6 +10,7 @@ import pytest
 
 from bigbatch.cli import main
 from bigbatch.config import ConfigError, DeepSpeedSection
+from bigbatch.config.files import load_recipe
 from bigbatch.plan import hardware
 from bigbatch.plan.command import cmd_plan, parse_memory, read_noise_scale
 from bigbatch.plan.timing import Cluster, estimate
@@ -18,9 +19,20 @@ from conftest import pinned
 
 
 @pytest.mark.parametrize("text,expected", [("80GB", 80 * 10**9), ("80GiB", 80 * 2**30), ("80", 80 * 2**30),
-                                           ("40 gb", 40 * 10**9), ("1.5GiB", 3 * 2**29)])
+                                           ("40 gb", 40 * 10**9), ("1.5GiB", 3 * 2**29),
+                                           # a card: what nvidia-smi reports, in MiB (hardware.CAPACITIES cites each)
+                                           ("A100-80GB", 81_252 * 2**20), ("H100-SXM", 81_559 * 2**20)])
 def test_parse_memory(text, expected):
     assert parse_memory(text) == expected
+
+
+def test_gpu_recipes_plan_on_the_memory_the_card_reports(capsys):
+    """The GPU recipes name their card, not the datasheet's decimal 80 GB (80e9 bytes = 74.5 GiB): the plan and
+    "auto" run on the A100 80GB's 81,252 MiB, the smaller of the A100 and H100 80GB."""
+    for name in ("bert_base", "bert_large", "gpt2_small", "gpt2_medium", "gpt2_xl", "llama_1b"):
+        assert parse_memory(load_recipe(name).cluster.gpu_memory) == 81_252 * 2**20, name
+    main(["plan", "gpt2_medium"])
+    assert "of 79.35 GiB each" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("text", ["", "eighty", "80TB", "80MB", "-1", "0", "GB"])

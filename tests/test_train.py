@@ -13,6 +13,8 @@ import pytest
 
 from bigbatch.cli import main
 from bigbatch.config.files import load_recipe
+from bigbatch.engine import initialize
+from bigbatch.models.build import build_model
 from bigbatch.plan.memory import Footprint
 from bigbatch.resolve import resolve
 from bigbatch.run.metrics import read_metrics
@@ -194,7 +196,15 @@ def test_auto_micro_batch_is_chosen_recorded_and_kept_on_resume(tmp_path, corpus
     records = json.loads((run_dir / "recipe.json").read_text())
     assert records["recipe"]["batch"]["micro_batch"] == "auto"
     assert records["resolved"]["auto"]["micro_batches"] == [64] and records["resolved"]["micro_batch"] == 64
-    assert json.loads((run_dir / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"] == 64
+    written = json.loads((run_dir / "ds_config.json").read_text())
+    assert written["train_micro_batch_size_per_gpu"] == 64
+    # the choice's reason beside the JSON it shaped: `bigbatch check` notes the key, DeepSpeed builds an engine on it
+    assert written["_bigbatch_auto"] == records["resolved"]["auto"]["reason"]
+    assert main(["check", str(run_dir / "ds_config.json"), "--world", "1"]) == 0
+    assert "_bigbatch_auto starts with _, a comment by convention: DeepSpeed ignores it." in capsys.readouterr().out
+    model = build_model(load_recipe("tiny").model, 400, pad_id=0)
+    engine, *_ = initialize(model=model, config=written)
+    engine.destroy()
     # memory for micro-batch 32 but not 64: a fresh choice would take 32; the resume keeps 64
     recipe = load_recipe("tiny", {"batch.micro_batch": "32", "batch.global_batch": "64", "data.vocab_size": "400"})
     ds = resolve(recipe, 1).ds

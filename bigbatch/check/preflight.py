@@ -10,7 +10,7 @@ cannot read it: an error; check may run where the hub is out of reach while the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from bigbatch.check.dsjson import check_config
 from bigbatch.check.rules import Finding, errors
@@ -76,7 +76,22 @@ def ready_to_train(recipe: Recipe, world: int) -> ResolvedRun:
     bad = errors(checked.findings)
     if checked.run is None:
         raise ConfigError(bad[0].message)
+    _refuse(recipe, bad)
+    return checked.run
+
+
+def chosen_in_free_memory(asked: Recipe, world: int, agree: Callable[[int], int]) -> tuple[ResolvedRun, str]:
+    """`bigbatch train` on GPUs once the process group exists: the "auto" choice made again in the least free memory
+    of the ranks (`agree`: an all-reduce MIN), its run resolved and its DeepSpeed JSON checked as the pre-flight
+    does; with the choice in words."""
+    recipe, auto = choose_at_start(asked, world, agree=agree)
+    run = resolve(recipe, world)
+    _refuse(recipe, errors(check_config(run.ds_config, run.world)))
+    return run, auto
+
+
+def _refuse(recipe: Recipe, bad: list[Finding]) -> None:
+    """A ConfigError listing every error of the resolved DeepSpeed JSON, one line each; nothing when there is none."""
     if bad:
         lines = "\n  ".join(f.message for f in bad)
         raise ConfigError(f"the DeepSpeed config from recipe {recipe.name} has {len(bad)} problem(s):\n  {lines}")
-    return checked.run

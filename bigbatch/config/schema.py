@@ -189,7 +189,8 @@ class ClusterConfig:
 
     nodes: int = 1
     gpus_per_node: int = 8
-    gpu_memory: str = "80GB"  # 80GB (1e9 bytes), 80GiB or 80 (GiB)
+    # a card of the planner's catalogue (A100-80GB: the 81,252 MiB the device reports), 80GB (1e9 bytes), 80GiB or 80
+    gpu_memory: str = "A100-80GB"
 
 
 @dataclass(frozen=True)

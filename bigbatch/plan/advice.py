@@ -206,10 +206,11 @@ def best_change(recipe: Recipe, cluster: Cluster, memory: int, current: Optional
     return dataclasses.replace(best, speedup=current.time_to_train_s / time_s if current else float("inf"))
 
 
-def choose_auto(recipe: Recipe, cluster: Cluster, memory: int) -> tuple[Recipe, Optional[Change]]:
+def choose_auto(recipe: Recipe, cluster: Cluster, memory: int, memory_words: str = "") -> tuple[Recipe,
+                                                                                          Optional[Change]]:
     """`recipe` with its "auto" micro-batches (per phase) and checkpointing chosen: the fastest of `fastest_batches`
     in `memory` bytes per GPU (an explicit number wins); the recipe unchanged, and None, when nothing is "auto".
-    The choice's `what` says why, against the runner-up when there is one."""
+    The choice's `what` says why, against the runner-up when there is one; `memory_words` say what `memory` is."""
     first = recipe.batch.micro_batch
     wanted = [first, *(ph.micro_batch or first for ph in recipe.phases)]
     ckpt_auto = recipe.deepspeed.activation_checkpointing == "auto"
@@ -225,7 +226,7 @@ def choose_auto(recipe: Recipe, cluster: Cluster, memory: int) -> tuple[Recipe, 
     best = options[0]
     micros = " / ".join(map(str, best.micro_batches))
     why = (f"micro-batch {micros}, checkpointing {'on' if best.checkpointing else 'off'}: fits in "
-           f"{best.peak / 2**30:.1f} of {memory / 2**30:.1f} GiB")
+           f"{best.peak / 2**30:.1f} of {memory / 2**30:.1f} GiB{' ' + memory_words if memory_words else ''}")
     if len(options) > 1:
         other = options[1]
         why += (f", {other.estimate.time_to_train_s / best.estimate.time_to_train_s:.2f}x faster than "
@@ -235,29 +236,40 @@ def choose_auto(recipe: Recipe, cluster: Cluster, memory: int) -> tuple[Recipe, 
     return chosen, dataclasses.replace(best, what=why)
 
 
-def choose_at_start(recipe: Recipe, world: int, kept: Optional[dict[str, Any]] = None) -> tuple[Recipe, str]:
-    """`bigbatch train` and `check`: `choose_auto` on `world` ranks of this machine's GPU (the memory
-    torch.cuda.mem_get_info reports, the catalogue entry CUDA names, else the planner's default), or without a GPU
-    the recipe's cluster.gpu_memory. `kept`: the previous start's choice ({"world", "micro_batches",
-    "checkpointing"}), kept at the same world size. The recipe with numbers, and the choice in words ("" when
-    nothing is "auto")."""
+def device_memory(recipe: Recipe, world: int, agree: Optional[Callable[[int], int]] = None) -> tuple[int, str, str]:
+    """(bytes per GPU that "auto" fits in, what they are in words, the catalogue device it ranks on). On a GPU: the
+    free memory `torch.cuda.mem_get_info` reports, through `agree` (the least over the ranks, an all-reduce MIN once
+    the process group exists); on more ranks than one without `agree`, the total, the same on every rank (free
+    memory differs by the moment each rank asks, and ranks that chose differently would not agree on a batch).
+    Without a GPU: the recipe's cluster.gpu_memory."""
+    if not torch.cuda.is_available():
+        return hardware.parse_memory(recipe.cluster.gpu_memory), "", hardware.DEFAULT_GPU
+    name = hardware.catalogue_name(torch.cuda.get_device_name()) or hardware.DEFAULT_GPU
+    free, total = torch.cuda.mem_get_info()
+    if agree is not None:
+        return agree(free), f"free (the least of {world} ranks)" if world > 1 else "free", name
+    if world == 1:
+        return free, "free", name
+    return total, f"in all (free memory is agreed over the {world} ranks once they start)", name
+
+
+def choose_at_start(recipe: Recipe, world: int, kept: Optional[dict[str, Any]] = None,
+                    agree: Optional[Callable[[int], int]] = None) -> tuple[Recipe, str]:
+    """`bigbatch train` and `check`: `choose_auto` on `world` ranks of this machine's GPU, in the memory
+    `device_memory` reads (`agree`: the ranks' least free memory). `kept`: the previous start's choice ({"world",
+    "micro_batches", "checkpointing"}), kept at the same world size. The recipe with numbers, and the choice in
+    words ("" when nothing is "auto")."""
     first = recipe.batch.micro_batch
     if "auto" not in (first, recipe.deepspeed.activation_checkpointing, *(ph.micro_batch for ph in recipe.phases)):
         return recipe, ""
     if kept and kept.get("world") == world:
         chosen = with_batches(recipe, list(kept["micro_batches"]), bool(kept["checkpointing"]))
         return chosen, str(kept["reason"])
-    name = hardware.DEFAULT_GPU
-    if torch.cuda.is_available():  # the total the driver reports: the same on every rank, which must agree (free
-        # memory differs by the moment each rank asks, before any process group can share one rank's answer)
-        memory = torch.cuda.mem_get_info()[1]
-        name = hardware.catalogue_name(torch.cuda.get_device_name()) or name
-    else:
-        memory = hardware.parse_memory(recipe.cluster.gpu_memory)
+    memory, words, name = device_memory(recipe, world, agree)
     per_node = recipe.cluster.gpus_per_node if world % recipe.cluster.gpus_per_node == 0 else world
     device = hardware.DEVICES[name]
     cluster = Cluster(world // per_node, per_node, device, hardware.INTERCONNECTS[device.interconnect])
-    chosen, change = choose_auto(recipe, cluster, memory)
+    chosen, change = choose_auto(recipe, cluster, memory, words)
     return chosen, change.what if change else ""
 
 

@@ -60,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--nodes", type=int, default=None, help="default: the recipe's cluster.nodes")
     parser.add_argument("--gpus-per-node", type=int, default=None, help="default: the recipe's cluster.gpus_per_node")
     parser.add_argument("--gpu-memory", default=None,
-                        help="per GPU: 80GB (10^9 bytes), 80GiB or 80 (GiB); default: the --gpu's memory when --gpu "
-                             "is given, else the recipe's cluster.gpu_memory")
+                        help="per GPU: 80GB (10^9 bytes), 80GiB, 80 (GiB) or a card (A100-80GB); default: the --gpu's "
+                             "memory when --gpu is given, else the recipe's cluster.gpu_memory")
     parser.add_argument("--gpu", default=None, help=f"one of {', '.join(hardware.DEVICE_NAMES)} (cpu is measured "
                         f"now); default {DEFAULT_GPU}")
     parser.add_argument("--interconnect", default=None,

@@ -110,10 +110,14 @@ DEFAULT_GPU = "A100-80GB"
 
 
 def parse_memory(text: str) -> int:
-    """`80GB` (10^9 bytes), `80GiB` (2^30 bytes) or `80` (GiB) -> bytes."""
+    """`80GB` (10^9 bytes), `80GiB` (2^30 bytes), `80` (GiB), or a card of the catalogue (`A100-80GB`: what the
+    device reports, CAPACITIES) -> bytes."""
+    if text.strip() in CAPACITIES:
+        return CAPACITIES[text.strip()][0] * MiB
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(gb|gib)?\s*", text, re.IGNORECASE)
     if not match or float(match.group(1)) <= 0:
-        raise ConfigError(f"--gpu-memory={text!r} is not a positive memory size; write it as 80GB, 80GiB or 80 (GiB).")
+        raise ConfigError(f"--gpu-memory={text!r} is not a positive memory size; write it as 80GB, 80GiB, 80 (GiB) "
+                          f"or a card: {', '.join(CAPACITIES)}.")
     unit = 10**9 if (match.group(2) or "").lower() == "gb" else 2**30
     return int(float(match.group(1)) * unit)
 

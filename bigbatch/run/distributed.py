@@ -107,6 +107,20 @@ def sum_across_ranks(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def min_across_ranks(value: int) -> int:
+    """The least of every rank's `value` (one all-reduce MIN on the accelerator's device); without a process group,
+    `value` itself."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=get_accelerator().current_device_name())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def broadcast(obj: Any, src: int = 0) -> Any:
     import torch.distributed as dist
 

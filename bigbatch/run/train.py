@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from bigbatch.check.preflight import ready_to_train
+from bigbatch.check.preflight import chosen_in_free_memory, ready_to_train
 from bigbatch.config import Recipe
 from bigbatch.config.errors import Preempted, StorageFault
 from bigbatch.config.schedule import ScheduledStep
@@ -111,6 +111,9 @@ def _train(recipe: Recipe, path: Optional[Path], resume_run: bool, overwrite: bo
             teacher.refuse_changed(run_dir, tutor)
 
     rank, _ = distributed.init()  # the world size is the one resolved above, from the same environment
+    if auto and torch.cuda.is_available() and not (kept and kept.get("world") == world):
+        # chosen above in what every rank can see alike (the device's total); now in the free memory they agree on
+        run, auto = chosen_in_free_memory(asked, world, distributed.min_across_ranks)
     if path is None:
         run_dir = RunDir(Path(distributed.broadcast(str(default_run_dir(recipe.run.runs_root, recipe.name)))))
         mode = run_dir.decide_mode(resume_run, overwrite)
@@ -258,7 +261,9 @@ def _write_records(run: ResolvedRun, run_dir: RunDir, previous: Optional[dict[st
         resolved["teacher"] = teacher_record
     if previous is not None:  # what this start changed (the previous start's recipe.json is in starts/<n>/)
         resolved["changed_on_resume"] = resume.changed_keys(previous, (asked or recipe).to_dict())
-    run_dir.write_records((asked or recipe).to_dict(), resolved, env, run.ds_config)
+    # the choice's reason beside the JSON it shaped: DeepSpeed's parser ignores the key, `bigbatch check` notes it
+    ds_config = {**run.ds_config, "_bigbatch_auto": auto_reason} if auto_reason else run.ds_config
+    run_dir.write_records((asked or recipe).to_dict(), resolved, env, ds_config)
     say(_banner(run, run_dir, n_params))
     if auto_reason:
         say(f"auto chose {auto_reason}")

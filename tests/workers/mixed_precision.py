@@ -22,6 +22,7 @@ from deepspeed.accelerator import get_accelerator
 from bigbatch.config import ConfigError
 from bigbatch.engine import client_optimizer, initialize
 from bigbatch.optim import param_groups
+from bigbatch.run import distributed
 from bigbatch.run.distributed import shutdown
 from bigbatch.run.overflow import state_tensors
 
@@ -192,9 +193,12 @@ def main():
              for kind in ("lamb", "lars")
              for precision, stage, extra in [(p, s, None) for p in ("fp32", "fp16", "bf16") for s in (0, 1, 2, 3)
                                              if s or p == "fp32"] + [("bf16", 1, BF16_OPTIMIZER)]]
+    # rides this launch (no launch of its own): the free memory "auto" fits in is the least over the ranks
+    least = distributed.min_across_ranks(1000 + 7 * (world - rank))
     if rank == 0:
         with open(args.out, "w") as f:
-            json.dump({"world": world, "cases": cases, "unscale_off": controls, "skips": skips}, f, indent=1)
+            json.dump({"world": world, "cases": cases, "unscale_off": controls, "skips": skips,
+                       "min_across_ranks": least}, f, indent=1)
 
 
 if __name__ == "__main__":

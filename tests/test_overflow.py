@@ -322,3 +322,79 @@ def test_the_finite_state_check_sees_weights_masters_and_moments(kind, bad):
         target.view(-1)[-1] = kept
     assert state_is_finite(engine)
     engine.destroy()
+
+
+def _flat_lamb_engine():
+    """A stand-in for a ZeRO-1 engine, no DeepSpeed: the model's weights, and a LAMB stepping separate fp32 masters
+    (one flat tensor per group, as DeepSpeed hands them) after one step, behind a wrapper with `.optimizer`."""
+    from types import SimpleNamespace
+
+    from bigbatch.optim import LAMB
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    masters = [torch.randn(8, requires_grad=True), torch.randn(6, requires_grad=True)]
+    opt = LAMB([{"params": [m]} for m in masters], lr=0.01)
+    for m in masters:
+        m.grad = torch.randn_like(m)
+    opt.step()
+    return SimpleNamespace(module=model, optimizer=SimpleNamespace(optimizer=opt), zero_optimization_stage=lambda: 1)
+
+
+@pytest.mark.parametrize("kind", ["weight", "master", "exp_avg", "exp_avg_sq"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_the_finite_state_check_without_an_engine(kind, bad):
+    """state_is_finite over the pieces an engine holds (weights, the client's masters, its moments), built here
+    without DeepSpeed so that a mutation run, which cannot fork a live engine, reaches it: the last element of the
+    last tensor of each kind."""
+    from bigbatch.run.overflow import state_is_finite
+
+    engine = _flat_lamb_engine()
+    opt = engine.optimizer.optimizer
+    master = opt.param_groups[-1]["params"][-1]
+    target = {"weight": list(engine.module.parameters())[-1], "master": master,
+              "exp_avg": opt.state[master]["exp_avg"], "exp_avg_sq": opt.state[master]["exp_avg_sq"]}[kind]
+    assert state_is_finite(engine)
+    with torch.no_grad():
+        target.view(-1)[-1] = bad
+    assert not state_is_finite(engine)
+
+
+def test_skip_non_finite_wraps_only_an_unchecked_optimizer_and_clips_at_the_engines_norm(monkeypatch):
+    """skip_non_finite on a stand-in engine: an optimizer DeepSpeed checks itself (it has `overflow`) or none is left
+    alone; an unchecked one is wrapped, and the engine's clipping hook clips at gradient_clipping() and keeps the
+    norm before clipping, which the step then judges. DeepSpeed's clip_grad_norm_ needs a process group: torch's,
+    the same on one rank, stands in, and is handed the engine's mpu."""
+    from types import SimpleNamespace
+
+    import deepspeed.runtime.utils
+
+    from bigbatch.engine import SkipNonFinite, skip_non_finite
+
+    mpus = []
+
+    def clip_grad_norm_(parameters, max_norm, mpu):
+        mpus.append(mpu)
+        return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+
+    monkeypatch.setattr(deepspeed.runtime.utils, "clip_grad_norm_", clip_grad_norm_)
+
+    checked = SimpleNamespace(overflow=False)
+    for optimizer in (None, checked):
+        engine = SimpleNamespace(optimizer=optimizer)
+        skip_non_finite(engine)
+        assert engine.optimizer is optimizer
+    opt = _three_groups()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    engine = SimpleNamespace(optimizer=opt, module=SimpleNamespace(parameters=lambda: iter(params)), mpu="mpu",
+                             gradient_clipping=lambda: 0.5)
+    skip_non_finite(engine)
+    assert isinstance(engine.optimizer, SkipNonFinite) and engine.optimizer.optimizer is opt
+    norm = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params))
+    assert norm > 0.5
+    engine.clip_fp32_gradients()
+    clipped = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params))
+    assert clipped == pytest.approx(0.5, rel=1e-5) and mpus == ["mpu"]
+    params[-1].grad.view(-1)[-1] = math.nan  # after clipping: the kept norm, not this, decides
+    engine.optimizer.step()
+    assert not engine.optimizer.overflow and engine.optimizer._global_grad_norm == pytest.approx(norm, rel=1e-5)

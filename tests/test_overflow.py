@@ -398,3 +398,17 @@ def test_skip_non_finite_wraps_only_an_unchecked_optimizer_and_clips_at_the_engi
     params[-1].grad.view(-1)[-1] = math.nan  # after clipping: the kept norm, not this, decides
     engine.optimizer.step()
     assert not engine.optimizer.overflow and engine.optimizer._global_grad_norm == pytest.approx(norm, rel=1e-5)
+
+
+def test_the_guard_before_its_first_step_passes_the_closure_and_reads_through():
+    """SkipNonFinite before any step reports no overflow and no norm (the engine may read both); a step hands the
+    closure on and returns its loss; other attributes are the wrapped optimizer's; a copy is made without recursion."""
+    from bigbatch.engine import SkipNonFinite
+
+    opt = _three_groups()
+    guard = SkipNonFinite(opt)
+    assert guard.overflow is False and guard._global_grad_norm is None
+    assert guard.param_groups is opt.param_groups and guard.state is opt.state
+    assert guard.step(lambda: 1.5) == 1.5 and guard.overflow is False
+    copied = copy.copy(guard)
+    assert copied.optimizer is opt

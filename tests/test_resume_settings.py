@@ -378,3 +378,36 @@ def test_restore_clipping_takes_the_engines_value_where_the_wrapper_keeps_one():
     plain = SimpleNamespace()
     restore_clipping(SimpleNamespace(optimizer=plain, gradient_clipping=lambda: 0.25))
     assert not hasattr(plain, "clip_grad")
+
+
+def test_a_refusal_names_the_value_to_resume_with_and_keys_on_one_side_only_count():
+    """The sentence's fix, written as the option to type (a flag in lower case, a string as it is, a list with
+    commas, a change of the number of phases by its keys); a key one recipe holds and the other lacks (a recipe of an
+    older bigbatch) is a change like any other."""
+    base = {"data": {"streaming": True, "tokenizer": "SP-Unigram", "sources": ["a", "b"]}, "run": {"seed": 0},
+            "phases": [{"seq_len": 128}]}
+    for key, value, fix in (("data.streaming", False, "--data.streaming=true"),
+                            ("data.tokenizer", "bpe", "--data.tokenizer=SP-Unigram"),
+                            ("data.sources", ["a"], "--data.sources=a,b"), ("run.seed", 7, "--run.seed=0")):
+        changed = copy.deepcopy(base)
+        section, name = key.split(".")
+        changed[section][name] = value
+        with pytest.raises(ConfigError) as err:
+            refuse_changes(base, changed, "runs/x")
+        assert str(err.value) == (
+            f"{key} is {value!r} at this start but the run in runs/x was started with {base[section][name]!r}, and it "
+            "cannot change within a run (the checkpoint's data position and shapes depend on it); resume with "
+            f"{fix} or start a new --run-dir.")
+    changed = copy.deepcopy(base)
+    changed["phases"].append({"seq_len": 256})
+    with pytest.raises(ConfigError, match=r"^phases is 2 .* was started with 1, .* resume with --phases\.N\.seq_len "
+                                          r"and the other phase keys=1 or start"):
+        refuse_changes(base, changed, "runs/x")
+    newer = copy.deepcopy(base)
+    newer["model"] = {"hold_zeros": True}
+    with pytest.raises(ConfigError, match=r"^model\.hold_zeros is True .* was started with None"):
+        refuse_changes(base, newer, "runs/x")
+    newer = copy.deepcopy(base)
+    newer["run"]["noise_scale_ema"] = 0.9
+    assert changed_keys(base, newer) == {"run.noise_scale_ema": [None, 0.9]}
+    assert changed_keys(newer, base) == {"run.noise_scale_ema": [0.9, None]}

@@ -412,3 +412,44 @@ def test_the_guard_before_its_first_step_passes_the_closure_and_reads_through():
     assert guard.step(lambda: 1.5) == 1.5 and guard.overflow is False
     copied = copy.copy(guard)
     assert copied.optimizer is opt
+
+
+def _zero3_stand_in():
+    """A ZeRO-3 engine's pieces on rank 1 of 2, no DeepSpeed: parameters of 5 and 4 elements sharded 3 and 2 per rank
+    (rank 1 holds 2 real elements of each, the first with one element of padding), the flat fp32 master of their
+    shards end to end, and its moments."""
+    from types import SimpleNamespace
+
+    def param(numel, shard):
+        p = torch.nn.Parameter(torch.empty(0))
+        p.ds_tensor, p.ds_numel, p.ds_process_group = torch.ones(shard), numel, "group"
+        p.partition_numel = lambda: shard
+        return p
+
+    a, b = param(5, 3), param(4, 2)
+    flat = torch.ones(5)
+    client = SimpleNamespace(param_groups=[{"params": [flat]}],
+                             state={flat: {"exp_avg": torch.ones(5), "exp_avg_sq": torch.ones(5), "step": 1}})
+    ds = SimpleNamespace(optimizer=client, fp16_groups=[[a, b]], sub_group_process_groups=["group"],
+                         fp32_partitioned_groups_flat=[flat])
+    return SimpleNamespace(module=SimpleNamespace(parameters=lambda: [a, b]), optimizer=ds,
+                           zero_optimization_stage=lambda: 3), a, b, flat, client.state[flat]
+
+
+@pytest.mark.parametrize("where,counts", [("a.shard", [(0, False), (1, False), (2, True)]),
+                                          ("b.shard", [(0, False), (1, False)]),
+                                          ("master", [(0, False), (1, False), (2, True), (3, False), (4, False)]),
+                                          ("exp_avg_sq", [(1, False), (2, True), (4, False)])])
+def test_the_finite_state_check_at_zero3_reads_real_elements_only(monkeypatch, where, counts):
+    """ZeRO-3 pads a shard with memory that is never written: NaN there is not the state going bad, NaN in a real
+    element of a shard, the flat master or a moment is (rank 1's view, with dist's rank stood in for)."""
+    from bigbatch.run import overflow
+
+    monkeypatch.setattr(overflow.dist, "get_rank", lambda group=None: 1)
+    for index, padding in counts:
+        engine, a, b, flat, state = _zero3_stand_in()
+        target = {"a.shard": a.ds_tensor, "b.shard": b.ds_tensor, "master": flat,
+                  "exp_avg_sq": state["exp_avg_sq"]}[where]
+        assert overflow.state_is_finite(engine)
+        target[index] = math.nan
+        assert overflow.state_is_finite(engine) == padding, (where, index)

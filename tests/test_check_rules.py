@@ -276,12 +276,14 @@ def test_removed_blocks_in_one_sentence_from_deepspeeds_own_words():
 
     from bigbatch.check.rules import INSTEAD, _removed_sentence
 
-    assert _removed_sentence("foo", "Foo has been removed.", "0.19.8") == (
-        "foo: Foo has been removed in DeepSpeed 0.19.8, which refuses any config that still holds it; delete foo.")
-    assert _removed_sentence("compression_training", "Compression has been removed; see https://deepspeed.ai/x. "
-                             "Use the new API.", "1.0") == (
+    # each part ends in "X." so that only the full stop is stripped, not the letter too
+    assert _removed_sentence("foo", "Foo has been removed for X.", "0.19.8") == (
+        "foo: Foo has been removed for X in DeepSpeed 0.19.8, which refuses any config that still holds it; delete "
+        "foo.")
+    assert _removed_sentence("compression_training", "Compression has been removed; see https://deepspeed.ai/X. "
+                             "Use API X.", "1.0") == (
         "compression_training: Compression has been removed in DeepSpeed 1.0, which refuses any config that still "
-        "holds it; delete compression_training and use the new API (see https://deepspeed.ai/x); "
+        "holds it; delete compression_training and use API X (see https://deepspeed.ai/X); "
         f"{INSTEAD['compression_training']}.")
     (found,) = check_messages({"gradient_clipping": 1.0, "train_batch_size": 8, "sparse_attention": {}})
     assert f" in DeepSpeed {deepspeed.__version__}, " in found

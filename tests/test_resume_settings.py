@@ -21,7 +21,14 @@ from bigbatch.engine import client_optimizer, initialize
 from bigbatch.optim import LAMB, param_groups
 from bigbatch.run import distributed
 from bigbatch.run.metrics import read_metrics
-from bigbatch.run.resume import changed_keys, hyperparameters, refuse_changes, restore, restore_clipping
+from bigbatch.run.resume import (
+    changed_keys,
+    hyperparameters,
+    lr_at_position,
+    refuse_changes,
+    restore,
+    restore_clipping,
+)
 
 from conftest import TINY_RUN
 
@@ -367,6 +374,9 @@ def test_restore_without_an_engine_puts_this_starts_settings_over_the_loaded_one
     with pytest.raises(ConfigError, match="the checkpoint has 2 optimizer param groups and this start builds 1"):
         restore(opt, sched, settings[:1], base_lrs)
     restore(opt, None, settings, base_lrs)  # no scheduler: the settings alone
+    sched.base_lrs = [1e-3, 2e-3]  # as an adaptive-batch decision changes the table: the scheduler's own groups
+    lr_at_position(sched)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3 / 4, 2e-3 / 4] == sched.get_last_lr()
 
 
 def test_restore_clipping_takes_the_engines_value_where_the_wrapper_keeps_one():

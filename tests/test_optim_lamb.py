@@ -165,7 +165,8 @@ def test_a_compiler_failure_falls_back_to_eager(monkeypatch, caplog):
     got, _, compiled = run_lamb(weights, grads, fused=True, lr=0.01)
     assert_close(got, expected)
     assert kernels.LAMB_APPLY._eager
-    assert "torch.compile of lamb_apply failed (" in caplog.text and "no C++ compiler" in caplog.text
+    assert any(m.startswith("torch.compile of lamb_apply failed (") and "no C++ compiler" in m
+               for m in caplog.messages)
     assert MUTATING or compiled == expected_compiled_calls(True, grads) // 2  # the first pass stayed compiled
 
 

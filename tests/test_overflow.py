@@ -341,7 +341,7 @@ def _flat_lamb_engine():
     return SimpleNamespace(module=model, optimizer=SimpleNamespace(optimizer=opt), zero_optimization_stage=lambda: 1)
 
 
-@pytest.mark.parametrize("kind", ["weight", "master", "exp_avg", "exp_avg_sq"])
+@pytest.mark.parametrize("kind", ["weight", "first master", "master", "exp_avg", "exp_avg_sq"])
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 def test_the_finite_state_check_without_an_engine(kind, bad):
     """state_is_finite over the pieces an engine holds (weights, the client's masters, its moments), built here
@@ -352,8 +352,9 @@ def test_the_finite_state_check_without_an_engine(kind, bad):
     engine = _flat_lamb_engine()
     opt = engine.optimizer.optimizer
     master = opt.param_groups[-1]["params"][-1]
-    target = {"weight": list(engine.module.parameters())[-1], "master": master,
-              "exp_avg": opt.state[master]["exp_avg"], "exp_avg_sq": opt.state[master]["exp_avg_sq"]}[kind]
+    target = {"weight": list(engine.module.parameters())[-1], "first master": opt.param_groups[0]["params"][0],
+              "master": master, "exp_avg": opt.state[master]["exp_avg"],
+              "exp_avg_sq": opt.state[master]["exp_avg_sq"]}[kind]
     assert state_is_finite(engine)
     with torch.no_grad():
         target.view(-1)[-1] = bad
@@ -415,9 +416,9 @@ def test_the_guard_before_its_first_step_passes_the_closure_and_reads_through():
 
 
 def _zero3_stand_in():
-    """A ZeRO-3 engine's pieces on rank 1 of 2, no DeepSpeed: parameters of 5 and 4 elements sharded 3 and 2 per rank
-    (rank 1 holds 2 real elements of each, the first with one element of padding), the flat fp32 master of their
-    shards end to end, and its moments."""
+    """A ZeRO-3 engine's pieces on rank 1 of 2, no DeepSpeed: parameters of 5, 4 and 2 elements sharded 3, 2 and 1 per
+    rank (rank 1 holds 2, 2 and 1 real elements, the first shard with one element of padding), the flat fp32 master
+    of their shards end to end (6 elements), and its moments."""
     from types import SimpleNamespace
 
     def param(numel, shard):
@@ -426,29 +427,30 @@ def _zero3_stand_in():
         p.partition_numel = lambda: shard
         return p
 
-    a, b = param(5, 3), param(4, 2)
-    flat = torch.ones(5)
+    a, b, c = param(5, 3), param(4, 2), param(2, 1)
+    flat = torch.ones(6)
     client = SimpleNamespace(param_groups=[{"params": [flat]}],
-                             state={flat: {"exp_avg": torch.ones(5), "exp_avg_sq": torch.ones(5), "step": 1}})
-    ds = SimpleNamespace(optimizer=client, fp16_groups=[[a, b]], sub_group_process_groups=["group"],
+                             state={flat: {"exp_avg": torch.ones(6), "exp_avg_sq": torch.ones(6), "step": 1}})
+    ds = SimpleNamespace(optimizer=client, fp16_groups=[[a, b, c]], sub_group_process_groups=["group"],
                          fp32_partitioned_groups_flat=[flat])
-    return SimpleNamespace(module=SimpleNamespace(parameters=lambda: [a, b]), optimizer=ds,
-                           zero_optimization_stage=lambda: 3), a, b, flat, client.state[flat]
+    return SimpleNamespace(module=SimpleNamespace(parameters=lambda: [a, b, c]), optimizer=ds,
+                           zero_optimization_stage=lambda: 3), a, c, flat, client.state[flat]
 
 
-@pytest.mark.parametrize("where,counts", [("a.shard", [(0, False), (1, False), (2, True)]),
-                                          ("b.shard", [(0, False), (1, False)]),
-                                          ("master", [(0, False), (1, False), (2, True), (3, False), (4, False)]),
-                                          ("exp_avg_sq", [(1, False), (2, True), (4, False)])])
+@pytest.mark.parametrize("where,counts", [
+    ("a.shard", [(0, False), (1, False), (2, True)]), ("c.shard", [(0, False)]),
+    ("master", [(0, False), (1, False), (2, True), (3, False), (4, False), (5, False)]),
+    ("exp_avg_sq", [(1, False), (2, True), (5, False)])])
 def test_the_finite_state_check_at_zero3_reads_real_elements_only(monkeypatch, where, counts):
     """ZeRO-3 pads a shard with memory that is never written: NaN there is not the state going bad, NaN in a real
-    element of a shard, the flat master or a moment is (rank 1's view, with dist's rank stood in for)."""
+    element of a shard, the flat master or a moment is (rank 1's view; dist's rank in the shards' group stood in
+    for)."""
     from bigbatch.run import overflow
 
-    monkeypatch.setattr(overflow.dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(overflow.dist, "get_rank", lambda group: {"group": 1}[group])
     for index, padding in counts:
-        engine, a, b, flat, state = _zero3_stand_in()
-        target = {"a.shard": a.ds_tensor, "b.shard": b.ds_tensor, "master": flat,
+        engine, a, c, flat, state = _zero3_stand_in()
+        target = {"a.shard": a.ds_tensor, "c.shard": c.ds_tensor, "master": flat,
                   "exp_avg_sq": state["exp_avg_sq"]}[where]
         assert overflow.state_is_finite(engine)
         target[index] = math.nan

@@ -247,6 +247,17 @@ def test_estimate_sums_every_step_of_every_phase_and_mfu_is_model_flops_over_pea
         per_seq = timing.forward_flops(recipe.model, 30522, p.seq_len, p.micro_batch).model / p.micro_batch
         assert d["mfu"] == pytest.approx(d["samples_per_s"] * per_seq / (64 * 312e12))
         assert d["mfu"] <= A100.efficiency
+        # the record `bigbatch plan --json` writes: every key, each from the phase it describes
+        assert {k: d[k] for k in ("phase", "seq_len", "global_batch", "micro_batch", "grad_accum", "steps",
+                                  "time_s", "compute_s", "comm_s", "comm_total_s", "optimizer_s")} == {
+            "phase": p.phase, "seq_len": p.seq_len, "global_batch": p.global_batch, "micro_batch": p.micro_batch,
+            "grad_accum": p.grad_accum, "steps": p.steps, "time_s": p.time_s, "compute_s": p.compute_s,
+            "comm_s": p.comm_s, "comm_total_s": p.comm_total_s, "optimizer_s": p.optimizer_s}
+        assert len(d) == 18 and d["step_time_s"] * p.steps == pytest.approx(p.time_s)
+        assert d["tokens_per_s"] == pytest.approx(d["samples_per_s"] * p.seq_len)
+        shares = [d[f"{k}_share"] for k in ("compute", "comm", "optimizer")]
+        assert shares == pytest.approx([d[f"{k}_s"] / d["step_time_s"] for k in ("compute", "comm", "optimizer")])
+        assert sum(shares) == pytest.approx(1.0) and min(shares) > 0
 
 
 def test_every_shipped_recipe_gets_a_time_on_every_gpu():

@@ -404,3 +404,22 @@ def test_two_ranks_communicate_and_unknown_names_are_refused():
     with pytest.raises(ValueError, match=r"^optimizer.type='sgd' has no step-time model; use one of lamb, lars, "
                                          r"adamw\.$"):
         timing.optimizer_bytes_per_param("sgd", "fp32")
+
+
+def test_estimate_of_a_phase_of_one_batch_is_its_step_time_times_its_steps():
+    """Per phase of one batch size (bert_large's two, no ramp), every figure of the estimate is the step time model's
+    for that phase's batch split, written out: the means per step equal one step's, totals are steps times one
+    step; phases are numbered from 1 and the split multiplies to the global batch."""
+    from bigbatch.resolve import resolve
+
+    recipe, cluster = pinned("bert_large"), timing.Cluster(8, 8, A100, HDR)
+    est = timing.estimate(recipe, cluster)
+    w = timing.workload(resolve(recipe, cluster.world))
+    assert [p.phase for p in est.phases] == [1, 2]
+    for p in est.phases:
+        assert p.micro_batch * p.grad_accum * cluster.world == p.global_batch and p.samples == p.steps * p.global_batch
+        st = timing.step_time(w, cluster, p.seq_len, p.micro_batch, p.grad_accum)
+        assert (p.compute_s, p.comm_s, p.comm_total_s, p.optimizer_s) == pytest.approx(
+            (st.compute_s, st.comm_s, st.comm_total_s, st.optimizer_s), rel=1e-12)
+        assert p.comm_total_s > 0
+        assert (p.time_s, p.model_flops) == pytest.approx((p.steps * st.step_s, p.steps * st.model_flops), rel=1e-9)

@@ -423,3 +423,24 @@ def test_estimate_of_a_phase_of_one_batch_is_its_step_time_times_its_steps():
             (st.compute_s, st.comm_s, st.comm_total_s, st.optimizer_s), rel=1e-12)
         assert p.comm_total_s > 0
         assert (p.time_s, p.model_flops) == pytest.approx((p.steps * st.step_s, p.steps * st.model_flops), rel=1e-9)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compute_with_and_without_checkpointing_written_out(checkpointing):
+    """One micro-step's compute on a device with measured attention and elementwise rates: every layer's forward
+    (matmuls, the s x s attention terms and the elementwise passes) runs 3 times, 4 with activation checkpointing (its
+    forward again in the backward); the head's 3 times; MLM masking as the workload says (0.3 here, not the default)."""
+    dev = dataclasses.replace(A100, attention_flops=50e12, elementwise_s=1e-12)
+    w = dataclasses.replace(_workload(1, checkpointing=checkpointing), mlm_probability=0.3)
+    c = timing.Cluster(1, 8, dev, HDR)
+    f = timing.forward_flops(w.model, w.vocab_size, 128, 8, 0.3)
+    layers, rest = timing.elementwise_passes(w.model, w.vocab_size, 128, 8, 0.3)
+    k = 4 if checkpointing else 3
+    rate = dev.peak_flops["bf16"] * dev.efficiency
+    micro = ((k * f.layers + 3 * f.head - k * f.attention) / rate + k * f.attention / (50e12 * dev.efficiency)
+             + (k * layers + 3 * rest) * 1e-12)
+    st = timing.step_time(w, c, 128, 8, 2)
+    assert st.compute_s == pytest.approx(2 * micro, rel=1e-12)
+    assert st.hardware_flops == pytest.approx(8 * 2 * (k * f.layers + 3 * f.head), rel=1e-12)
+    assert st.model_flops == pytest.approx(8 * 2 * 3 * (f.layers + f.head), rel=1e-12)
+    assert f.head != timing.forward_flops(w.model, w.vocab_size, 128, 8).head  # the MLM share changes the head

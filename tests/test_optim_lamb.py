@@ -11,7 +11,7 @@ from torch._dynamo.exc import BackendCompilerFailed
 
 from bigbatch.optim import LAMB, kernels, param_groups
 
-from conftest import compiled_calls, step_nan_gapped
+from conftest import MUTATING, compiled_calls, step_nan_gapped
 
 
 def lamb_reference(weights, grads_per_step, lr, betas=(0.9, 0.999), eps=1e-6, wd=0.01, bias_correction=True,
@@ -97,7 +97,7 @@ def test_matches_algorithm_2(kw, fused):
     got, opt, compiled = run_lamb(weights, grads, fused=fused, **ours_kw)
     assert_close(got, expected)
     assert list(opt.trust_ratios().values()) == pytest.approx(ratios, rel=1e-12)
-    assert compiled == expected_compiled_calls(fused, grads)
+    assert MUTATING or compiled == expected_compiled_calls(fused, grads)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
@@ -109,7 +109,7 @@ def test_clamp_engages_both_ends(fused):
         expected, ratios = lamb_reference(weights, grads, lr=1e-3)
         got, opt, compiled = run_lamb(weights, grads, fused=fused, lr=1e-3)
         assert_close(got, expected)
-        assert compiled == expected_compiled_calls(fused, grads)
+        assert MUTATING or compiled == expected_compiled_calls(fused, grads)
         assert ratios[0] == pytest.approx(bound)
         assert list(opt.trust_ratios().values())[0] == pytest.approx(bound)
 
@@ -129,7 +129,7 @@ def test_zero_weights_and_zero_grads_use_ratio_one(fused):
     expected, ratios = lamb_reference(weights, grads, lr=0.01)
     got, opt, compiled = run_lamb(weights, grads, fused=fused, lr=0.01)
     assert_close(got, expected)
-    assert compiled == expected_compiled_calls(fused, grads)
+    assert MUTATING or compiled == expected_compiled_calls(fused, grads)
     # zero weights: ratio 1 on the first step; zero gradients with decay: u = wd * w, ratio 1/wd clamped to 10
     assert ratios[1] == pytest.approx(10.0)
 
@@ -150,10 +150,10 @@ def test_each_tensor_keeps_its_own_step_count(fused):
     expected, _ = lamb_reference(weights, grads, lr=0.02)
     got, opt, compiled = run_lamb(weights, grads, fused=fused, lr=0.02)
     assert_close(got, expected)
-    assert compiled == expected_compiled_calls(fused, grads)
+    assert MUTATING or compiled == expected_compiled_calls(fused, grads)
 
 
-def test_a_compiler_failure_falls_back_to_eager(monkeypatch):
+def test_a_compiler_failure_falls_back_to_eager(monkeypatch, caplog):
     # Dynamo raises compiler failures (no C++ compiler, say) before the compiled code runs: the eager rerun is safe.
     def fail_to_compile(*args):
         raise BackendCompilerFailed(fail_to_compile, RuntimeError("no C++ compiler"), None)
@@ -165,7 +165,9 @@ def test_a_compiler_failure_falls_back_to_eager(monkeypatch):
     got, _, compiled = run_lamb(weights, grads, fused=True, lr=0.01)
     assert_close(got, expected)
     assert kernels.LAMB_APPLY._eager
-    assert compiled == expected_compiled_calls(True, grads) // 2  # the first pass stayed compiled
+    assert any(m.startswith("torch.compile of lamb_apply failed (") and "no C++ compiler" in m
+               for m in caplog.messages)
+    assert MUTATING or compiled == expected_compiled_calls(True, grads) // 2  # the first pass stayed compiled
 
 
 def test_a_failure_after_the_moments_moved_is_raised_not_rerun(monkeypatch):
@@ -260,3 +262,114 @@ def test_a_flat_partition_steps_each_parameter_by_its_own_ratio(fused):
     assert_close(got, expected)
     assert opt.trust_ratios() == pytest.approx(dict(zip("abc", ratios)), rel=1e-12)
     assert len(set(ratios)) == 3
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(lr=-1e-9), r"LAMB lr=-1e-09 must be >= 0"), (dict(betas=(0.9, 1.0)), r"LAMB betas=\(0.9, 1.0\) must lie"),
+    (dict(betas=(-0.1, 0.9)), "betas"), (dict(eps=-1e-9), r"LAMB eps=-1e-09 and weight_decay=0.01 must be >= 0"),
+    (dict(weight_decay=-1e-9), "weight_decay=-1e-09"), (dict(min_coeff=1.0, max_coeff=0.5), "min_coeff=1.0 exceeds")])
+def test_hyperparameters_refused_exactly_past_each_bound(kw, message):
+    with pytest.raises(ValueError, match=message):
+        LAMB([torch.nn.Parameter(torch.zeros(2))], **kw)
+
+
+def test_hyperparameters_at_each_bound_are_accepted():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    for kw in (dict(lr=0.0), dict(betas=(0.0, 0.0)), dict(eps=0.0, weight_decay=0.0),
+               dict(min_coeff=1.0, max_coeff=1.0)):
+        LAMB(p, **kw)
+    assert LAMB(p).defaults["lr"] == 1e-3
+
+
+def test_a_zero_update_keeps_ratio_one():
+    """u = 0 (zero gradients, no decay) with weights that are not zero: ratio 1, not ||w|| / 0 clamped to max_coeff."""
+    weights = [[1.0, -2.0, 3.0]]
+    _, opt, _ = run_lamb(weights, [[[0.0, 0.0, 0.0]]], lr=0.01, weight_decay=0.0)
+    assert list(opt.trust_ratios().values()) == [1.0]
+
+
+def _counting(monkeypatch, module, names):
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        kernel = getattr(module, name)
+
+        def counted(*args, name=name, kernel=kernel):
+            calls[name] += 1
+            return kernel(*args)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("fused,adapt,runs", [(True, True, True), (False, True, False), (None, True, False),
+                                              (True, False, False)])
+def test_the_fused_flag_picks_the_kernels_for_adapted_groups_only(monkeypatch, fused, adapt, runs):
+    """`fused` True runs an adapted group through the kernels, False or auto on a small CPU group through foreach
+    ops; a group without adaptation never (its plain AdamW update has no fused form): counted at the kernels."""
+    from bigbatch.optim import lamb
+
+    calls = _counting(monkeypatch, lamb, ["LAMB_MOMENTS_AND_NORMS", "LAMB_APPLY"])
+    weights, grads = random_case(8)
+    expected, _ = lamb_reference(weights, grads, lr=0.01, adapt=adapt)
+    got, _, _ = run_lamb(weights, grads, lr=0.01, fused=fused, adapt=adapt)
+    assert_close(got, expected)
+    assert calls == dict.fromkeys(calls, 15 if runs else 0)
+
+
+def test_a_fused_tensor_with_no_segment_on_this_rank_stays_as_it_is():
+    """A flat tensor of which this rank steps no element (its layout has no segment): the fused path leaves it as it
+    is and steps the others as Algorithm 2 does."""
+    from bigbatch.optim.layerwise import FlatLayout
+
+    weights, grads = random_case(9, shapes=(5, 4), steps=2)
+    expected, _ = lamb_reference(weights[1:], [g[1:] for g in grads], lr=0.01)
+    params = [torch.tensor(w, dtype=torch.float64, requires_grad=True) for w in weights]
+    opt = LAMB(params, lr=0.01, fused=True)
+    opt.set_layout(params[0], FlatLayout(("elsewhere",), (), None))
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+    assert params[0].tolist() == weights[0]
+    assert_close([params[1].tolist()], expected)
+
+
+def test_the_first_pass_sums_squares_in_fp32_at_least():
+    """kernels.lamb_moments_and_norms on bf16 tensors returns fp32 sums (bf16 would round them), on fp32 fp32 and on
+    fp64 fp64: called eagerly here."""
+    for dtype, acc in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        g, m, v, w = (torch.full((300,), x, dtype=dtype) for x in (1.0, 0.0, 0.0, 1.0 + 2**-7))
+        one = kernels.scalar(1.0, w)
+        u2, w2 = kernels.lamb_moments_and_norms(g, m, v, w, kernels.scalar(0.9, w), kernels.scalar(0.1, w),
+                                                kernels.scalar(0.999, w), kernels.scalar(0.001, w), one,
+                                                kernels.scalar(1e-6, w), kernels.scalar(0.0, w))
+        assert u2.dtype == w2.dtype == acc, dtype
+        assert float(w2) == pytest.approx(300 * float(w[0].double()) ** 2, rel=1e-6)
+
+
+def test_use_fused_and_scalar_decide_by_the_first_tensors_device_and_the_group_size():
+    big = torch.empty(kernels.AUTO_FUSE_NUMEL, device="meta")
+    cpu_big, cpu_small = torch.empty(kernels.AUTO_FUSE_NUMEL), torch.empty(3)
+    assert kernels.use_fused(None, [cpu_big]) and kernels.use_fused(None, [cpu_small, torch.empty(
+        kernels.AUTO_FUSE_NUMEL - 3)])
+    assert not kernels.use_fused(None, [torch.empty(kernels.AUTO_FUSE_NUMEL - 1)])
+    assert not kernels.use_fused(None, [big]) and not kernels.use_fused(None, [big, cpu_small])
+    assert kernels.use_fused(True, [cpu_small]) is True and kernels.use_fused(False, [cpu_big]) is False
+    for like, dtype in ((cpu_small, torch.float32), (cpu_small.double(), torch.float64),
+                        (cpu_small.bfloat16(), torch.float32), (big, torch.float32)):
+        s = kernels.scalar(0.5, like)
+        assert (s.dtype, s.device, s.dim()) == (dtype, like.device, 0)
+
+
+def test_compiled_builds_its_kernel_on_first_use_and_runs_it_compiled():
+    """kernels.Compiled over a function of this test (the module's kernels are built at import): not compiled nor
+    eager before the first call, then compiled code runs and gives the function's result."""
+    def axpy(x, y, a):
+        return x * a + y
+
+    fn = kernels.Compiled(axpy)
+    assert (fn.fn, fn._compiled, fn._eager) == (axpy, None, False)
+    x, y = torch.arange(5.0), torch.ones(5)
+    out = [None]
+    calls = compiled_calls(lambda: out.__setitem__(0, fn(x, y, torch.tensor(2.0))))
+    assert torch.equal(out[0], x * 2 + 1) and calls == 1 and not fn._eager

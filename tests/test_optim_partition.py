@@ -187,3 +187,31 @@ def test_stage3_segments_refuse_a_layout_that_disagrees_with_deepspeeds_bookkeep
     with pytest.raises(zero.UnsupportedLayout, match=r"^ZeRO-3 sub-group 5: shards' real elements do not add up "
                                                      r"to the parameters' sizes$"):
         segments(2, [0], short)
+
+
+def test_zero12_layout_read_from_each_parameters_hp_mapping():
+    """_hp_mapped_layout on stand-ins for DeepSpeed's `_hp_mapping` (no engine): segments sorted by their start in the
+    flat slice, a parameter with no piece on this rank skipped, names from the model or by position; a mapping that
+    points outside the slice or has the wrong size, or none at all, is refused."""
+    flat = torch.zeros(10, dtype=torch.float64)
+
+    def mapped(start, numel, fragment=None):
+        p = torch.nn.Parameter(torch.zeros(numel))
+        address = SimpleNamespace(start=start, numel=numel)
+        piece = flat.narrow(0, start, numel) if fragment is None else fragment
+        p._hp_mapping = SimpleNamespace(get_hp_fragment_address=lambda: address, get_hp_fragment=lambda: piece)
+        return p
+
+    a, c = mapped(6, 4), mapped(0, 6)
+    b = torch.nn.Parameter(torch.zeros(3))
+    b._hp_mapping = None
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert zero._names(model) == {id(model[0].weight): "0.weight", id(model[0].bias): "0.bias"}
+    layout = zero._hp_mapped_layout(flat, [a, b, c], {id(a): "a", id(c): "c"}, "grp", 0)
+    assert layout == FlatLayout(("a", "group0.1", "c"), ((0, 6, 2), (6, 4, 0)), "grp")
+    with pytest.raises(zero.UnsupportedLayout, match="^DeepSpeed parameters carry no _hp_mapping; this DeepSpeed "
+                                                     "version is not supported$"):
+        zero._hp_mapped_layout(flat, [a, torch.nn.Parameter(torch.zeros(2))], {}, None, 1)
+    for bad in (mapped(2, 4, flat.narrow(0, 3, 4)), mapped(2, 4, flat.narrow(0, 2, 3))):
+        with pytest.raises(zero.UnsupportedLayout, match=r"_hp_mapping of group1\.1 does not point into"):
+            zero._hp_mapped_layout(flat, [a, bad], {id(a): "a"}, None, 1)

@@ -322,3 +322,136 @@ def test_the_finite_state_check_sees_weights_masters_and_moments(kind, bad):
         target.view(-1)[-1] = kept
     assert state_is_finite(engine)
     engine.destroy()
+
+
+def _flat_lamb_engine():
+    """A stand-in for a ZeRO-1 engine, no DeepSpeed: the model's weights, and a LAMB stepping separate fp32 masters
+    (one flat tensor per group, as DeepSpeed hands them) after one step, behind a wrapper with `.optimizer`."""
+    from types import SimpleNamespace
+
+    from bigbatch.optim import LAMB
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    masters = [torch.randn(8, requires_grad=True), torch.randn(6, requires_grad=True)]
+    opt = LAMB([{"params": [m]} for m in masters], lr=0.01)
+    for m in masters:
+        m.grad = torch.randn_like(m)
+    opt.step()
+    return SimpleNamespace(module=model, optimizer=SimpleNamespace(optimizer=opt), zero_optimization_stage=lambda: 1)
+
+
+@pytest.mark.parametrize("kind", ["weight", "first master", "master", "exp_avg", "exp_avg_sq"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_the_finite_state_check_without_an_engine(kind, bad):
+    """state_is_finite over the pieces an engine holds (weights, the client's masters, its moments), built here
+    without DeepSpeed so that a mutation run, which cannot fork a live engine, reaches it: the last element of the
+    last tensor of each kind."""
+    from bigbatch.run.overflow import state_is_finite
+
+    engine = _flat_lamb_engine()
+    opt = engine.optimizer.optimizer
+    master = opt.param_groups[-1]["params"][-1]
+    target = {"weight": list(engine.module.parameters())[-1], "first master": opt.param_groups[0]["params"][0],
+              "master": master, "exp_avg": opt.state[master]["exp_avg"],
+              "exp_avg_sq": opt.state[master]["exp_avg_sq"]}[kind]
+    assert state_is_finite(engine)
+    with torch.no_grad():
+        target.view(-1)[-1] = bad
+    assert not state_is_finite(engine)
+
+
+def test_skip_non_finite_wraps_only_an_unchecked_optimizer_and_clips_at_the_engines_norm(monkeypatch):
+    """skip_non_finite on a stand-in engine: an optimizer DeepSpeed checks itself (it has `overflow`) or none is left
+    alone; an unchecked one is wrapped, and the engine's clipping hook clips at gradient_clipping() and keeps the
+    norm before clipping, which the step then judges. DeepSpeed's clip_grad_norm_ needs a process group: torch's,
+    the same on one rank, stands in, and is handed the engine's mpu."""
+    from types import SimpleNamespace
+
+    import deepspeed.runtime.utils
+
+    from bigbatch.engine import SkipNonFinite, skip_non_finite
+
+    mpus = []
+
+    def clip_grad_norm_(parameters, max_norm, mpu):
+        mpus.append(mpu)
+        return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+
+    monkeypatch.setattr(deepspeed.runtime.utils, "clip_grad_norm_", clip_grad_norm_)
+
+    checked = SimpleNamespace(overflow=False)
+    for optimizer in (None, checked):
+        engine = SimpleNamespace(optimizer=optimizer)
+        skip_non_finite(engine)
+        assert engine.optimizer is optimizer
+    opt = _three_groups()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    engine = SimpleNamespace(optimizer=opt, module=SimpleNamespace(parameters=lambda: iter(params)), mpu="mpu",
+                             gradient_clipping=lambda: 0.5)
+    skip_non_finite(engine)
+    assert isinstance(engine.optimizer, SkipNonFinite) and engine.optimizer.optimizer is opt
+    norm = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params))
+    assert norm > 0.5
+    engine.clip_fp32_gradients()
+    clipped = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params))
+    assert clipped == pytest.approx(0.5, rel=1e-5) and mpus == ["mpu"]
+    params[-1].grad.view(-1)[-1] = math.nan  # after clipping: the kept norm, not this, decides
+    engine.optimizer.step()
+    assert not engine.optimizer.overflow and engine.optimizer._global_grad_norm == pytest.approx(norm, rel=1e-5)
+
+
+def test_the_guard_before_its_first_step_passes_the_closure_and_reads_through():
+    """SkipNonFinite before any step reports no overflow and no norm (the engine may read both); a step hands the
+    closure on and returns its loss; other attributes are the wrapped optimizer's; a copy is made without recursion."""
+    from bigbatch.engine import SkipNonFinite
+
+    opt = _three_groups()
+    guard = SkipNonFinite(opt)
+    assert guard.overflow is False and guard._global_grad_norm is None
+    assert guard.param_groups is opt.param_groups and guard.state is opt.state
+    assert guard.step(lambda: 1.5) == 1.5 and guard.overflow is False
+    copied = copy.copy(guard)
+    assert copied.optimizer is opt
+
+
+def _zero3_stand_in():
+    """A ZeRO-3 engine's pieces on rank 1 of 2, no DeepSpeed: parameters of 5, 4 and 2 elements sharded 3, 2 and 1 per
+    rank (rank 1 holds 2, 2 and 1 real elements, the first shard with one element of padding), the flat fp32 master
+    of their shards end to end (6 elements), and its moments."""
+    from types import SimpleNamespace
+
+    def param(numel, shard):
+        p = torch.nn.Parameter(torch.empty(0))
+        p.ds_tensor, p.ds_numel, p.ds_process_group = torch.ones(shard), numel, "group"
+        p.partition_numel = lambda: shard
+        return p
+
+    a, b, c = param(5, 3), param(4, 2), param(2, 1)
+    flat = torch.ones(6)
+    client = SimpleNamespace(param_groups=[{"params": [flat]}],
+                             state={flat: {"exp_avg": torch.ones(6), "exp_avg_sq": torch.ones(6), "step": 1}})
+    ds = SimpleNamespace(optimizer=client, fp16_groups=[[a, b, c]], sub_group_process_groups=["group"],
+                         fp32_partitioned_groups_flat=[flat])
+    return SimpleNamespace(module=SimpleNamespace(parameters=lambda: [a, b, c]), optimizer=ds,
+                           zero_optimization_stage=lambda: 3), a, c, flat, client.state[flat]
+
+
+@pytest.mark.parametrize("where,counts", [
+    ("a.shard", [(0, False), (1, False), (2, True)]), ("c.shard", [(0, False)]),
+    ("master", [(0, False), (1, False), (2, True), (3, False), (4, False), (5, False)]),
+    ("exp_avg_sq", [(1, False), (2, True), (5, False)])])
+def test_the_finite_state_check_at_zero3_reads_real_elements_only(monkeypatch, where, counts):
+    """ZeRO-3 pads a shard with memory that is never written: NaN there is not the state going bad, NaN in a real
+    element of a shard, the flat master or a moment is (rank 1's view; dist's rank in the shards' group stood in
+    for)."""
+    from bigbatch.run import overflow
+
+    monkeypatch.setattr(overflow.dist, "get_rank", lambda group: {"group": 1}[group])
+    for index, padding in counts:
+        engine, a, c, flat, state = _zero3_stand_in()
+        target = {"a.shard": a.ds_tensor, "c.shard": c.ds_tensor, "master": flat,
+                  "exp_avg_sq": state["exp_avg_sq"]}[where]
+        assert overflow.state_is_finite(engine)
+        target[index] = math.nan
+        assert overflow.state_is_finite(engine) == padding, (where, index)

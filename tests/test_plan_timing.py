@@ -247,6 +247,17 @@ def test_estimate_sums_every_step_of_every_phase_and_mfu_is_model_flops_over_pea
         per_seq = timing.forward_flops(recipe.model, 30522, p.seq_len, p.micro_batch).model / p.micro_batch
         assert d["mfu"] == pytest.approx(d["samples_per_s"] * per_seq / (64 * 312e12))
         assert d["mfu"] <= A100.efficiency
+        # the record `bigbatch plan --json` writes: every key, each from the phase it describes
+        assert {k: d[k] for k in ("phase", "seq_len", "global_batch", "micro_batch", "grad_accum", "steps",
+                                  "time_s", "compute_s", "comm_s", "comm_total_s", "optimizer_s")} == {
+            "phase": p.phase, "seq_len": p.seq_len, "global_batch": p.global_batch, "micro_batch": p.micro_batch,
+            "grad_accum": p.grad_accum, "steps": p.steps, "time_s": p.time_s, "compute_s": p.compute_s,
+            "comm_s": p.comm_s, "comm_total_s": p.comm_total_s, "optimizer_s": p.optimizer_s}
+        assert len(d) == 18 and d["step_time_s"] * p.steps == pytest.approx(p.time_s)
+        assert d["tokens_per_s"] == pytest.approx(d["samples_per_s"] * p.seq_len)
+        shares = [d[f"{k}_share"] for k in ("compute", "comm", "optimizer")]
+        assert shares == pytest.approx([d[f"{k}_s"] / d["step_time_s"] for k in ("compute", "comm", "optimizer")])
+        assert sum(shares) == pytest.approx(1.0) and min(shares) > 0
 
 
 def test_every_shipped_recipe_gets_a_time_on_every_gpu():
@@ -393,3 +404,43 @@ def test_two_ranks_communicate_and_unknown_names_are_refused():
     with pytest.raises(ValueError, match=r"^optimizer.type='sgd' has no step-time model; use one of lamb, lars, "
                                          r"adamw\.$"):
         timing.optimizer_bytes_per_param("sgd", "fp32")
+
+
+def test_estimate_of_a_phase_of_one_batch_is_its_step_time_times_its_steps():
+    """Per phase of one batch size (bert_large's two, no ramp), every figure of the estimate is the step time model's
+    for that phase's batch split, written out: the means per step equal one step's, totals are steps times one
+    step; phases are numbered from 1 and the split multiplies to the global batch."""
+    from bigbatch.resolve import resolve
+
+    recipe, cluster = pinned("bert_large"), timing.Cluster(8, 8, A100, HDR)
+    est = timing.estimate(recipe, cluster)
+    w = timing.workload(resolve(recipe, cluster.world))
+    assert [p.phase for p in est.phases] == [1, 2]
+    for p in est.phases:
+        assert p.micro_batch * p.grad_accum * cluster.world == p.global_batch and p.samples == p.steps * p.global_batch
+        st = timing.step_time(w, cluster, p.seq_len, p.micro_batch, p.grad_accum)
+        assert (p.compute_s, p.comm_s, p.comm_total_s, p.optimizer_s) == pytest.approx(
+            (st.compute_s, st.comm_s, st.comm_total_s, st.optimizer_s), rel=1e-12)
+        assert p.comm_total_s > 0
+        assert (p.time_s, p.model_flops) == pytest.approx((p.steps * st.step_s, p.steps * st.model_flops), rel=1e-9)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compute_with_and_without_checkpointing_written_out(checkpointing):
+    """One micro-step's compute on a device with measured attention and elementwise rates: every layer's forward
+    (matmuls, the s x s attention terms and the elementwise passes) runs 3 times, 4 with activation checkpointing (its
+    forward again in the backward); the head's 3 times; MLM masking as the workload says (0.3 here, not the default)."""
+    dev = dataclasses.replace(A100, attention_flops=50e12, elementwise_s=1e-12)
+    w = dataclasses.replace(_workload(1, checkpointing=checkpointing), mlm_probability=0.3)
+    c = timing.Cluster(1, 8, dev, HDR)
+    f = timing.forward_flops(w.model, w.vocab_size, 128, 8, 0.3)
+    layers, rest = timing.elementwise_passes(w.model, w.vocab_size, 128, 8, 0.3)
+    k = 4 if checkpointing else 3
+    rate = dev.peak_flops["bf16"] * dev.efficiency
+    micro = ((k * f.layers + 3 * f.head - k * f.attention) / rate + k * f.attention / (50e12 * dev.efficiency)
+             + (k * layers + 3 * rest) * 1e-12)
+    st = timing.step_time(w, c, 128, 8, 2)
+    assert st.compute_s == pytest.approx(2 * micro, rel=1e-12)
+    assert st.hardware_flops == pytest.approx(8 * 2 * (k * f.layers + 3 * f.head), rel=1e-12)
+    assert st.model_flops == pytest.approx(8 * 2 * 3 * (f.layers + f.head), rel=1e-12)
+    assert f.head != timing.forward_flops(w.model, w.vocab_size, 128, 8).head  # the MLM share changes the head

@@ -18,10 +18,17 @@ from bigbatch.config import ConfigError
 from bigbatch.config.files import load_recipe
 from bigbatch.config.schema import PhaseConfig
 from bigbatch.engine import client_optimizer, initialize
-from bigbatch.optim import param_groups
+from bigbatch.optim import LAMB, param_groups
 from bigbatch.run import distributed
 from bigbatch.run.metrics import read_metrics
-from bigbatch.run.resume import changed_keys, hyperparameters, refuse_changes, restore, restore_clipping
+from bigbatch.run.resume import (
+    changed_keys,
+    hyperparameters,
+    lr_at_position,
+    refuse_changes,
+    restore,
+    restore_clipping,
+)
 
 from conftest import TINY_RUN
 
@@ -274,3 +281,146 @@ def test_a_resumed_engine_clips_at_this_starts_gradient_clipping(tmp_path):
         assert float((st["exp_avg"] - 0.9 * loaded[id(p)]).norm()) <= 1.01e-7
     assert engine.get_global_grad_norm() > 1.0  # the norm before clipping: the gradient was large
     engine.destroy()
+
+
+# One resume changes every changeable key a LAMB run without phases, distillation or the adaptive batch reads, and each
+# is shown applied: the LR table (metrics' lr, steps 3-6), the optimizer's groups and clipping as the resumed engine
+# checkpointed them at step 6, the micro-batch split DeepSpeed ran with, and the cadences of evaluation, trust ratios,
+# log lines and checkpoints.
+APPLIED = ["--name=tiny_resumed", "--optimizer.lr=0.004", "--optimizer.lr_rule=linear", "--optimizer.base_batch=128",
+           "--schedule.steps=6", "--schedule.warmup=0.6", "--schedule.decay=poly", "--schedule.power=2",
+           "--schedule.min_lr_ratio=0.1", "--optimizer.betas=0.8,0.99", "--optimizer.eps=1e-8",
+           "--optimizer.weight_decay=0.1", "--optimizer.min_coeff=0", "--optimizer.max_coeff=5",
+           "--optimizer.grad_clip=0.5", "--batch.micro_batch=32", "--batch.grad_accum=2", "--run.eval_every=3",
+           "--run.trust_ratio_every=3", "--run.log_every=4", "--checkpoint.every_steps=3", "--checkpoint.keep_last=3"]
+
+
+def _lr_expected(step):
+    """The new table written out: peak 0.004 x (64 / 128) (linear rule); warmup round(0.6 x 6) = 4 updates, then
+    poly decay of power 2 over the last 2, floored at 0.1: update index k = step - 1."""
+    peak, k = 0.004 * 64 / 128, step - 1
+    if k < 4:
+        return peak * (k + 1) / 4
+    return peak * (0.1 + 0.9 * (1 - (k - 4) / 2) ** 2)
+
+
+def test_a_resume_applies_each_changed_setting_from_the_resumed_step_on(stopped_run, tmp_path, corpus_file, capsys):
+    run = _copy(stopped_run, tmp_path)
+    before = lrs(stopped_run)
+    keys = {a.split("=")[0] for a in APPLIED}
+    base = [a for a in [*RUN, "--batch.micro_batch=16"] if a.split("=")[0] not in keys]
+    args = ["train", "tiny", "--run-dir", str(run), f"--data.sources={corpus_file}", *base, *APPLIED, "--resume"]
+    assert main(args) == 0
+    records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # schedule.steps: on to 6
+    after = {r["step"]: r["lr"] for r in records}
+    assert after[1] == before[1] and after[2] == before[2]
+    for step in (3, 4, 5, 6):
+        assert after[step] == pytest.approx(_lr_expected(step), rel=1e-12), step
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    assert [r["step"] for r in records if "trust_ratios" in r] == [1, 3, 6]  # and at step 1 always
+    out = capsys.readouterr()
+    logged = re.findall(r"step (\d)/6:", out.out + out.err)
+    assert logged == ["4", "6"], logged
+    # checkpoints at 3 and the end, the 3 newest kept (with 2, step 2 would be gone)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == \
+        ["step00000002", "step00000003", "step00000006"]
+    saved = run / "checkpoints" / "step00000006"
+    (optim_file,) = saved.glob("*optim_states.pt")
+    optim = torch.load(optim_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    groups = optim["base_optimizer_state"]["param_groups"]
+    assert [(g["betas"], g["eps"], g["min_coeff"], g["max_coeff"]) for g in groups] == \
+        [((0.8, 0.99), 1e-8, 0.0, 5.0)] * 2
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]  # the decay group, then biases and norms without
+    assert optim["clip_grad"] == 0.5
+    ds = torch.load(next(saved.glob("*model_states.pt")), map_location="cpu", weights_only=False)["ds_config"]
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == \
+        (32, 2, 0.5)
+    recipe = json.loads((run / "recipe.json").read_text())
+    assert recipe["recipe"]["name"] == "tiny_resumed"
+    assert set(recipe["resolved"]["changed_on_resume"]) == {k.removeprefix("--") for k in keys}
+
+
+def _plain_lamb(lr, **params):
+    """LAMB over two groups (decay, none) with a LambdaLR, no DeepSpeed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    opt = LAMB(param_groups(model, params.pop("weight_decay")), lr=lr, **params)
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (k + 1))
+
+
+def test_restore_without_an_engine_puts_this_starts_settings_over_the_loaded_ones():
+    """restore after torch's load_state_dict (which DeepSpeed's load_checkpoint calls, and which overwrites every
+    group's settings and the scheduler's base_lrs with the saved ones): this start's settings and LR table at the
+    loaded position, the loaded moments kept; a checkpoint with another number of groups is refused."""
+    model, opt, sched = _plain_lamb(1e-2, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6, max_coeff=10.0)
+    for _ in range(3):
+        model(torch.randn(4, 6)).square().mean().backward()
+        opt.step()
+        sched.step()
+    saved, saved_sched = copy.deepcopy(opt.state_dict()), sched.state_dict()
+    model, opt, sched = _plain_lamb(5e-3, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-8, max_coeff=5.0)
+    settings, base_lrs = hyperparameters(opt), list(sched.base_lrs)
+    assert all("params" not in g for g in settings) and len(settings) == 2
+    opt.load_state_dict(saved)
+    sched.load_state_dict(saved_sched)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999) and sched.base_lrs == [1e-2, 1e-2]  # torch's own doing
+    restore(opt, sched, settings, base_lrs)
+    assert [(g["betas"], g["eps"], g["max_coeff"], g["weight_decay"]) for g in opt.param_groups] == \
+        [((0.8, 0.99), 1e-8, 5.0, 0.1), ((0.8, 0.99), 1e-8, 5.0, 0.0)]
+    assert [g["lr"] for g in opt.param_groups] == [5e-3 / 4] * 2 == sched.get_last_lr()  # position 3: factor 1/4
+    assert sched.base_lrs == [5e-3, 5e-3] and sched.last_epoch == 3
+    now = opt.state_dict()["state"]
+    assert now.keys() == saved["state"].keys() and all(
+        torch.equal(now[i][k], saved["state"][i][k]) and int(now[i]["step"]) == 3
+        for i in now for k in ("exp_avg", "exp_avg_sq"))
+    with pytest.raises(ConfigError, match="the checkpoint has 2 optimizer param groups and this start builds 1"):
+        restore(opt, sched, settings[:1], base_lrs)
+    restore(opt, None, settings, base_lrs)  # no scheduler: the settings alone
+    sched.base_lrs = [1e-3, 2e-3]  # as an adaptive-batch decision changes the table: the scheduler's own groups
+    lr_at_position(sched)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3 / 4, 2e-3 / 4] == sched.get_last_lr()
+
+
+def test_restore_clipping_takes_the_engines_value_where_the_wrapper_keeps_one():
+    from types import SimpleNamespace
+
+    wrapper = SimpleNamespace(clip_grad=1.0)
+    restore_clipping(SimpleNamespace(optimizer=wrapper, gradient_clipping=lambda: 0.25))
+    assert wrapper.clip_grad == 0.25
+    plain = SimpleNamespace()
+    restore_clipping(SimpleNamespace(optimizer=plain, gradient_clipping=lambda: 0.25))
+    assert not hasattr(plain, "clip_grad")
+
+
+def test_a_refusal_names_the_value_to_resume_with_and_keys_on_one_side_only_count():
+    """The sentence's fix, written as the option to type (a flag in lower case, a string as it is, a list with
+    commas, a change of the number of phases by its keys); a key one recipe holds and the other lacks (a recipe of an
+    older bigbatch) is a change like any other."""
+    base = {"data": {"streaming": True, "tokenizer": "SP-Unigram", "sources": ["a", "b"]}, "run": {"seed": 0},
+            "phases": [{"seq_len": 128}]}
+    for key, value, fix in (("data.streaming", False, "--data.streaming=true"),
+                            ("data.tokenizer", "bpe", "--data.tokenizer=SP-Unigram"),
+                            ("data.sources", ["a"], "--data.sources=a,b"), ("run.seed", 7, "--run.seed=0")):
+        changed = copy.deepcopy(base)
+        section, name = key.split(".")
+        changed[section][name] = value
+        with pytest.raises(ConfigError) as err:
+            refuse_changes(base, changed, "runs/x")
+        assert str(err.value) == (
+            f"{key} is {value!r} at this start but the run in runs/x was started with {base[section][name]!r}, and it "
+            "cannot change within a run (the checkpoint's data position and shapes depend on it); resume with "
+            f"{fix} or start a new --run-dir.")
+    changed = copy.deepcopy(base)
+    changed["phases"].append({"seq_len": 256})
+    with pytest.raises(ConfigError, match=r"^phases is 2 .* was started with 1, .* resume with --phases\.N\.seq_len "
+                                          r"and the other phase keys=1 or start"):
+        refuse_changes(base, changed, "runs/x")
+    newer = copy.deepcopy(base)
+    newer["model"] = {"hold_zeros": True}
+    with pytest.raises(ConfigError, match=r"^model\.hold_zeros is True .* was started with None"):
+        refuse_changes(base, newer, "runs/x")
+    newer = copy.deepcopy(base)
+    newer["run"]["noise_scale_ema"] = 0.9
+    assert changed_keys(base, newer) == {"run.noise_scale_ema": [None, 0.9]}
+    assert changed_keys(newer, base) == {"run.noise_scale_ema": [0.9, None]}

@@ -98,6 +98,8 @@ def _bound(low: Optional[float], high: Optional[float], low_open: bool, high_ope
         return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     if low is not None:
         return f" {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f" {'<' if high_open else '<='} {high:g}"
     return ""
 
 

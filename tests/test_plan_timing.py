@@ -53,7 +53,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as hs
 
+from bigbatch.config import ModelConfig
 from bigbatch.config.shapes import shape
 from bigbatch.plan import hardware, timing
 from bigbatch.plan.memory import model_size
@@ -111,6 +114,12 @@ def test_model_flops_per_sample_written_out():
     assert timing.model_flops_per_sample(bert, 30522, 128) == 3 * (12 * 128 * 14_548_992 + 19 * 48_070_656) \
         == 69_781_782_528
     assert timing.model_flops_per_sample(bert, 30522, 128, micro_batch=32) == 69_808_822_272
+    # one sequence by default: round(0.15 x 64) = 10 masked rows (a micro-batch of 2 would round 19.2 to 19)
+    assert timing.model_flops_per_sample(bert, 30522, 64) == 3 * (12 * 64 * (24 * 768**2 + 4 * 64 * 768)
+                                                                  + 10 * 48_070_656)
+    # a recipe's own MLM share reaches the head: round(0.3 x 4,096) = 1,229 masked rows of the 32 sequences
+    assert timing.model_flops_per_sample(bert, 30522, 128, 32, 0.3) == pytest.approx(
+        3 * (12 * 128 * 14_548_992 + 1229 * 48_070_656 / 32), rel=1e-15)
 
 
 def test_llama_flops_count_grouped_kv_and_swiglu():
@@ -332,7 +341,7 @@ OPTIMIZER_BYTES = {"lamb": 24 + 16, "lars": 8 + 20, "adamw": 28}
 
 
 @pytest.mark.parametrize("optimizer", ["lamb", "lars", "adamw"])
-@pytest.mark.parametrize("nodes", [1, 4])
+@pytest.mark.parametrize("nodes", [1, 2, 4])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_step_time_over_the_whole_domain_written_out(precision, stage, nodes, optimizer):
@@ -444,3 +453,132 @@ def test_compute_with_and_without_checkpointing_written_out(checkpointing):
     assert st.hardware_flops == pytest.approx(8 * 2 * (k * f.layers + 3 * f.head), rel=1e-12)
     assert st.model_flops == pytest.approx(8 * 2 * 3 * (f.layers + f.head), rel=1e-12)
     assert f.head != timing.forward_flops(w.model, w.vocab_size, 128, 8).head  # the MLM share changes the head
+
+
+# The forward pass's elementwise passes, op by op as transformers 4.x/5.x writes each model (one pass per op over
+# its output; matmuls, views and the s x s attention terms are not counted here), per token of every layer and per
+# token (BERT: per masked row) of the rest. Distinct widths, so that a wrong coefficient on any one op shows.
+def _elementwise_written_out(arch: str, h: int, f: int, kv: int, v: int, dropout: float) -> tuple[dict, dict]:
+    """(per token of a layer, besides the layers: {name: (elements per row, which rows)}) for one architecture."""
+    if arch == "llama":  # LlamaDecoderLayer: RMSNorm = pow(2), mean, x * rsqrt, weight * x; rotary on q and k
+        layer = {"input_layernorm": 4 * h, "post_attention_layernorm": 4 * h, "residual adds": 2 * h,
+                 "silu(gate_proj)": f, "silu * up_proj": f, "rotary on q (x*cos, rotate_half: slice, neg, cat, "
+                 "x*sin, add)": 5 * h, "rotary on k": 5 * kv, "q, k, v, context head reshapes": 4 * h}
+        rest = {"final norm": (4 * h, "tokens"), "log-softmax of the loss": (3 * v, "tokens")}
+    elif arch == "gpt2":  # GPT2Block: ln_1, attn, resid_dropout + add, ln_2, gelu_new, resid_dropout + add
+        layer = {"ln_1": h, "ln_2": h, "residual adds": 2 * h, "gelu_new (0.5x(1+tanh(c(x+0.044715x^3))))": 7 * f,
+                 "q, k, v, context head reshapes": 4 * h, "two resid_dropouts": 2 * h if dropout > 0 else 0}
+        rest = {"wte + wpe": (h, "tokens"), "ln_f": (h, "tokens"), "log-softmax of the loss": (3 * v, "tokens")}
+    else:  # BertLayer: self-attention, output dense + dropout + add + LayerNorm, intermediate GELU, the same again
+        layer = {"attention.output.LayerNorm": h, "output.LayerNorm": h, "residual adds": 2 * h, "gelu": f,
+                 "q, k, v, context head reshapes": 4 * h, "two hidden dropouts": 2 * h if dropout > 0 else 0}
+        rest = {"word + position + token type, LayerNorm": (3 * h, "tokens"),
+                "cls.predictions.transform: gelu, LayerNorm": (2 * h, "masked"),
+                "log-softmax of the loss": (3 * v, "masked")}
+    return layer, rest
+
+
+@settings(max_examples=60, deadline=None)
+@given(arch=hs.sampled_from(["bert", "gpt2", "llama"]), head_dim=hs.integers(1, 13), heads=hs.integers(1, 7),
+       kv_heads=hs.integers(0, 7), layers=hs.integers(1, 5), f=hs.integers(1, 97), s=hs.integers(1, 41),
+       micro=hs.integers(1, 9), vocab=hs.integers(1, 300), pad=hs.integers(1, 16),
+       dropout=hs.sampled_from([0.0, 0.1, 0.5]), mlm=hs.floats(0, 1))
+@example("llama", 7, 5, 1, 3, 89, 17, 1, 101, 8, 0.0, 0.15)  # micro-batch 1; grouped-query k/v
+@example("llama", 11, 3, 0, 2, 29, 13, 3, 97, 1, 0.1, 0.15)  # num_kv_heads 0: k and v as wide as q
+@example("gpt2", 7, 3, 0, 2, 53, 17, 3, 101, 8, 0.0, 0.15)  # dropout 0: no dropout pass
+@example("gpt2", 7, 3, 0, 2, 53, 17, 3, 101, 8, 0.1, 0.15)
+@example("bert", 5, 3, 0, 2, 43, 19, 3, 101, 8, 0.0, 0.0)  # mlm_probability 0: no MLM head pass
+@example("bert", 5, 3, 0, 2, 43, 19, 3, 101, 8, 0.1, 1.0)  # every row masked
+@example("bert", 5, 3, 0, 2, 43, 19, 1, 101, 8, 0.1, 0.15)  # the defaults
+def test_elementwise_passes_op_by_op(arch, head_dim, heads, kv_heads, layers, f, s, micro, vocab, pad, dropout, mlm):
+    h = head_dim * heads
+    model = ModelConfig(arch=arch, hidden_size=h, num_layers=layers, num_heads=heads,
+                        num_kv_heads=kv_heads if arch == "llama" else 0, intermediate_size=f, dropout=dropout,
+                        pad_vocab_to_multiple=pad)
+    kv = head_dim * (kv_heads if arch == "llama" and kv_heads else heads)
+    v = -(-vocab // pad) * pad  # embedding rows padded up to the multiple
+    tokens = s * micro
+    rows = {"tokens": tokens, "masked": round(mlm * tokens)}  # BERT's head runs at the masked rows only
+    layer, rest = _elementwise_written_out(arch, h, f, kv, v, dropout)
+    expected = (layers * tokens * sum(layer.values()), sum(n * rows[which] for n, which in rest.values()))
+    assert timing.elementwise_passes(model, vocab, s, micro, mlm) == expected
+    if (micro, mlm) == (1, 0.15):  # the defaults: one sequence, BERT's 15% masking
+        assert timing.elementwise_passes(model, vocab, s) == expected
+
+
+def test_estimate_under_a_batch_ramp_sums_each_steps_own_split():
+    """gpt2_xl's ramp (512 to 4,096 sequences by 512 over 2M samples, micro-batch 4) on 128 A100s: the phase's time,
+    samples, FLOPs and per-step means are sums over its steps, each at its own split (accumulation 1 to 8); the
+    phase reports the ramp's target batch and its split."""
+    from bigbatch.resolve import resolve
+
+    recipe, cluster = pinned("gpt2_xl"), timing.Cluster(16, 8, A100, HDR)
+    w = timing.workload(resolve(recipe, cluster.world))
+    # steps per accumulation: each of the 7 ramp batches 512 k takes 2M / 7 samples (rounded up to whole steps)
+    steps = {1: 559, 2: 279, 3: 186, 4: 140, 5: 112, 6: 93, 7: 80, 8: 8151}
+    one = {k: timing.step_time(w, cluster, 1024, 4, k) for k in steps}
+    (p,) = timing.estimate(recipe, cluster).phases
+    assert (p.phase, p.seq_len, p.global_batch, p.micro_batch, p.grad_accum) == (1, 1024, 4096, 4, 8)
+    assert (p.steps, p.samples) == (9600, sum(n * 512 * k for k, n in steps.items()))
+    total = lambda field: sum(n * getattr(one[k], field) for k, n in steps.items())  # noqa: E731
+    assert p.time_s == pytest.approx(total("step_s"), rel=1e-12)
+    assert p.model_flops == pytest.approx(total("model_flops"), rel=1e-12)
+    assert (p.compute_s, p.comm_s, p.comm_total_s, p.optimizer_s) == pytest.approx(
+        tuple(total(f) / 9600 for f in ("compute_s", "comm_s", "comm_total_s", "optimizer_s")), rel=1e-12)
+    assert p.comm_s != pytest.approx(one[8].comm_s)  # the ramp's short steps count, not only the target's
+
+
+def test_estimate_takes_the_first_phases_batch_split_as_given():
+    """`batch` replaces the recipe's split of the first phase (the planner's tabulated micro-batches)."""
+    from bigbatch.config.schedule import BatchSplit
+
+    recipe, cluster = pinned("bert_large"), timing.Cluster(8, 8, A100, HDR)
+    first, second = timing.estimate(recipe, cluster, BatchSplit(65536, 128, 8, 64)).phases
+    assert (first.global_batch, first.micro_batch, first.grad_accum) == (65536, 128, 8)
+    assert (second.micro_batch, second.grad_accum) == (32, 16)  # the recipe's own
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_reduction_overlaps_the_backward_with_its_recompute(checkpointing):
+    """The window a stage-2 reduce-scatter hides behind is the micro-step's backward: 2 of its 3 forward-equivalents,
+    3 of 4 with checkpointing (the recompute runs in the backward). A network too slow to hide it shows the excess."""
+    slow = dataclasses.replace(A100, intra_node_bandwidth=1e8)
+    psi = 100_000_000
+    w = _workload(2, {"overlap_comm": True, "reduce_bucket_size": psi // 4}, checkpointing=checkpointing)
+    st = timing.step_time(w, timing.Cluster(1, 8, slow, HDR), 128, 32, 1)
+    rs = 7 / 8 * psi * 2 / 1e8 + 7 * 2e-6
+    backward = st.compute_s * (3 / 4 if checkpointing else 2 / 3)
+    assert 0 < backward < rs * 3 / 4
+    assert st.comm_s == pytest.approx(rs / 4 + (rs * 3 / 4 - backward) + rs, rel=1e-12)  # + the all-gather
+
+
+def test_a_phases_flops_are_its_steps_exactly_and_the_workload_is_the_recipes():
+    """tiny on one GPU: 60 steps of 160 GFLOP, whole numbers far below 2^53, so the phase's sum is exact; the workload
+    carries the recipe's settings and its parameter count (the model built on the meta device, counted here)."""
+    import torch
+
+    from bigbatch.models.build import build_model
+    from bigbatch.resolve import resolve
+
+    recipe, cluster = pinned("tiny"), timing.Cluster(1, 1, A100, HDR)
+    w = timing.workload(resolve(recipe, cluster.world))
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model(recipe.model, 2000, pad_id=0).parameters())
+    assert (w.model, w.vocab_size, w.mlm_probability, w.num_params, w.optimizer) == (
+        recipe.model, 2000, recipe.data.mlm_probability, params, "lamb")
+    (p,) = timing.estimate(recipe, cluster).phases
+    st = timing.step_time(w, cluster, 64, 256, 16)
+    assert p.steps == 60 and p.model_flops == 60 * st.model_flops
+
+
+def test_stage3_rows_overlap_together_behind_one_backward():
+    """At stage 3 a micro-step's reduce-scatter and all-gather hide behind the same backward: on a network too slow
+    for it, what of both (less the last bucket and the first prefetch) exceeds the backward shows."""
+    slow = dataclasses.replace(A100, intra_node_bandwidth=1e8)
+    psi = 100_000_000
+    w = _workload(3, {"reduce_bucket_size": psi // 4, "stage3_prefetch_bucket_size": psi // 5}, num_params=psi)
+    st = timing.step_time(w, timing.Cluster(1, 8, slow, HDR), 128, 32, 1)
+    one = 7 / 8 * psi * 2 / 1e8 + 7 * 2e-6  # a reduce-scatter or an all-gather of the model
+    backward = st.compute_s * 2 / 3
+    assert st.comm_total_s == pytest.approx(2 * one, rel=1e-12)
+    assert st.comm_s == pytest.approx(one / 4 + one / 5 + (one * 3 / 4 + one * 4 / 5 - backward), rel=1e-12)

@@ -455,9 +455,11 @@ def test_compute_with_and_without_checkpointing_written_out(checkpointing):
     assert f.head != timing.forward_flops(w.model, w.vocab_size, 128, 8).head  # the MLM share changes the head
 
 
-# The forward pass's elementwise passes, op by op as transformers 4.x/5.x writes each model (one pass per op over
-# its output; matmuls, views and the s x s attention terms are not counted here), per token of every layer and per
-# token (BERT: per masked row) of the rest. Distinct widths, so that a wrong coefficient on any one op shows.
+# The forward pass's elementwise passes under the time model's counting rules (`elementwise_passes`' docstring: one
+# pass per op over its output; matmuls, views and the s x s attention terms not counted), itemized by transformers'
+# module names, per token of every layer and per token (BERT: per masked row) of the rest. Distinct widths, so that
+# a wrong coefficient on any one op shows. These are the model's rules, not torch's op count: a trace of one forward
+# under TorchDispatchMode differs from them in known ways (bench/results/mutation.md, section 3c).
 def _elementwise_written_out(arch: str, h: int, f: int, kv: int, v: int, dropout: float) -> tuple[dict, dict]:
     """(per token of a layer, besides the layers: {name: (elements per row, which rows)}) for one architecture."""
     if arch == "llama":  # LlamaDecoderLayer: RMSNorm = pow(2), mean, x * rsqrt, weight * x; rotary on q and k

@@ -9,6 +9,7 @@ and resumes it, and resumes a world-1 run on 2 ranks (the batch re-rounded).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import shutil
@@ -23,7 +24,7 @@ from bigbatch.config.adaptive import carried, carry, decide, due, rerounded
 from bigbatch.config.schedule import step_table
 from bigbatch.run.metrics import read_metrics
 
-from conftest import WORKERS, deepspeed_launch, read_json
+from conftest import ROOT, WORKERS, deepspeed_launch, read_json
 
 
 def adaptive_recipe(world: int, micro: int, accum: int, factor: float, every: int, top: int, floor: int = 0,
@@ -195,6 +196,78 @@ def test_resume_on_another_world_re_rounds_the_batch():
     assert rerounded(steps, 5, 8) == (5, 32)  # down to a multiple of 4 x 8, at least one micro-batch per rank
     assert rerounded(step_table(recipe, 4, decisions=[(2, 48)]), 5, 4) is None
     assert rerounded(steps, 8, 8) is None  # past the last step
+
+
+def expected_run(lr0: float, start: int, factor: float, target: float, budget: int) -> tuple[int, int] | None:
+    """SGD on the noisy quadratic of tests/test_noise.py (d sigma^2 = 1024, Hessian I) in expectation, written out:
+    E|e'|^2 = (1 - lr)^2 E|e|^2 + lr^2 d sigma^2 / B with lr = min(lr0 B / 32, 1) (linear rule, capped at 1 /
+    curvature) from B_noise = 4; every 8 steps `decide` on the true B_noise = d sigma^2 / E|e|^2 (factor 0: fixed).
+    Returns (steps, samples) at the first step with E|e|^2 <= target, None if `budget` samples do not reach it."""
+    limits = BatchConfig(global_batch=32, micro_batch=8, adaptive=True, adaptive_factor=factor or 1.0,
+                         adaptive_every=8, max=256)
+    err, batch, samples, steps = 256.0, start, 0, 0
+    while samples + batch <= budget:
+        lr = min(lr0 * batch / 32, 1.0)
+        err = (1 - lr) ** 2 * err + lr**2 * 1024 / batch
+        samples, steps = samples + batch, steps + 1
+        if err <= target:
+            return steps, samples
+        if factor and steps % 8 == 0:
+            batch = decide(batch, 1024 / err, limits, 8)
+    return None
+
+
+def fixed_b0_loss(lr0: float, steps: int = 200) -> float:
+    err = 256.0
+    for _ in range(steps):
+        err = (1 - lr0) ** 2 * err + lr0**2 * 1024 / 32
+    return err
+
+
+def test_on_the_known_noise_problem_adaptive_meets_the_claim_against_b0_and_fixed_8_b0_does_as_well():
+    """bench/adaptive_known_noise.py's first table in expectation: with LR 0.02 at B0 = 32 (8 B0's LR 0.16, far below
+    the cap) B_noise grows from 4 to 2,545 (80 B0) over fixed B0's 200 steps. Adaptive at k = 1 reaches B0's final
+    loss in <= 0.5x its steps and <= 1.1x its samples; at k = 0.2 (the factor the McCandlish law suggests) it misses
+    the steps goal; and fixed 8 B0 needs no more samples than B0 or adaptive (the linear rule is exact here while the
+    LR is small: on this quadratic samples do not depend on the batch), in 1/8 of the steps."""
+    target = fixed_b0_loss(0.02)
+    assert 1024 / target == pytest.approx(2545.2, rel=1e-3)
+    steps, samples = expected_run(0.02, 32, 1.0, target, 4 * 6400)
+    assert (steps, samples) == (96, 6592) and steps <= 0.5 * 200 and samples <= 1.1 * 6400
+    law_steps, law_samples = expected_run(0.02, 32, 0.2, target, 4 * 6400)
+    assert law_steps > 0.5 * 200 and law_samples <= 1.1 * 6400
+    assert expected_run(0.02, 256, 0.0, target, 4 * 6400) == (25, 6400)
+
+
+def test_at_the_noise_floor_no_batch_grown_under_the_linear_rule_reaches_b0s_loss():
+    """bench/adaptive_known_noise.py's second table: with LR 0.125 at B0 (8 B0 at the cap) fixed B0 sits at its
+    noise floor lr d sigma^2 / (B (2 - lr)) by step 200; the linear rule keeps lr / B, so every batch up to 8 B0 has
+    a floor at least as high and neither fixed 8 B0 nor adaptive at any factor reaches it."""
+    target = fixed_b0_loss(0.125)
+    assert target == pytest.approx(0.125 * 1024 / (32 * 1.875), rel=1e-9)
+    for batch in range(40, 257, 8):
+        lr = min(0.125 * batch / 32, 1.0)
+        assert lr * 1024 / (batch * (2 - lr)) > target
+    assert expected_run(0.125, 256, 0.0, target, 4 * 6400) is None
+    for factor in (0.2, 1.0, 4.0):
+        assert expected_run(0.125, 32, factor, target, 4 * 6400) is None
+
+
+@pytest.mark.slow
+def test_the_sampled_known_noise_benchmark_shows_the_same(monkeypatch):
+    """bench/adaptive_known_noise.py itself, LR 0.02, seeds 1-3 (about 5 s): adaptive at k = 1 on the true B_noise
+    meets <= 0.5x steps and <= 1.1x samples of fixed B0; on the project's estimator (micro-batch 8 against the global
+    batch) <= 1.1x samples and <= 0.6x steps; fixed 8 B0 needs no more samples than adaptive."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("adaptive_known_noise", ROOT / "bench" / "adaptive_known_noise.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = bench.measure(0.02)["runs"]
+    assert runs["k1"]["reached"] == runs["k1est"]["reached"] == runs["fixed8"]["reached"] == 3
+    assert runs["k1"]["steps_ratio"] <= 0.5 and runs["k1"]["samples_ratio"] <= 1.1
+    assert runs["k1est"]["steps_ratio"] <= 0.6 and runs["k1est"]["samples_ratio"] <= 1.1
+    assert runs["fixed8"]["samples_ratio"] <= runs["k1"]["samples_ratio"]
+    assert runs["fixed8"]["steps_ratio"] <= 0.125 + 1e-9
 
 
 @pytest.mark.parametrize("args, key", [

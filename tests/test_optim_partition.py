@@ -65,21 +65,23 @@ class Ranks:
     """`world` ranks of one process group played by threads: `get_rank`, `get_world_size` and a summing `all_reduce`
     (through a barrier), enough for bigbatch.optim.zero and the optimizers' norm reduction to run in one process."""
 
-    def __init__(self, world: int, group: str = "group") -> None:
-        self.world, self.local, self.group = world, threading.local(), group
+    def __init__(self, world: int, group: str | tuple[str, ...] = "group") -> None:
+        # several group names: sub-groups over the same ranks (ZeRO-3's sub_group_process_groups)
+        self.world, self.local = world, threading.local()
+        self.groups = group if isinstance(group, tuple) else (group,)
         self.barrier = threading.Barrier(world, timeout=30)
         self.slots: list = [None] * world
 
     def get_rank(self, group=None) -> int:
-        assert group == self.group, "asked the default group, not the sub-group's"
+        assert group in self.groups, "asked the default group, not the sub-group's"
         return self.local.rank
 
     def get_world_size(self, group=None) -> int:
-        assert group == self.group, "asked the default group, not the sub-group's"
+        assert group in self.groups, "asked the default group, not the sub-group's"
         return self.world
 
     def all_reduce(self, t, group=None) -> None:
-        assert group == self.group, "reduced over the default group, not the sub-group"
+        assert group in self.groups, "reduced over the default group, not the sub-group"
         self.slots[self.local.rank] = t.clone()
         self.barrier.wait()
         total = sum(self.slots[1:], self.slots[0].clone())
@@ -215,3 +217,109 @@ def test_zero12_layout_read_from_each_parameters_hp_mapping():
     for bad in (mapped(2, 4, flat.narrow(0, 3, 4)), mapped(2, 4, flat.narrow(0, 2, 3))):
         with pytest.raises(zero.UnsupportedLayout, match=r"_hp_mapping of group1\.1 does not point into"):
             zero._hp_mapped_layout(flat, [a, bad], {id(a): "a"}, None, 1)
+
+
+def deepspeed_wrapper(kind: str, **fields) -> SimpleNamespace:
+    """A stand-in for one of DeepSpeed's optimizer wrappers: attach_layouts tells them apart by their class name."""
+    return type(kind, (SimpleNamespace,), {})(**fields)
+
+
+def test_attach_layouts_registers_the_tensor_each_wrapper_hands_the_client():
+    """attach_layouts without an engine, on stand-ins for each wrapper DeepSpeed 0.19 builds: the client's own
+    parameters at stage 0 (one not in the model left without a layout), ZeRO-1/2's and bf16's flat slices read from
+    `_hp_mapping` over each group's own process group, ZeRO-3's flat masters from the shards over each sub-group's
+    process group (2 ranks played by threads), names from the model or by position; a sub-group whose padding
+    disagrees refused naming that sub-group; offload and unknown wrappers refused by name."""
+    model = torch.nn.Linear(2, 3)  # weight: 6 elements, bias: 3
+    w, b = model.weight, model.bias
+    stray = torch.nn.Parameter(torch.zeros(2))  # in the optimizer, not in the model
+
+    client = LAMB([w, b, stray], lr=0.1, fused=False)
+    assert zero.attach_layouts(client, client, model) == "LAMB"
+    assert client._layouts == {id(w): FlatLayout(("weight",), ((0, 6, 0),)),
+                               id(b): FlatLayout(("bias",), ((0, 3, 0),))}
+
+    def mapped(p, flat, start):  # p's piece at `start` of this rank's flat slice, as _hp_mapping places it
+        address = SimpleNamespace(start=start, numel=p.numel())
+        p._hp_mapping = SimpleNamespace(get_hp_fragment_address=lambda: address,
+                                        get_hp_fragment=lambda: flat.narrow(0, start, p.numel()))
+        return p
+
+    for kind, flats, params in (("DeepSpeedZeroOptimizer", "single_partition_of_fp32_groups", "bit16_groups"),
+                                ("BF16_Optimizer", "fp32_groups_flat_partition", "bf16_groups")):
+        first, second = torch.zeros(12), torch.zeros(2)
+        ds = deepspeed_wrapper(kind, real_dp_process_group=["g0", "g1"], **{
+            flats: [first, second],
+            params: [[mapped(b, first, 0), mapped(w, first, 5)], [mapped(stray, second, 0)]]})
+        client = LAMB([first, second], lr=0.1, fused=False)
+        assert zero.attach_layouts(ds, client, model) == kind
+        assert client._layouts == {id(first): FlatLayout(("bias", "weight"), ((0, 3, 0), (5, 6, 1)), "g0"),
+                                   id(second): FlatLayout(("group1.0",), ((0, 2, 0),), "g1")}
+
+    # ZeRO-3 on 2 ranks: weight in shards of 3 (both real), bias in shards of 2 (rank 1: one real, one padding)
+    w.ds_numel, w.partition_numel = 6, lambda: 3
+    b.ds_numel, b.partition_numel = 3, lambda: 2
+    stray.ds_numel, stray.partition_numel = 2, lambda: 1
+    ranks = Ranks(2, group=("sg0", "sg1"))
+
+    def on_rank(rank, stray_padding=0):
+        flats = [torch.zeros(5), torch.zeros(1)]
+        ds = deepspeed_wrapper("DeepSpeedZeroOptimizer_Stage3", fp16_groups=[[w, b], [stray]],
+                               fp32_partitioned_groups_flat=flats, sub_group_process_groups=["sg0", "sg1"],
+                               groups_padding=[[0, 1], [stray_padding]] if rank == 1 else [[0, 0], [0]])
+        client = LAMB(flats, lr=0.1, fused=False)
+        assert zero.attach_layouts(ds, client, model) == "DeepSpeedZeroOptimizer_Stage3"
+        return [client._layouts[id(f)] for f in flats]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(zero, "dist", ranks)
+        results = ranks.run(on_rank)
+    assert results == [[FlatLayout(("weight", "bias"), ((0, 3, 0), (3, 2, 1)), "sg0"),
+                        FlatLayout(("subgroup1.0",), ((0, 1, 0),), "sg1")],
+                       [FlatLayout(("weight", "bias"), ((0, 3, 0), (3, 1, 1)), "sg0"),
+                        FlatLayout(("subgroup1.0",), ((0, 1, 0),), "sg1")]]
+    ranks = Ranks(2, group=("sg0", "sg1"))  # a fresh barrier: the rank that raises breaks it
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(
+            zero.UnsupportedLayout, match="^ZeRO-3 sub-group 1: padding of parameter 0 disagrees with groups_padding$"):
+        patch.setattr(zero, "dist", ranks)
+        ranks.run(lambda rank: on_rank(rank, stray_padding=1))
+
+    client = LAMB([torch.zeros(1)], lr=0.1)
+    refused = [deepspeed_wrapper("DeepSpeedZeroOptimizer", cpu_offload=True),
+               deepspeed_wrapper("DeepSpeedZeroOptimizer_Stage3", offload_optimizer=True),
+               deepspeed_wrapper("DeepSpeedZeroOptimizer_Stage3", offload_param=True)]
+    for ds in refused:
+        with pytest.raises(zero.UnsupportedLayout, match="^offload_optimizer$"):
+            zero.attach_layouts(ds, client, model)
+    with pytest.raises(zero.UnsupportedLayout, match="^FP16_UnfusedOptimizer$"):
+        zero.attach_layouts(deepspeed_wrapper("FP16_UnfusedOptimizer"), client, model)
+
+
+def test_reduce_squares_sums_each_parameters_segments_on_the_partials_device():
+    """_reduce_squares without a group: the squared partials of each kind summed per parameter (several segments of
+    one parameter, a parameter with none here, a layout with no segment at all), then the root; on the meta device
+    (which, like CUDA, refuses an index on another device) it builds every tensor on the partials' device."""
+    partials = [torch.tensor([[1.0, 4.0, 16.0], [9.0, 0.0, 25.0]], dtype=torch.float64), torch.zeros(2, 0)]
+    layouts = [FlatLayout(("a", "b", "c"), ((0, 2, 2), (2, 1, 0), (3, 3, 2))), FlatLayout(("d",), ())]
+    first, empty = LAMB._reduce_squares(partials, layouts)
+    assert first.tolist() == [[math.sqrt(4.0), 0.0, math.sqrt(17.0)], [0.0, 0.0, math.sqrt(34.0)]]
+    assert empty.tolist() == [[0.0], [0.0]]
+    on_meta = LAMB._reduce_squares([p.to("meta") for p in partials], layouts)
+    assert [(t.device.type, tuple(t.shape)) for t in on_meta] == [("meta", (2, 3)), ("meta", (2, 1))]
+
+
+def test_scale_segments_multiplies_each_segment_by_its_own_parameters_factor():
+    """_scale_segments: each segment times its parameter's factor, elements outside every segment untouched, a
+    tensor whose layout has no segment here skipped without stopping the tensors after it; on bf16 tensors the fp32
+    factor is applied unrounded (one rounding of the product, as the fused kernels do)."""
+    skipped, flat = torch.arange(3.0), torch.arange(1.0, 9.0)
+    layouts = [FlatLayout(("x",), ()), FlatLayout(("a", "b"), ((0, 2, 1), (3, 2, 0), (6, 2, 1)))]
+    LAMB._scale_segments([skipped, flat], layouts, [torch.tensor([5.0]), torch.tensor([10.0, -2.0])])
+    assert skipped.tolist() == [0.0, 1.0, 2.0]
+    assert flat.tolist() == [-2.0, -4.0, 3.0, 40.0, 50.0, 6.0, -14.0, -16.0]
+
+    half = torch.linspace(1.0, 2.0, 64).bfloat16()
+    factor = torch.tensor([1.0 + 2**-9 + 2**-12])  # not a bf16 number
+    expected = (half.float() * factor).bfloat16()
+    LAMB._scale_segments([half], [FlatLayout(("w",), ((0, 64, 0),))], [factor])
+    assert torch.equal(half, expected)

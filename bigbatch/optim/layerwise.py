@@ -125,7 +125,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 continue
             index = torch.tensor([i for _, _, i in lay.segments], device=f.device)
             views += [t.view(-1).narrow(0, s, n) for s, n, _ in lay.segments]
-            factors += list(f[index].to(t.dtype).unbind())
+            # factors stay in the norms' precision (fp32 for 16-bit tensors), as in the fused kernels: rounded to
+            # bf16 first, lr * ratio would move each step by up to 2^-9 of itself
+            factors += list(f[index].unbind())
         if views:
             torch._foreach_mul_(views, factors)
 

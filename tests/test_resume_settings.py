@@ -555,3 +555,42 @@ def test_a_resume_applies_lars_phase_and_adaptive_settings(lars_resumed):
     assert [(g["momentum"], g["trust_coefficient"]) for g in groups] == [(0.5, 0.01)] * 2
     recipe = json.loads((run / "recipe.json").read_text())
     assert set(recipe["resolved"]["changed_on_resume"]) == {a.split("=")[0].removeprefix("--") for a in LARS_CHANGED}
+
+
+def test_a_resumed_distillation_trains_with_this_starts_distill_settings(tiny_runs, corpus_file, tmp_path, trainers):
+    """A distillation stopped after step 2 resumes with every distill key changed: the loss of each resumed step is
+    the new alphas' sum of its terms (the old ones before), the student's KD runs at the new temperature, and the
+    teacher is read from its new path (the same weights: a teacher is held to its sha256, not its path).
+    distill.init and distill.layers choose a fresh student's first weights only: a resume loads the checkpoint's, so
+    their effect is this start's recipe.json."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_runs("bert", 0), teacher)
+    run = tmp_path / "student"
+    args = ["train", "tiny_distil", "--run-dir", str(run), f"--data.sources={corpus_file}", "--schedule.steps=4",
+            "--batch.global_batch=64", "--batch.micro_batch=16", "--run.eval_every=4", "--data.eval_samples=64",
+            "--checkpoint.every_steps=2"]
+    # a student of its own first weights (not the teacher's layers): loss terms far from 0, so each alpha shows
+    assert main([*args, f"--distill.teacher={tiny_runs('bert', 0)}", "--distill.init=none"]) == 0
+    shutil.rmtree(run / "checkpoints" / "step00000004")
+    (run / "checkpoints" / "latest").write_text("step00000002")
+    trainers.clear()
+    # the student took the teacher's tokenizer by its path, and data.tokenizer is fixed by path: a teacher read from
+    # elsewhere is resumed with the tokenizer (and so its vocabulary) the run started with
+    data = json.loads((run / "recipe.json").read_text())["recipe"]["data"]
+    changed = [f"--data.tokenizer={data['tokenizer']}", f"--data.vocab_size={data['vocab_size']}",
+               f"--distill.teacher={teacher}", "--distill.temperature=4", "--distill.alpha_kd=0.5",
+               "--distill.alpha_hard=2", "--distill.alpha_hidden=0.25", "--distill.init=teacher_layers",
+               "--distill.layers=1"]
+    assert main([*args, *changed, "--resume"]) == 0
+    (trainer,) = trainers
+    assert trainer.start_step == 2
+    cfg = trainer.engine.module.cfg
+    assert (cfg.temperature, cfg.alpha_kd, cfg.alpha_hard, cfg.alpha_hidden) == (4.0, 0.5, 2.0, 0.25)
+    records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r, (kd, hard, hidden) in zip(records, [(1.0, 0.5, 0.5)] * 2 + [(0.5, 2.0, 0.25)] * 2):
+        assert r["loss"] == pytest.approx(kd * r["loss_kd"] + hard * r["loss_hard"] + hidden * r["loss_hidden"],
+                                          rel=1e-5), r["step"]
+    recipe = json.loads((run / "recipe.json").read_text())
+    assert recipe["resolved"]["teacher"]["source"] == str(teacher.resolve())
+    assert set(recipe["resolved"]["changed_on_resume"]) == {a.split("=")[0].removeprefix("--") for a in changed[2:]}

@@ -426,6 +426,19 @@ def test_a_refusal_names_the_value_to_resume_with_and_keys_on_one_side_only_coun
     assert changed_keys(newer, base) == {"run.noise_scale_ema": [0.9, None]}
 
 
+def _keys(args):
+    return {a.split("=")[0].removeprefix("--") for a in args}
+
+
+# what the resume of test_a_resume_applies_the_model_data_run_cluster_and_deepspeed_settings changes
+SECOND_RESUME = {"model.dropout", "data.mlm_probability", "data.whole_word_masking", "data.num_proc", "data.cache_dir",
+                 "run.overflow_patience", "run.noise_scale_ema", "run.runs_root", "cluster.nodes",
+                 "cluster.gpus_per_node", "cluster.gpu_memory", "deepspeed.configs",
+                 "deepspeed.activation_checkpointing"}
+DISTILL_RESUME = {f"distill.{k}" for k in ("teacher", "temperature", "alpha_kd", "alpha_hard", "alpha_hidden", "init",
+                                           "layers")}
+
+
 @pytest.fixture
 def trainers(monkeypatch):
     """Every Trainer that fits in this test, kept after its run (its engine, data, guard and noise estimator)."""
@@ -469,7 +482,7 @@ def test_a_resume_applies_the_model_data_run_cluster_and_deepspeed_settings(stop
     masked = float((batch["labels"] != -100)[real].float().mean())
     assert masked == pytest.approx(0.5, abs=0.1)  # at the old 0.15 this would be about 0.15
     recipe = json.loads((run / "recipe.json").read_text())
-    assert set(recipe["resolved"]["changed_on_resume"]) == {a.split("=")[0].removeprefix("--") for a in changed}
+    assert set(recipe["resolved"]["changed_on_resume"]) == _keys(changed) == SECOND_RESUME
     assert recipe["recipe"]["cluster"] == {"nodes": 2, "gpus_per_node": 4, "gpu_memory": "40GB"}
     assert (recipe["recipe"]["data"]["num_proc"], recipe["recipe"]["run"]["runs_root"]) == \
         (2, str(tmp_path / "elsewhere"))
@@ -554,7 +567,7 @@ def test_a_resume_applies_lars_phase_and_adaptive_settings(lars_resumed):
     groups = optim["base_optimizer_state"]["param_groups"]
     assert [(g["momentum"], g["trust_coefficient"]) for g in groups] == [(0.5, 0.01)] * 2
     recipe = json.loads((run / "recipe.json").read_text())
-    assert set(recipe["resolved"]["changed_on_resume"]) == {a.split("=")[0].removeprefix("--") for a in LARS_CHANGED}
+    assert set(recipe["resolved"]["changed_on_resume"]) == _keys(LARS_CHANGED)
 
 
 def test_a_resumed_distillation_trains_with_this_starts_distill_settings(tiny_runs, corpus_file, tmp_path, trainers):
@@ -593,4 +606,10 @@ def test_a_resumed_distillation_trains_with_this_starts_distill_settings(tiny_ru
                                           rel=1e-5), r["step"]
     recipe = json.loads((run / "recipe.json").read_text())
     assert recipe["resolved"]["teacher"]["source"] == str(teacher.resolve())
-    assert set(recipe["resolved"]["changed_on_resume"]) == {a.split("=")[0].removeprefix("--") for a in changed[2:]}
+    assert set(recipe["resolved"]["changed_on_resume"]) == _keys(changed[2:]) == DISTILL_RESUME
+
+
+def test_every_changeable_leaf_is_changed_in_one_of_the_resumes_above():
+    """A new changeable key fails here until a resume test changes it and shows where it acts."""
+    shown = [_keys(APPLIED), SECOND_RESUME, _keys(LARS_CHANGED), DISTILL_RESUME]
+    assert set().union(*shown) == CHANGEABLE_BY_SPEC

@@ -424,3 +424,192 @@ def test_a_refusal_names_the_value_to_resume_with_and_keys_on_one_side_only_coun
     newer["run"]["noise_scale_ema"] = 0.9
     assert changed_keys(base, newer) == {"run.noise_scale_ema": [None, 0.9]}
     assert changed_keys(newer, base) == {"run.noise_scale_ema": [0.9, None]}
+
+
+def _keys(args):
+    return {a.split("=")[0].removeprefix("--") for a in args}
+
+
+# what the resume of test_a_resume_applies_the_model_data_run_cluster_and_deepspeed_settings changes
+SECOND_RESUME = {"model.dropout", "data.mlm_probability", "data.whole_word_masking", "data.num_proc", "data.cache_dir",
+                 "run.overflow_patience", "run.noise_scale_ema", "run.runs_root", "cluster.nodes",
+                 "cluster.gpus_per_node", "cluster.gpu_memory", "deepspeed.configs",
+                 "deepspeed.activation_checkpointing"}
+DISTILL_RESUME = {f"distill.{k}" for k in ("teacher", "temperature", "alpha_kd", "alpha_hard", "alpha_hidden", "init",
+                                           "layers")}
+
+
+@pytest.fixture
+def trainers(monkeypatch):
+    """Every Trainer that fits in this test, kept after its run (its engine, data, guard and noise estimator)."""
+    from bigbatch.run.loop import Trainer
+
+    seen, real_fit = [], Trainer.fit
+
+    def fit(self):
+        seen.append(self)
+        return real_fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    return seen
+
+
+def test_a_resume_applies_the_model_data_run_cluster_and_deepspeed_settings(stopped_run, tmp_path, corpus_file,
+                                                                            trainers):
+    """A second resume of the same stopped run changes the rest of the changeable keys a LAMB run reads, each shown
+    where it acts: the resumed model's dropouts, the masking of the data it trains on, the overflow guard's patience,
+    the noise scale's average, ZeRO's stage. data.num_proc and data.cache_dir only steer preprocessing, which a resume
+    does not redo (the packed rows are in the run directory), run.runs_root only names a run without --run-dir, and
+    cluster.nodes/gpus_per_node only inform the planner on one rank: their effect is this start's recipe.json."""
+    run = _copy(stopped_run, tmp_path)
+    changed = ["--model.dropout=0.25", "--data.mlm_probability=0.5", "--data.whole_word_masking=true",
+               "--data.num_proc=2", f"--data.cache_dir={tmp_path / 'hf'}", "--run.overflow_patience=4",
+               "--run.noise_scale_ema=0.5", f"--run.runs_root={tmp_path / 'elsewhere'}", "--cluster.nodes=2",
+               "--cluster.gpus_per_node=4", "--cluster.gpu_memory=40GB",
+               "--deepspeed.configs=zero2.json,fp32.json", "--deepspeed.activation_checkpointing=auto"]
+    args = ["train", "tiny", "--run-dir", str(run), f"--data.sources={corpus_file}", *RUN, *changed, "--resume"]
+    assert main(args) == 0
+    (trainer,) = trainers
+    assert trainer.start_step == 2
+    engine = trainer.engine
+    dropouts = [m.p for m in engine.module.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and set(dropouts) == {0.25}  # tiny trained at 0.0
+    assert engine.zero_optimization_stage() == 2
+    assert (trainer.guard.patience, trainer.ctx.noise.ema) == (4, 0.5)
+    assert (trainer.data.mlm_probability, trainer.data.whole_word_masking) == (0.5, True)
+    batch = trainer.data.eval_batches(0, 1, 64)[0]
+    real = batch["attention_mask"].bool()
+    masked = float((batch["labels"] != -100)[real].float().mean())
+    assert masked == pytest.approx(0.5, abs=0.1)  # at the old 0.15 this would be about 0.15
+    recipe = json.loads((run / "recipe.json").read_text())
+    assert set(recipe["resolved"]["changed_on_resume"]) == _keys(changed) == SECOND_RESUME
+    assert recipe["recipe"]["cluster"] == {"nodes": 2, "gpus_per_node": 4, "gpu_memory": "40GB"}
+    assert (recipe["recipe"]["data"]["num_proc"], recipe["recipe"]["run"]["runs_root"]) == \
+        (2, str(tmp_path / "elsewhere"))
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "hf").exists()
+    # "auto" checkpointing was chosen in cluster.gpu_memory (no GPU here): 40 GB = 37.3 GiB
+    assert "of 37.3 GiB" in json.dumps(recipe["resolved"]), recipe["resolved"]
+
+
+# A LARS run of tiny with a later phase and the adaptive batch (a decision every 8 steps: none in its 6 first-phase
+# steps), stopped after step 2; its resume changes LARS's own settings, every key of the later phase and the adaptive
+# batch's, each shown applied in the decisions, the step table and the checkpoints the resumed start writes.
+LARS_RUN = ["--optimizer.type=lars", "--batch.global_batch=16", "--batch.micro_batch=4", "--batch.adaptive=true",
+            "--batch.adaptive_every=8", "--batch.adaptive_factor=1", "--batch.min=0", "--batch.max=64",
+            "--optimizer.base_batch=16", "--optimizer.lr_rule=sqrt", "--run.noise_scale_ema=0.9", "--schedule.steps=6",
+            "--schedule.warmup=0", "--schedule.decay=constant", "--run.eval_every=100", "--checkpoint.every_steps=2",
+            "--checkpoint.keep_last=9", "--data.vocab_size=400", "--data.eval_samples=32", "--data.seq_len=32",
+            "--model.max_position=64"]
+LARS_CHANGED = ["--optimizer.momentum=0.5", "--optimizer.trust_coefficient=0.01", "--batch.adaptive_every=3",
+                "--batch.adaptive_factor=3", "--batch.min=20", "--batch.max=36", "--phases.1.steps=0",
+                "--phases.1.samples=64", "--phases.1.micro_batch=8", "--phases.1.lr=0.002", "--phases.1.warmup=0.5",
+                "--phases.1.decay=poly", "--phases.1.power=2", "--phases.1.min_lr_ratio=0.1",
+                "--phases.1.batch_from=adapted"]
+
+
+@pytest.fixture(scope="module")
+def lars_resumed(tmp_path_factory, corpus_file):
+    """(run directory, the resumed start's Trainer, the stopped start's records)."""
+    from test_adaptive import two_phase_file
+
+    from bigbatch.run.loop import Trainer
+
+    root = tmp_path_factory.mktemp("lars")
+    recipe = two_phase_file(root, global_batch=16, seq_len=64, steps=2, warmup=0.0, decay="constant")
+    run = root / "run"
+    args = ["train", recipe, "--run-dir", str(run), f"--data.sources={corpus_file}", *LARS_RUN]
+    assert main(args) == 0
+    before = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    for tag in ("step00000004", "step00000006", "step00000008"):
+        shutil.rmtree(run / "checkpoints" / tag)
+    (run / "checkpoints" / "latest").write_text("step00000002")
+    seen, mp = [], pytest.MonkeyPatch()
+    real_fit = Trainer.fit
+    mp.setattr(Trainer, "fit", lambda self: seen.append(self) or real_fit(self))
+    try:
+        assert main([*args, *LARS_CHANGED, "--resume"]) == 0
+    finally:
+        mp.undo()
+    return run, seen[0], before
+
+
+def _decided(noise, current, factor, low, high, unit=4):
+    """The adaptive batch's rule written out: clamp(factor x B_noise, max(current, batch.min), batch.max), rounded
+    down to a multiple of micro-batch x world, never below the current batch."""
+    return max(current, int(min(max(factor * noise, low, current), high) // unit) * unit)
+
+
+def test_a_resume_applies_lars_phase_and_adaptive_settings(lars_resumed):
+    run, trainer, before = lars_resumed
+    assert trainer.start_step == 2 and [r["global_batch"] for r in before] == [16] * 8  # no decision before
+    records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 11))  # phase 2: ceil(64 samples / 16) = 4 steps, not 2
+    # batch.adaptive_every=3: a decision after step 3 (and at phase 2's 3rd step); factor 3 and max 36 decide it (the
+    # old factor 1 would give 24, the old max 64 gives 40)
+    decided = [(r["step"], r["decision_new_batch"]) for r in records if r.get("decision_noise_scale") is not None]
+    assert [s for s, _ in decided] == [3, 9]
+    first = records[2]
+    assert first["decision_new_batch"] == _decided(first["decision_noise_scale"], 16, 3, 20, 36) == 36
+    assert _decided(first["decision_noise_scale"], 16, 1, 20, 36) != 36 != _decided(
+        first["decision_noise_scale"], 16, 3, 20, 64)
+    # phase 2 starts from the batch phase 1 reached (batch_from=adapted), at most batch.max, in multiples of its
+    # micro-batch 8: 32, not its own 16
+    assert [r["global_batch"] for r in records] == [16] * 3 + [36] * 3 + [32] * 4
+    assert [(sp.micro_batch, sp.grad_accum) for sp in trainer.steps[6:]] == [(8, 4)] * 4
+    # phase 2's LR: its lr 0.002 at its own batch 16 carried to 32 by the sqrt rule; warmup round(0.5 x 4) = 2
+    # updates, then poly of power 2 over the other 2, floored at 0.1
+    peak = 0.002 * (32 / 16) ** 0.5
+    expected = [peak * f for f in (0.5, 1.0, 1.0, 0.1 + 0.9 * 0.5**2)]
+    assert [r["lr"] for r in records[6:]] == pytest.approx(expected, rel=1e-12)
+    # LARS's momentum and trust coefficient in the optimizer the resumed start checkpointed
+    (optim_file,) = (run / "checkpoints" / "step00000010").glob("*optim_states.pt")
+    optim = torch.load(optim_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    groups = optim["base_optimizer_state"]["param_groups"]
+    assert [(g["momentum"], g["trust_coefficient"]) for g in groups] == [(0.5, 0.01)] * 2
+    recipe = json.loads((run / "recipe.json").read_text())
+    assert set(recipe["resolved"]["changed_on_resume"]) == _keys(LARS_CHANGED)
+
+
+def test_a_resumed_distillation_trains_with_this_starts_distill_settings(tiny_runs, corpus_file, tmp_path, trainers):
+    """A distillation stopped after step 2 resumes with every distill key changed: the loss of each resumed step is
+    the new alphas' sum of its terms (the old ones before), the student's KD runs at the new temperature, and the
+    teacher is read from its new path (the same weights: a teacher is held to its sha256, not its path).
+    distill.init and distill.layers choose a fresh student's first weights only: a resume loads the checkpoint's, so
+    their effect is this start's recipe.json."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_runs("bert", 0), teacher)
+    run = tmp_path / "student"
+    args = ["train", "tiny_distil", "--run-dir", str(run), f"--data.sources={corpus_file}", "--schedule.steps=4",
+            "--batch.global_batch=64", "--batch.micro_batch=16", "--run.eval_every=4", "--data.eval_samples=64",
+            "--checkpoint.every_steps=2"]
+    # a student of its own first weights (not the teacher's layers): loss terms far from 0, so each alpha shows
+    assert main([*args, f"--distill.teacher={tiny_runs('bert', 0)}", "--distill.init=none"]) == 0
+    shutil.rmtree(run / "checkpoints" / "step00000004")
+    (run / "checkpoints" / "latest").write_text("step00000002")
+    trainers.clear()
+    # the student took the teacher's tokenizer by its path, and data.tokenizer is fixed by path: a teacher read from
+    # elsewhere is resumed with the tokenizer (and so its vocabulary) the run started with
+    data = json.loads((run / "recipe.json").read_text())["recipe"]["data"]
+    changed = [f"--data.tokenizer={data['tokenizer']}", f"--data.vocab_size={data['vocab_size']}",
+               f"--distill.teacher={teacher}", "--distill.temperature=4", "--distill.alpha_kd=0.5",
+               "--distill.alpha_hard=2", "--distill.alpha_hidden=0.25", "--distill.init=teacher_layers",
+               "--distill.layers=1"]
+    assert main([*args, *changed, "--resume"]) == 0
+    (trainer,) = trainers
+    assert trainer.start_step == 2
+    cfg = trainer.engine.module.cfg
+    assert (cfg.temperature, cfg.alpha_kd, cfg.alpha_hard, cfg.alpha_hidden) == (4.0, 0.5, 2.0, 0.25)
+    records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r, (kd, hard, hidden) in zip(records, [(1.0, 0.5, 0.5)] * 2 + [(0.5, 2.0, 0.25)] * 2):
+        assert r["loss"] == pytest.approx(kd * r["loss_kd"] + hard * r["loss_hard"] + hidden * r["loss_hidden"],
+                                          rel=1e-5), r["step"]
+    recipe = json.loads((run / "recipe.json").read_text())
+    assert recipe["resolved"]["teacher"]["source"] == str(teacher.resolve())
+    assert set(recipe["resolved"]["changed_on_resume"]) == _keys(changed[2:]) == DISTILL_RESUME
+
+
+def test_every_changeable_leaf_is_changed_in_one_of_the_resumes_above():
+    """A new changeable key fails here until a resume test changes it and shows where it acts."""
+    shown = [_keys(APPLIED), SECOND_RESUME, _keys(LARS_CHANGED), DISTILL_RESUME]
+    assert set().union(*shown) == CHANGEABLE_BY_SPEC

@@ -613,3 +613,22 @@ def test_every_changeable_leaf_is_changed_in_one_of_the_resumes_above():
     """A new changeable key fails here until a resume test changes it and shows where it acts."""
     shown = [_keys(APPLIED), SECOND_RESUME, _keys(LARS_CHANGED), DISTILL_RESUME]
     assert set().union(*shown) == CHANGEABLE_BY_SPEC
+
+
+def test_the_tokenizer_is_fixed_by_its_bytes_not_its_path(tmp_path):
+    """A teacher moved with its tokenizer keeps the run's tokenizer: the same bytes at another path resume; other
+    bytes, or an old path that is gone, are refused by name."""
+    old, copy_, other = tmp_path / "a.model", tmp_path / "moved" / "a.model", tmp_path / "b.model"
+    copy_.parent.mkdir()
+    old.write_bytes(b"pieces")
+    copy_.write_bytes(b"pieces")
+    other.write_bytes(b"other pieces")
+    before = {"data": {"tokenizer": str(old)}}
+    refuse_changes(before, {"data": {"tokenizer": str(copy_)}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"^data\.tokenizer is .*b\.model"):
+        refuse_changes(before, {"data": {"tokenizer": str(other)}}, tmp_path)
+    old.unlink()
+    with pytest.raises(ConfigError, match=r"^data\.tokenizer is "):
+        refuse_changes(before, {"data": {"tokenizer": str(copy_)}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"^data\.tokenizer is "):
+        refuse_changes({"data": {"tokenizer": ""}}, {"data": {"tokenizer": str(copy_)}}, tmp_path)

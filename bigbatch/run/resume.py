@@ -80,12 +80,21 @@ def refuse_changes(previous: dict[str, Any], current: dict[str, Any], run_dir: A
     """Raises ConfigError when this start's recipe changes a key that cannot change within a run."""
     before, now = _flat(previous), _flat(current)
     for key in sorted(set(before) | set(now)):
-        if _fixed(key) and before.get(key) != now.get(key):
+        if _fixed(key) and before.get(key) != now.get(key) and not _same_file(key, before.get(key), now.get(key)):
             option = "--phases.N.seq_len and the other phase keys" if key == "phases" else f"--{key}"
             raise ConfigError(
                 f"{key} is {now.get(key)!r} at this start but the run in {run_dir} was started with "
                 f"{before.get(key)!r}, and it cannot change within a run (the checkpoint's data position and shapes "
                 f"depend on it); resume with {option}={_override(before.get(key))} or start a new --run-dir.")
+
+
+def _same_file(key: str, before: Any, now: Any) -> bool:
+    """A tokenizer is fixed by what it holds, not where it lies: a copy at another path (a distillation's teacher
+    moved with its tokenizer, a run directory copied to another file system) is the same tokenizer."""
+    if key != "data.tokenizer" or not before or not now:
+        return False
+    old, new = Path(before), Path(now)
+    return old.is_file() and new.is_file() and old.read_bytes() == new.read_bytes()
 
 
 def _override(value: Any) -> str:

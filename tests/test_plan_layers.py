@@ -1,5 +1,5 @@
-"""bigbatch/plan/__init__.py's rule: its modules import only downwards (hardware < memory < timing < advice <
-command), every bigbatch import at the top of a module, and only the command line reaches into the run or the
+"""bigbatch/plan/__init__.py's rule: its modules import only downwards (hardware < memory < timing < teacher <
+advice < command), every bigbatch import at the top of a module, and only the command line reaches into the run or the
 checker."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 from conftest import ROOT, launch_env
 
-LAYERS = ("hardware", "memory", "timing", "advice", "teacher", "command")
+LAYERS = ("hardware", "memory", "timing", "teacher", "advice", "command")
 
 
 def _bigbatch_imports(node: ast.AST) -> list[str]:

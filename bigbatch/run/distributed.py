@@ -95,30 +95,25 @@ def barrier() -> None:
 def sum_across_ranks(values: list[float]) -> list[float]:
     """One all-reduce of a few numbers, on the accelerator's device (NCCL reduces no CPU tensor); without a process
     group (a caller in one process), the numbers themselves, as `barrier` is then nothing."""
+    return _all_reduce(values, "sum")
+
+
+def min_across_ranks(value: int) -> int:
+    """The least of every rank's `value` (one all-reduce MIN); without a process group, `value` itself. In float64,
+    exact for integers below 2**53 (bytes of memory)."""
+    return int(_all_reduce([float(value)], "min")[0])
+
+
+def _all_reduce(values: list[float], op: str) -> list[float]:
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
     if not dist.is_initialized():
         return list(values)
-
     t = torch.tensor(values, dtype=torch.float64, device=get_accelerator().current_device_name())
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
     return t.tolist()
-
-
-def min_across_ranks(value: int) -> int:
-    """The least of every rank's `value` (one all-reduce MIN on the accelerator's device); without a process group,
-    `value` itself."""
-    import torch
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=get_accelerator().current_device_name())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
 
 
 def broadcast(obj: Any, src: int = 0) -> Any:

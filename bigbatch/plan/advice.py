@@ -319,8 +319,9 @@ def noise_grid(recipe: Recipe, cluster: Cluster, pilot: dict[str, Any], memory: 
     lo, hi = math.floor(math.log2(max(b_noise / 8, 1))), math.ceil(math.log2(max(b_noise * 8, 2)))
     batches = sorted({2**k for k in range(lo, hi + 1)} | {b0})
     nodes = nodes or [2**k for k in range(0, int(math.log2(max(cluster.nodes, 1) * 4)) + 1)]
+    tutor = _teacher(recipe)  # read from its files once, not at every point
     points = [_grid_point(recipe, dataclasses.replace(cluster, nodes=n), batch,
-                          math.ceil(mccandlish_steps(s_min, b_noise, batch)), memory)
+                          math.ceil(mccandlish_steps(s_min, b_noise, batch)), memory, tutor)
               for batch in batches for n in nodes]
     ok = [p for p in points if p["fits"]]
     fastest = min(ok, key=lambda p: (p["time_to_train_s"], p["gpu_hours"])) if ok else None
@@ -349,7 +350,7 @@ def adaptive_prediction(recipe: Recipe, cluster: Cluster, b_noise: float, s_min:
     steered = dataclasses.replace(recipe, phases=tuple(
         dataclasses.replace(ph, global_batch=p["adapted_batch"], steps=ph.num_steps(), samples=0)
         for ph, p in zip(recipe.phases, phases)))
-    point = _grid_point(steered, cluster, batch, steps, memory)
+    point = _grid_point(steered, cluster, batch, steps, memory, _teacher(recipe))
     samples = early * first.global_batch + (steps - early) * batch
     return {**point, "adapted_batch": batch, "factor": b.adaptive_factor, "samples": samples, "phases": phases}
 
@@ -367,9 +368,11 @@ def adapted_phases(recipe: Recipe, b_noise: float, reached: int, micro: int, wor
     return out
 
 
-def _grid_point(recipe: Recipe, c: Cluster, batch: int, steps: int, memory: int) -> dict[str, Any]:
+def _grid_point(recipe: Recipe, c: Cluster, batch: int, steps: int, memory: int,
+                tutor: Optional[tuple[ModelConfig, int]]) -> dict[str, Any]:
     """One point of the grid: the recipe's first phase at global batch `batch` for `steps` steps on `c`, at its own
-    micro-batch when that splits the batch and fits, else at the largest that does; `why` when none does."""
+    micro-batch when that splits the batch and fits, else at the largest that does; `why` when none does. `tutor`:
+    the recipe's teacher (`_teacher`), whose bytes every GPU holds."""
     point: dict[str, Any] = {"global_batch": batch, "nodes": c.nodes, "world": c.world, "steps": steps,
                              "samples": steps * batch, "fits": False}
     try:
@@ -386,7 +389,7 @@ def _grid_point(recipe: Recipe, c: Cluster, batch: int, steps: int, memory: int)
     except ConfigError as err:
         point["why"] = str(err)
         return point
-    footprint = Footprint(dataclasses.replace(variant, phases=()), c.world, ds.zero, memory, _teacher(recipe))
+    footprint = Footprint(dataclasses.replace(variant, phases=()), c.world, ds.zero, memory, tutor)
 
     def fits(micro: int) -> bool:
         return footprint.row(ds.stage, ds.precision, micro, ds.checkpointing).fits

@@ -126,6 +126,7 @@ def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_
         failure = _attempt(lambda: _complete(staging, root / tag, world))
     if distributed.sum_across_ranks([float(failure is not None)])[0]:
         written = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()) if staging.is_dir() else 0
+        barrier()  # every rank has counted the partial bytes before the writer removes them
         if is_writer:
             shutil.rmtree(staging, ignore_errors=True)
         barrier()
